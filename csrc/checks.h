@@ -1,0 +1,62 @@
+// Input validation shared by every device implementation of the refreekv
+// operators, so that CPU and CUDA reject the same inputs with the same words.
+// Each check returns the problem sizes the kernels need (a small params struct
+// in the style of flash-attention), so shape logic lives in one place.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string_view>
+
+namespace refreekv {
+
+enum class GroupReduce { kNone, kMean, kMax };
+
+// Sizes of one attention_importance call.
+struct ImportanceParams {
+  int64_t batch;     // b
+  int64_t heads;     // H, query heads
+  int64_t kv_heads;  // Hkv, cached heads
+  int64_t group;     // g = H / Hkv
+  int64_t window;    // w, query rows, the last w of the n positions
+  int64_t keys;      // n
+  int64_t head_dim;  // d
+  GroupReduce reduce;
+};
+
+ImportanceParams check_importance_inputs(const at::Tensor& query,
+                                         const at::Tensor& key, double scale,
+                                         const std::optional<at::Tensor>& kv_valid,
+                                         std::string_view group_reduce);
+
+// Sizes of one adaptive_keep_count call.
+struct KeepCountParams {
+  int64_t batch;       // b
+  int64_t heads;       // H
+  int64_t candidates;  // c
+};
+
+// Checks shapes, dtypes, devices and the threshold range. The values of
+// valid_len are range-checked by the kernels, which read them anyway.
+KeepCountParams check_keep_count_inputs(const at::Tensor& ranked_scores,
+                                        double threshold,
+                                        const std::optional<at::Tensor>& valid_len);
+
+// Sizes of one compact_kv call.
+struct CompactParams {
+  int64_t batch;      // b
+  int64_t kv_heads;   // Hkv
+  int64_t keys;       // n, positions before compaction
+  int64_t kept_rows;  // r_max
+  int64_t key_dim;    // d of keys
+  int64_t value_dim;  // d of values (may differ from the keys')
+};
+
+// Checks shapes, dtypes and devices. Index values and keep_len values are
+// range-checked by the kernels, which read them anyway.
+CompactParams check_compact_inputs(const at::Tensor& key, const at::Tensor& value,
+                                   const at::Tensor& keep_index,
+                                   const at::Tensor& keep_len);
+
+}  // namespace refreekv

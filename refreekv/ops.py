@@ -1,0 +1,138 @@
+"""Typed wrappers around the native operators in ``torch.ops.refreekv``.
+
+Each wrapper is a single call into the operator; the schemas are declared in
+``csrc/ops.cpp`` and the device kernels live in ``csrc/cpu`` and
+``csrc/cuda``. The fake (meta) implementations next to the wrappers give
+output shapes without computing, so ``torch.compile`` can trace callers.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+
+from refreekv import _native  # noqa: F401  (registers torch.ops.refreekv)
+
+__all__ = ["attention_importance", "adaptive_keep_count", "compact_kv"]
+
+GroupReduce = Optional[Literal["mean", "max"]]
+
+
+def attention_importance(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    *,
+    kv_valid: Optional[torch.Tensor] = None,
+    normalize: bool = True,
+    group_reduce: GroupReduce = None,
+) -> torch.Tensor:
+    r"""Per-key attention importance of the last ``w`` query rows.
+
+    Args:
+        query: ``[b, H, w, d]``; row ``i`` is the query at absolute position
+            ``n - w + i``, i.e. the window is aligned to the end of the keys.
+        key: ``[b, Hkv, n, d]``, same dtype and device as ``query``; ``H`` must
+            be a multiple of ``Hkv`` (query head ``h`` reads key head
+            ``h // (H // Hkv)``).
+        scale: softmax scale ``s`` (the layer's own scaling).
+        kv_valid: optional bool ``[b, n]``; ``False`` marks padding keys.
+        normalize: average each key over the rows that can see it (SPEC 2.1)
+            instead of summing (H2O accumulation).
+        group_reduce: ``None`` for per-query-head scores, or ``"mean"`` /
+            ``"max"`` over each GQA group.
+
+    Returns:
+        float32 ``[b, H, n]`` (or ``[b, Hkv, n]`` with ``group_reduce``):
+
+        .. math::
+            p_h[i, j] = \mathrm{softmax}_{j \le n - w + i,\ j\ \mathrm{valid}}
+                        (s\, q_{h,i} \cdot k_{h // g, j}), \qquad
+            a_h[j] = \frac{\sum_i p_h[i, j]}{\min(w, n - j)}
+
+        (no division when ``normalize=False``). Padding keys score 0, and a
+        row that sees only padding contributes nothing.
+
+    Float32, float16 and bfloat16 inputs are accepted; everything is computed
+    in float32. Extra memory is ``O(b H n)`` plus a fixed tile per thread,
+    whatever ``w``: the ``w x n`` probability matrix is never materialized.
+    """
+    return torch.ops.refreekv.attention_importance.default(
+        query, key, float(scale), kv_valid, normalize, group_reduce or "none"
+    )
+
+
+def adaptive_keep_count(
+    ranked_scores: torch.Tensor,
+    threshold: float,
+    *,
+    valid_len: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""The ReFreeKV stopping rule (SPEC 2.3): how many candidates to keep.
+
+    Args:
+        ranked_scores: ``[b, H, c]`` float32/float16/bfloat16 scores already in
+            rank order, most important first.
+        threshold: ``T`` in ``[0, 1)``, the tolerated relative loss.
+        valid_len: optional int64 ``[b]``, the number of leading candidates
+            that are real for each sequence (the rest are ignored).
+
+    Returns:
+        int64 ``[b]``: for each sequence, with ``V`` valid candidates,
+
+        .. math::
+            B = \operatorname{mean}_h \lVert a_h[0:V] \rVert_2, \quad
+            K(r) = \operatorname{mean}_h \lVert a_h[0:r] \rVert_2, \quad
+            r^* = \min \{ r \ge 1 : (B - K(r)) / B \le T \}
+
+        ``V`` when ``B == 0`` (nothing to tell candidates apart), ``0`` when
+        ``V == 0``. With ``T = 0`` the count reaches the last non-zero score
+        exactly, so nothing with any signal is dropped.
+    """
+    return torch.ops.refreekv.adaptive_keep_count.default(ranked_scores, float(threshold), valid_len)
+
+
+def compact_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    keep_index: torch.Tensor,
+    keep_len: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Gathers the kept cache rows of keys and values.
+
+    Args:
+        key: ``[b, Hkv, n, d]``; value: ``[b, Hkv, n, dv]`` of the same dtype.
+        keep_index: int64 ``[b, Hkv, r_max]``, positions to keep, in the order
+            they should be stored; entries past a sequence's ``keep_len`` are
+            ignored.
+        keep_len: int64 ``[b]``, kept rows per sequence, each in ``[0, r_max]``.
+
+    Returns:
+        ``(key_out [b, Hkv, r_max, d], value_out [b, Hkv, r_max, dv],
+        valid [b, r_max] bool)`` with
+        ``key_out[b, h, r] = key[b, h, keep_index[b, h, r]]`` for
+        ``r < keep_len[b]`` and zero padding (``valid == False``) after it.
+    """
+    return torch.ops.refreekv.compact_kv.default(key, value, keep_index, keep_len)
+
+
+@torch.library.register_fake("refreekv::attention_importance")
+def _attention_importance_fake(query, key, scale, kv_valid=None, normalize=True, group_reduce="none"):
+    heads = query.shape[1] if group_reduce == "none" else key.shape[1]
+    return query.new_empty((query.shape[0], heads, key.shape[2]), dtype=torch.float32)
+
+
+@torch.library.register_fake("refreekv::adaptive_keep_count")
+def _adaptive_keep_count_fake(ranked_scores, threshold, valid_len=None):
+    return ranked_scores.new_empty((ranked_scores.shape[0],), dtype=torch.int64)
+
+
+@torch.library.register_fake("refreekv::compact_kv")
+def _compact_kv_fake(key, value, keep_index, keep_len):
+    batch, kv_heads, kept_rows = keep_index.shape
+    return (
+        key.new_empty((batch, kv_heads, kept_rows, key.shape[3])),
+        value.new_empty((batch, kv_heads, kept_rows, value.shape[3])),
+        key.new_empty((batch, kept_rows), dtype=torch.bool),
+    )

@@ -1,0 +1,95 @@
+"""Plain PyTorch reference implementations of the native operators.
+
+They materialize everything (the full ``w x n`` probability matrix, every
+prefix norm) and follow the formulas of SPEC sections 2 and 4 literally, so
+tests and benchmarks can judge the native kernels against them. They are never
+used as a fallback for the operators.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["attention_importance", "adaptive_keep_count", "compact_kv"]
+
+
+def attention_importance(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    *,
+    kv_valid: Optional[torch.Tensor] = None,
+    normalize: bool = True,
+    group_reduce: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Same contract as :func:`refreekv.ops.attention_importance`, computed in
+    ``dtype`` (float32 by default; float64 gives a ground truth)."""
+    batch, heads, window, _ = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    q = query.to(dtype)
+    k = key.to(dtype).repeat_interleave(group, dim=1)
+    logits = (q @ k.transpose(-1, -2)) * scale  # [b, H, w, n]
+    row_pos = torch.arange(keys - window, keys, device=query.device)
+    key_pos = torch.arange(keys, device=query.device)
+    hidden = (key_pos[None, :] > row_pos[:, None])[None, None]  # causal
+    if kv_valid is not None:
+        hidden = hidden | ~kv_valid[:, None, None, :]
+    probs = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)
+    probs = probs.nan_to_num(0.0)  # rows that see only padding contribute nothing
+    scores = probs.sum(dim=2)
+    if normalize:
+        scores = scores / (keys - key_pos).clamp(max=window).to(dtype)
+    if group_reduce == "mean":
+        scores = scores.view(batch, kv_heads, group, keys).mean(dim=2)
+    elif group_reduce == "max":
+        scores = scores.view(batch, kv_heads, group, keys).amax(dim=2)
+    return scores
+
+
+def adaptive_keep_count(
+    ranked_scores: torch.Tensor,
+    threshold: float,
+    *,
+    valid_len: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """SPEC 2.3 evaluated literally in float64, one sequence at a time."""
+    batch, _, candidates = ranked_scores.shape
+    counts = []
+    for b in range(batch):
+        valid = candidates if valid_len is None else int(valid_len[b])
+        scores = ranked_scores[b, :, :valid].double()
+        if valid == 0:
+            counts.append(0)
+            continue
+        norms = scores.square().cumsum(dim=-1).sqrt().mean(dim=0)  # K(r) for r = 1..V
+        total = norms[-1]  # B
+        if total == 0:
+            counts.append(valid)
+        elif threshold == 0:
+            # (B - K(r)) / B == 0 exactly when every score after r is zero.
+            nonzero = (scores != 0).any(dim=0).nonzero()
+            counts.append(int(nonzero[-1]) + 1)
+        else:
+            meets = (total - norms) / total <= threshold
+            counts.append(int(meets.nonzero()[0]) + 1)
+    return torch.tensor(counts, dtype=torch.int64, device=ranked_scores.device)
+
+
+def compact_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    keep_index: torch.Tensor,
+    keep_len: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather with ``torch.gather``, then zero the rows past each ``keep_len``."""
+    kept_rows = keep_index.shape[2]
+    valid = torch.arange(kept_rows, device=key.device)[None, :] < keep_len[:, None]
+    index = keep_index.masked_fill(~valid[:, None, :], 0)
+    key_out = key.gather(2, index[..., None].expand(-1, -1, -1, key.shape[3]))
+    value_out = value.gather(2, index[..., None].expand(-1, -1, -1, value.shape[3]))
+    padding = ~valid[:, None, :, None]
+    return key_out.masked_fill(padding, 0), value_out.masked_fill(padding, 0), valid

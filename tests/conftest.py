@@ -1,0 +1,22 @@
+import pytest
+import torch
+
+# Every operator test runs on each device this machine has; CUDA joins the
+# list by itself on a GPU machine, so nothing is skipped silently.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=FLOAT_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(1234)

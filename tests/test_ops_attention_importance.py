@@ -1,0 +1,171 @@
+"""refreekv.attention_importance against the materialized-softmax reference.
+
+Accuracy is judged the flash-attention way: the operator computes in float32
+whatever the input dtype, so its error against a float64 ground truth (on the
+same rounded inputs) must stay within twice the error of a plain float32
+PyTorch run of the reference. A single float32 run can be luckier than
+float32 arithmetic guarantees, so the bound also admits the error that one
+float32 rounding of the largest logit causes in the largest score.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+
+import refreekv
+from refreekv import reference
+
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+def make_inputs(batch, heads, kv_heads, window, keys, head_dim, dtype, device, generator, pad=None):
+    query = torch.randn(batch, heads, window, head_dim, generator=generator).to(dtype=dtype, device=device)
+    key = torch.randn(batch, kv_heads, keys, head_dim, generator=generator).to(dtype=dtype, device=device)
+    kv_valid = None
+    if pad is not None:
+        positions = torch.arange(keys)
+        kv_valid = (positions[None, :] >= torch.tensor(pad)[:, None]).to(device)
+    return query, key, kv_valid
+
+
+def largest_logit(query, key, scale):
+    group = query.shape[1] // key.shape[1]
+    key = key.double().repeat_interleave(group, dim=1)
+    return abs(scale) * (query.double() @ key.transpose(-1, -2)).abs().max().item()
+
+
+def assert_matches_reference(query, key, scale, **options):
+    ours = refreekv.attention_importance(query, key, scale, **options)
+    query, key, options = query.cpu(), key.cpu(), _cpu(options)
+    truth = reference.attention_importance(query, key, scale, dtype=torch.float64, **options)
+    plain32 = reference.attention_importance(query, key, scale, dtype=torch.float32, **options)
+    assert ours.dtype == torch.float32
+    assert ours.shape == truth.shape
+    assert torch.isfinite(ours).all()
+    ours_error = (ours.cpu().double() - truth).abs().max().item()
+    plain_error = (plain32.double() - truth).abs().max().item()
+    one_logit_ulp = FLOAT32_EPS * max(1.0, largest_logit(query, key, scale)) * truth.abs().max().item()
+    bound = 2 * plain_error + one_logit_ulp
+    assert ours_error <= bound, f"error {ours_error:.3e} exceeds {bound:.3e} (float32 reference: {plain_error:.3e})"
+    return ours
+
+
+def _cpu(options):
+    return {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in options.items()}
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("keys,window", [(37, 1), (37, 5), (37, 37), (131, 1), (131, 17), (131, 131)])
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "left-padded"])
+def test_matches_reference(device, dtype, generator, group, keys, window, padded):
+    pad = [0, keys // 3] if padded else None
+    query, key, kv_valid = make_inputs(2, 2 * group, 2, window, keys, 16, dtype, device, generator, pad)
+    assert_matches_reference(query, key, 0.25, kv_valid=kv_valid)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("group_reduce", [None, "mean", "max"])
+def test_options_match_reference(device, dtype, generator, normalize, group_reduce):
+    query, key, kv_valid = make_inputs(2, 8, 2, 9, 53, 32, dtype, device, generator, pad=[4, 0])
+    ours = assert_matches_reference(
+        query, key, 1 / math.sqrt(32), kv_valid=kv_valid, normalize=normalize, group_reduce=group_reduce
+    )
+    assert ours.shape == (2, 8 if group_reduce is None else 2, 53)
+
+
+@pytest.mark.parametrize(
+    "keys,window,group",
+    [(1500, 1500, 1), (1100, 700, 4), (2600, 3, 8)],
+    ids=["w=n, several row blocks", "w<n, GQA 4, blocks", "long keys, small window"],
+)
+def test_row_blocks_match_reference(device, generator, keys, window, group):
+    # Large enough that a worker splits the window into several row blocks,
+    # with padding that blinds whole rows of the first block.
+    query, key, kv_valid = make_inputs(2, group, 1, window, keys, 8, torch.float32, device, generator, pad=[keys - window + 2, 0])
+    assert_matches_reference(query, key, 0.3, kv_valid=kv_valid)
+
+
+def test_randomized_sweep(device):
+    rng = random.Random(20260214)
+    generator = torch.Generator().manual_seed(7)
+    for case in range(300):
+        batch, kv_heads = rng.randint(1, 3), rng.randint(1, 3)
+        group = rng.choice([1, 2, 4, 8])
+        keys = rng.randint(1, 160)
+        window = rng.choice([1, keys, rng.randint(1, keys)])
+        head_dim = rng.choice([1, 4, 24, 64])
+        dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+        pad = [rng.randint(0, keys) for _ in range(batch)] if rng.random() < 0.5 else None
+        query, key, kv_valid = make_inputs(batch, kv_heads * group, kv_heads, window, keys, head_dim, dtype, device, generator, pad)
+        options = dict(
+            kv_valid=kv_valid,
+            normalize=rng.random() < 0.5,
+            group_reduce=rng.choice([None, "mean", "max"]),
+        )
+        try:
+            assert_matches_reference(query, key, rng.uniform(0.05, 1.0), **options)
+        except AssertionError as failure:
+            raise AssertionError(f"case {case}: shapes {tuple(query.shape)} {tuple(key.shape)} {dtype} {options}") from failure
+
+
+def test_probability_mass_is_conserved(device, generator):
+    # Each unpadded row distributes exactly one unit of probability.
+    window, keys = 6, 40
+    query, key, kv_valid = make_inputs(1, 4, 2, window, keys, 16, torch.float32, device, generator)
+    summed = refreekv.attention_importance(query, key, 0.2, normalize=False)
+    torch.testing.assert_close(summed.sum(-1).cpu(), torch.full((1, 4), float(window)))
+
+
+def test_padding_keys_score_zero_and_blind_rows_contribute_nothing(device, generator):
+    # The window reaches into the padding of sequence 0: its first rows see
+    # only padding keys.
+    keys, window = 12, 6
+    query, key, kv_valid = make_inputs(2, 2, 1, window, keys, 8, torch.float32, device, generator, pad=[9, 0])
+    summed = refreekv.attention_importance(query, key, 0.5, kv_valid=kv_valid, normalize=False)
+    assert (summed[0, :, :9] == 0).all()
+    torch.testing.assert_close(summed.sum(-1).cpu(), torch.tensor([[3.0, 3.0], [6.0, 6.0]]))
+
+
+def test_window_of_one_is_the_last_attention_row(device, generator):
+    query, key, _ = make_inputs(1, 4, 4, 1, 29, 16, torch.float32, device, generator)
+    expected = torch.softmax((query @ key.transpose(-1, -2)).squeeze(2) * 0.125, dim=-1)
+    torch.testing.assert_close(refreekv.attention_importance(query, key, 0.125), expected)
+
+
+def test_non_contiguous_and_expanded_inputs(device, generator):
+    query, key, kv_valid = make_inputs(2, 4, 2, 5, 30, 8, torch.float32, device, generator, pad=[3, 0])
+    strided_query = query.transpose(2, 3).contiguous().transpose(2, 3)
+    expanded_key = key[:, :1].expand(2, 2, 30, 8)
+    expected = refreekv.attention_importance(query, expanded_key.contiguous(), 0.3, kv_valid=kv_valid)
+    strided_valid = kv_valid.t().contiguous().t()
+    ours = refreekv.attention_importance(strided_query, expanded_key, 0.3, kv_valid=strided_valid)
+    assert not any(t.is_contiguous() for t in (strided_query, expanded_key, strided_valid))
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
+def test_inputs_are_not_modified(device, dtype, generator):
+    query, key, kv_valid = make_inputs(1, 4, 2, 3, 20, 8, dtype, device, generator, pad=[2])
+    before = (query.clone(), key.clone(), kv_valid.clone())
+    refreekv.attention_importance(query, key, 0.7, kv_valid=kv_valid)
+    for original, after in zip(before, (query, key, kv_valid)):
+        assert torch.equal(original, after)
+
+
+def test_opcheck(device, generator):
+    query, key, kv_valid = make_inputs(2, 4, 2, 3, 20, 8, torch.float32, device, generator, pad=[2, 0])
+    for options in ({}, {"kv_valid": kv_valid, "normalize": False, "group_reduce": "max"}):
+        args = (query, key, 0.5, options.get("kv_valid"), options.get("normalize", True), options.get("group_reduce", "none"))
+        torch.library.opcheck(torch.ops.refreekv.attention_importance.default, args)
+
+
+def test_traceable_by_torch_compile(device, generator):
+    query, key, kv_valid = make_inputs(1, 4, 2, 3, 20, 8, torch.float32, device, generator, pad=[2])
+
+    def keep_top(query, key, kv_valid):
+        scores = refreekv.attention_importance(query, key, 0.5, kv_valid=kv_valid, group_reduce="mean")
+        return scores.topk(4, dim=-1).indices
+
+    compiled = torch.compile(keep_top, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(query, key, kv_valid), keep_top(query, key, kv_valid))
