@@ -1,7 +1,11 @@
 """refreekv: threshold-free KV-cache pruning (ReFreeKV, arXiv 2502.16886).
 
 Importing the package loads the native operators (torch.ops.refreekv.*).
+`refreekv.patch(model)` compresses a transformers model's KV cache after
+prefill; `refreekv.methods()` lists the methods and their options.
 """
+
+from typing import Any
 
 from refreekv._native import built_with_cuda
 from refreekv.ops import adaptive_keep_count, attention_importance, compact_kv
@@ -13,4 +17,24 @@ __all__ = [
     "attention_importance",
     "built_with_cuda",
     "compact_kv",
+    "methods",
+    "patch",
 ]
+
+
+# The integration imports transformers, which operator-only users may not
+# need; it is loaded on first use.
+
+
+def methods() -> dict[str, dict[str, Any]]:
+    """Every compression method's name with its options and their defaults."""
+    from refreekv.compression import available_methods
+
+    return available_methods()
+
+
+def patch(model, method="refreekv", **options):
+    """Compresses `model`'s KV cache after prefill; see `refreekv.integration.patch`."""
+    from refreekv.integration import patch as _patch
+
+    return _patch(model, method, **options)

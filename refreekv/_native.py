@@ -1,6 +1,8 @@
 """Loads the compiled extension. There is no Python fallback: without the
 native operators refreekv does not import."""
 
+import torch  # noqa: F401  (loads libtorch, which the extension links against)
+
 try:
     from refreekv import _C
 except ImportError as error:  # pragma: no cover - exercised only on broken installs

@@ -1,0 +1,209 @@
+"""The contract between the integration and a compression method.
+
+After a layer's prefill the integration hands the method a `LayerInputs`
+(the prompt's post-rotary queries and cached keys, and where each sequence's
+real tokens are) and gets back a `KeepPlan` (which cache rows to keep). The
+integration does the cache surgery, masking and bookkeeping; a method only
+decides. Methods that pick per-key scores (H2O, SnapKV, ...) derive from
+`ScoredMethod`; methods that keep the first sinks plus a recent span
+(StreamingLLM, ReFreeKV) from `PositionalMethod`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "CompressionMethod",
+    "KeepPlan",
+    "LayerInputs",
+    "PositionalMethod",
+    "ScoredMethod",
+    "check_budget",
+    "resolve_budget",
+]
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """One layer's prompt, right after its prefill forward.
+
+    query: [b, H, n, d] post-rotary queries of the whole prompt.
+    key: [b, Hkv, n, d] the cached (post-rotary) keys.
+    scaling: the layer's softmax scale.
+    layer_idx, num_layers: where the layer sits.
+    prompt_valid: [b, n] bool, False on left padding.
+    real_len: [b] int64, real tokens per sequence; they occupy positions
+        [n - real_len, n) because padding is on the left.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    scaling: float
+    layer_idx: int
+    num_layers: int
+    prompt_valid: torch.Tensor
+    real_len: torch.Tensor
+
+    @property
+    def prompt_len(self) -> int:
+        return self.key.shape[2]
+
+    @property
+    def first_real(self) -> torch.Tensor:
+        """[b] position of each sequence's first real token."""
+        return self.prompt_len - self.real_len
+
+    def positions(self) -> torch.Tensor:
+        """[n] position indices on the key's device."""
+        return torch.arange(self.prompt_len, device=self.key.device)
+
+
+@dataclass(frozen=True)
+class KeepPlan:
+    """Which cache rows a layer keeps.
+
+    keep_index: [b, Hkv, r_max] int64 positions, ascending within each head
+        for the first keep_len[b] entries; entries after them are ignored.
+    keep_len: [b] int64 rows kept per sequence (the same for every head).
+    """
+
+    keep_index: torch.Tensor
+    keep_len: torch.Tensor
+
+
+def check_budget(budget: Any) -> None:
+    """A budget is a fraction of the prompt in (0, 1] or a token count >= 1."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise TypeError(f"budget must be a fraction in (0, 1] or a token count >= 1, got {budget!r}")
+    if isinstance(budget, numbers.Integral):
+        if budget < 1:
+            raise ValueError(f"budget as a token count must be >= 1, got {budget}")
+    elif not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget as a fraction of the prompt must be in (0, 1], got {budget}")
+
+
+def resolve_budget(budget: float | int, real_len: torch.Tensor) -> torch.Tensor:
+    """[b] tokens to keep per sequence, never more than it has."""
+    if isinstance(budget, numbers.Integral):
+        tokens = torch.full_like(real_len, int(budget))
+    else:
+        tokens = torch.round(real_len.double() * float(budget)).long().clamp(min=1)
+    return torch.minimum(tokens, real_len)
+
+
+def _check_window(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+class CompressionMethod:
+    """Base of every method: option bookkeeping and the protected layers.
+
+    Subclasses set `name`, accept their options as keyword arguments of
+    `__init__` (their defaults are the documented defaults) and implement
+    `plan`.
+    """
+
+    name: ClassVar[str]
+    default_protected_layers: ClassVar[tuple[int, ...]] = ()
+
+    def __init__(self, protected_layers: Optional[Sequence[int]] = None):
+        layers = self.default_protected_layers if protected_layers is None else protected_layers
+        if isinstance(layers, (str, bytes)) or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers
+        ):
+            raise TypeError(f"protected_layers must be a sequence of layer indices, got {protected_layers!r}")
+        self.protected_layers = tuple(sorted(set(int(i) for i in layers)))
+
+    def check_model(self, num_layers: int) -> None:
+        """Raises before anything runs if the options do not fit the model."""
+        bad = [i for i in self.protected_layers if not -num_layers <= i < num_layers]
+        if bad:
+            raise ValueError(f"protected_layers {bad} out of range for a model with {num_layers} layers")
+
+    def is_protected(self, layer_idx: int, num_layers: int) -> bool:
+        return any(i % num_layers == layer_idx for i in self.protected_layers)
+
+    def plan(self, inputs: LayerInputs) -> Optional[KeepPlan]:
+        """The rows to keep for one layer; None keeps the layer as it is."""
+        raise NotImplementedError
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """Every option with its default, from the constructor signature."""
+        parameters = inspect.signature(cls.__init__).parameters
+        defaults = {name: p.default for name, p in parameters.items() if name != "self"}
+        if "protected_layers" in defaults:
+            defaults["protected_layers"] = cls.default_protected_layers
+        return defaults
+
+    def options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.option_defaults()}
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({options})"
+
+
+class PositionalMethod(CompressionMethod):
+    """Keeps each sequence's first `num_sinks` real tokens and its `recent`
+    most recent ones: the same positions for every head."""
+
+    def __init__(self, *, num_sinks: int = 4, protected_layers: Optional[Sequence[int]] = None):
+        super().__init__(protected_layers)
+        if isinstance(num_sinks, bool) or not isinstance(num_sinks, numbers.Integral) or num_sinks < 0:
+            raise ValueError(f"num_sinks must be an integer >= 0, got {num_sinks!r}")
+        self.num_sinks = int(num_sinks)
+
+    def recent_count(self, inputs: LayerInputs, sinks: torch.Tensor) -> torch.Tensor:
+        """[b] recent tokens to keep, at most real_len - sinks each."""
+        raise NotImplementedError
+
+    def plan(self, inputs: LayerInputs) -> KeepPlan:
+        sinks = inputs.real_len.clamp(max=self.num_sinks)
+        recent = self.recent_count(inputs, sinks)
+        keep_len = sinks + recent
+        rows = torch.arange(int(keep_len.max()), device=keep_len.device)[None, :]
+        sink_pos = inputs.first_real[:, None] + rows
+        recent_pos = inputs.prompt_len - recent[:, None] + (rows - sinks[:, None])
+        positions = torch.where(rows < sinks[:, None], sink_pos, recent_pos)
+        positions = positions.masked_fill(rows >= keep_len[:, None], 0)
+        kv_heads = inputs.key.shape[1]
+        return KeepPlan(positions[:, None, :].expand(-1, kv_heads, -1), keep_len)
+
+
+class ScoredMethod(CompressionMethod):
+    """Keeps, per KV head, the best-scored candidates plus forced positions."""
+
+    def __init__(self, *, budget: float | int = 0.5, protected_layers: Optional[Sequence[int]] = None):
+        super().__init__(protected_layers)
+        check_budget(budget)
+        self.budget = budget
+
+    @staticmethod
+    def keep_top(
+        scores: torch.Tensor, counts: torch.Tensor, candidates: torch.Tensor, forced: torch.Tensor
+    ) -> KeepPlan:
+        """Per KV head, the top counts[b] candidates by score, plus forced.
+
+        scores: [b, Hkv, n] float; counts: [b] int64, at most the number of
+        candidates of each sequence; candidates, forced: [b, n] bool, disjoint.
+        """
+        batch, kv_heads, n = scores.shape
+        ranked = scores.masked_fill(~candidates[:, None, :], float("-inf"))
+        k_max = int(counts.max())
+        top = ranked.topk(k_max, dim=-1).indices
+        take = torch.arange(k_max, device=scores.device)[None, None, :] < counts[:, None, None]
+        chosen = torch.zeros(batch, kv_heads, n, dtype=torch.bool, device=scores.device)
+        chosen.scatter_(-1, top, take.expand_as(top))
+        chosen |= forced[:, None, :]
+        keep_len = counts + forced.sum(-1)
+        positions = torch.arange(n, device=scores.device).expand(batch, kv_heads, n)
+        ordered = positions.masked_fill(~chosen, n).sort(dim=-1).values[..., : int(keep_len.max())]
+        return KeepPlan(ordered.masked_fill(ordered == n, 0), keep_len)

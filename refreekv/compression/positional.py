@@ -1,0 +1,106 @@
+"""Methods that keep each sequence's first sinks plus its most recent tokens."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence
+
+import torch
+
+from refreekv.compression.base import KeepPlan, LayerInputs, PositionalMethod, ScoredMethod, check_budget, resolve_budget
+from refreekv.ops import adaptive_keep_count, attention_importance
+
+__all__ = ["ReFreeKV", "StreamingLLM"]
+
+
+class StreamingLLM(PositionalMethod):
+    """The first `num_sinks` tokens plus the most recent `budget - num_sinks`."""
+
+    name = "streamingllm"
+
+    def __init__(self, *, budget: float | int = 0.5, num_sinks: int = 4, protected_layers: Optional[Sequence[int]] = None):
+        super().__init__(num_sinks=num_sinks, protected_layers=protected_layers)
+        check_budget(budget)
+        self.budget = budget
+
+    def recent_count(self, inputs: LayerInputs, sinks: torch.Tensor) -> torch.Tensor:
+        budget = resolve_budget(self.budget, inputs.real_len)
+        return torch.minimum((budget - sinks).clamp(min=0), inputs.real_len - sinks)
+
+
+class ReFreeKV(PositionalMethod):
+    """Threshold-free pruning (SPEC 2): keep the sinks plus the fewest recent
+    tokens whose head-averaged attention-row norm is within `threshold` of
+    the whole row's.
+
+    Options:
+        threshold: T, the tolerated relative loss of the norm (paper: 1%).
+        num_sinks: m, first real tokens always kept.
+        protected_layers: layers never compressed (paper: 0 and 1).
+        window_rows: k, the prompt's last query rows whose attention forms
+            the signal: an int >= 1, or a fraction of the prompt in (0, 1].
+        include_sinks_in_norm: count the sinks in B and K (the paper's
+            equations) instead of excluding them (the released code).
+        ranking: "position" (the method) or "attention" (ablation: rank
+            candidates per KV head by their group-mean attention).
+    """
+
+    name = "refreekv"
+    default_protected_layers = (0, 1)
+
+    def __init__(
+        self,
+        *,
+        threshold: float = 0.01,
+        num_sinks: int = 4,
+        protected_layers: Optional[Sequence[int]] = None,
+        window_rows: float | int = 1,
+        include_sinks_in_norm: bool = False,
+        ranking: str = "position",
+    ):
+        super().__init__(num_sinks=num_sinks, protected_layers=protected_layers)
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
+        check_budget(window_rows)  # same rule: a count >= 1 or a fraction in (0, 1]
+        if ranking not in ("position", "attention"):
+            raise ValueError(f"ranking must be 'position' or 'attention', got {ranking!r}")
+        self.threshold = float(threshold)
+        self.window_rows = window_rows
+        self.include_sinks_in_norm = bool(include_sinks_in_norm)
+        self.ranking = ranking
+
+    def _signal(self, inputs: LayerInputs, group_reduce: Optional[str] = None) -> torch.Tensor:
+        """Attention of the last k prompt rows, averaged over the rows that
+        see each key (SPEC 2.1)."""
+        rows = int(resolve_budget(self.window_rows, torch.tensor([inputs.prompt_len]))[0])
+        query = inputs.query[:, :, inputs.prompt_len - rows :]
+        return attention_importance(
+            query, inputs.key, inputs.scaling, kv_valid=inputs.prompt_valid, group_reduce=group_reduce
+        )
+
+    def recent_count(self, inputs: LayerInputs, sinks: torch.Tensor) -> torch.Tensor:
+        signal = self._signal(inputs)  # [b, H, n]
+        candidates = inputs.real_len - sinks
+        newest_first = signal.flip(-1)
+        if not self.include_sinks_in_norm:
+            return adaptive_keep_count(newest_first, self.threshold, valid_len=candidates)
+        # The sinks lead the ranking, so every K(r) counts them, as B does.
+        sink_pos = (inputs.first_real[:, None] + torch.arange(self.num_sinks, device=signal.device)).clamp(
+            max=inputs.prompt_len - 1
+        )
+        sink_scores = signal.gather(-1, sink_pos[:, None, :].expand(-1, signal.shape[1], -1))
+        ranked = torch.cat([sink_scores, newest_first], dim=-1)
+        kept = adaptive_keep_count(ranked, self.threshold, valid_len=torch.where(candidates > 0, inputs.real_len, 0))
+        return torch.where(candidates > 0, (kept - sinks).clamp(min=1), 0)
+
+    def plan(self, inputs: LayerInputs) -> KeepPlan:
+        if self.ranking == "position":
+            return super().plan(inputs)
+        scores = self._signal(inputs, group_reduce="mean")  # [b, Hkv, n]
+        sinks = inputs.real_len.clamp(max=self.num_sinks)
+        positions = inputs.positions()[None, :]
+        forced = inputs.prompt_valid & (positions < (inputs.first_real + sinks)[:, None])
+        candidates = inputs.prompt_valid & ~forced
+        ranked = scores.masked_fill(~candidates[:, None, :], 0.0).sort(dim=-1, descending=True).values
+        counts = adaptive_keep_count(ranked, self.threshold, valid_len=candidates.sum(-1))
+        return ScoredMethod.keep_top(scores, counts, candidates, forced)

@@ -1,0 +1,133 @@
+"""Fixed-budget methods that keep the best-scored keys per KV head."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from refreekv.compression.base import KeepPlan, LayerInputs, ScoredMethod, _check_window, resolve_budget
+from refreekv.ops import attention_importance
+
+__all__ = ["H2O", "PyramidKV", "SnapKV"]
+
+
+def _window_split(inputs: LayerInputs, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w [b], forced [b, n], candidates [b, n]): each sequence's last w real
+    tokens are forced, its earlier real tokens are candidates."""
+    w = inputs.real_len.clamp(max=window)
+    positions = inputs.positions()[None, :]
+    forced = positions >= (inputs.prompt_len - w)[:, None]
+    return w, forced, inputs.prompt_valid & ~forced
+
+
+class H2O(ScoredMethod):
+    """Heavy hitters: keys ranked by accumulated attention, plus the last
+    `window` tokens. `observation="window"` accumulates over the last
+    `window` queries (as the SnapKV-lineage code), `"all"` over every prompt
+    query (the original heavy-hitter score, in O(n) memory)."""
+
+    name = "h2o"
+
+    def __init__(
+        self,
+        *,
+        budget: float | int = 0.5,
+        observation: str = "window",
+        window: int = 8,
+        protected_layers: Optional[Sequence[int]] = None,
+    ):
+        super().__init__(budget=budget, protected_layers=protected_layers)
+        if observation not in ("window", "all"):
+            raise ValueError(f"observation must be 'window' or 'all', got {observation!r}")
+        _check_window("window", window)
+        self.observation = observation
+        self.window = int(window)
+
+    def plan(self, inputs: LayerInputs) -> KeepPlan:
+        rows = inputs.prompt_len if self.observation == "all" else min(self.window, inputs.prompt_len)
+        query = inputs.query[:, :, inputs.prompt_len - rows :]
+        scores = attention_importance(
+            query, inputs.key, inputs.scaling, kv_valid=inputs.prompt_valid, normalize=False, group_reduce="mean"
+        )
+        w, forced, candidates = _window_split(inputs, self.window)
+        counts = (resolve_budget(self.budget, inputs.real_len) - w).clamp(min=0)
+        return self.keep_top(scores, torch.minimum(counts, candidates.sum(-1)), candidates, forced)
+
+
+class SnapKV(ScoredMethod):
+    """Attention of the last `window` queries, summed, pooled along the keys
+    (kernel `kernel`, max or average), top-k per KV head, plus the window."""
+
+    name = "snapkv"
+
+    def __init__(
+        self,
+        *,
+        budget: float | int = 0.5,
+        window: int = 8,
+        kernel: int = 7,
+        pooling: str = "max",
+        protected_layers: Optional[Sequence[int]] = None,
+    ):
+        super().__init__(budget=budget, protected_layers=protected_layers)
+        _check_window("window", window)
+        if isinstance(kernel, bool) or not isinstance(kernel, numbers.Integral) or kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"kernel must be an odd integer >= 1, got {kernel!r}")
+        if pooling not in ("max", "avg"):
+            raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
+        self.window = int(window)
+        self.kernel = int(kernel)
+        self.pooling = pooling
+
+    def layer_budget(self, inputs: LayerInputs) -> torch.Tensor:
+        """[b] tokens this layer keeps."""
+        return resolve_budget(self.budget, inputs.real_len)
+
+    def plan(self, inputs: LayerInputs) -> KeepPlan:
+        rows = min(self.window, inputs.prompt_len)
+        query = inputs.query[:, :, inputs.prompt_len - rows :]
+        scores = attention_importance(query, inputs.key, inputs.scaling, kv_valid=inputs.prompt_valid, normalize=False)
+        pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
+        pooled = pool(scores, self.kernel, stride=1, padding=self.kernel // 2)
+        batch, heads, n = pooled.shape
+        kv_heads = inputs.key.shape[1]
+        pooled = pooled.view(batch, kv_heads, heads // kv_heads, n).mean(dim=2)
+        w, forced, candidates = _window_split(inputs, self.window)
+        counts = (self.layer_budget(inputs) - w).clamp(min=0)
+        return self.keep_top(pooled, torch.minimum(counts, candidates.sum(-1)), candidates, forced)
+
+
+class PyramidKV(SnapKV):
+    """SnapKV scoring with budgets that shrink linearly from the bottom layer
+    to the top one around the same mean; `beta` sets the ratio of the
+    largest to the smallest share (the top layer keeps 1/beta of the mean
+    share beyond the window)."""
+
+    name = "pyramidkv"
+
+    def __init__(
+        self,
+        *,
+        budget: float | int = 0.5,
+        window: int = 8,
+        kernel: int = 7,
+        pooling: str = "max",
+        beta: float = 20.0,
+        protected_layers: Optional[Sequence[int]] = None,
+    ):
+        super().__init__(budget=budget, window=window, kernel=kernel, pooling=pooling, protected_layers=protected_layers)
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or beta < 1:
+            raise ValueError(f"beta must be a number >= 1, got {beta!r}")
+        self.beta = float(beta)
+
+    def layer_budget(self, inputs: LayerInputs) -> torch.Tensor:
+        w = inputs.real_len.clamp(max=self.window)
+        share = (super().layer_budget(inputs) - w).clamp(min=0).double()  # mean share beyond the window
+        smallest = share / self.beta
+        largest = 2 * share - smallest
+        depth = inputs.layer_idx / max(inputs.num_layers - 1, 1)
+        layer_share = torch.round(largest - (largest - smallest) * depth).long()
+        return torch.minimum(layer_share + w, inputs.real_len)

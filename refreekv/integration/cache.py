@@ -1,0 +1,67 @@
+"""The cache layer that holds a compressed prompt.
+
+A compressed layer stores the kept prompt rows (per sequence, padded at the
+end to the longest) followed by every token appended while decoding. It
+reports the *logical* length, as if nothing had been evicted, so position ids
+and the masks transformers builds keep the original numbering; the attention
+wrapper then maps those masks onto the rows actually held.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from refreekv.integration.compat import DynamicLayer
+
+__all__ = ["CompressedLayer"]
+
+
+class CompressedLayer(DynamicLayer):
+    """A DynamicLayer whose first `prompt_rows` rows are a compressed prompt.
+
+    prompt_valid: [b, heads, prompt_rows] bool with heads 1 or Hkv, False on
+        padding rows (and, in masking mode, on evicted rows that are still
+        held); None when every row is valid.
+    evicted: prompt rows no longer held (logical minus physical length).
+    """
+
+    # Cropping (assisted decoding) counts in logical positions that this layer
+    # no longer holds one-to-one; transformers refuses it up front instead.
+    is_croppable = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, prompt_valid: Optional[torch.Tensor], evicted: int):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+        self.prompt_rows = keys.shape[-2]
+        self.prompt_valid = prompt_valid
+        self.evicted = evicted
+
+    def get_seq_length(self) -> int:
+        return super().get_seq_length() + self.evicted
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def kept_per_sequence(self) -> torch.Tensor:
+        """[b] prompt rows that are attended to, per sequence."""
+        if self.prompt_valid is None:
+            return torch.full((self.keys.shape[0],), self.prompt_rows, dtype=torch.int64)
+        return self.prompt_valid[:, 0].sum(-1).cpu()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.prompt_valid is not None:
+            self.prompt_valid = self.prompt_valid.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.prompt_valid is not None:
+            self.prompt_valid = self.prompt_valid[indices]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.prompt_valid is not None:
+            self.prompt_valid = self.prompt_valid.index_select(0, beam_idx.to(self.prompt_valid.device))

@@ -1,0 +1,93 @@
+"""Every transformers-version-specific detail the integration relies on.
+
+Supported: transformers >= 5.17, < 6. Everything here goes through public
+extension points: the attention-function and attention-mask registries, the
+per-layer cache classes, and the model's module tree.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+__all__ = [
+    "DynamicLayer",
+    "SUPPORTED_ATTENTION",
+    "SUPPORTED_FAMILIES",
+    "attention_layers",
+    "base_attention_function",
+    "check_supported",
+    "new_cache",
+    "register_attention",
+    "unregister_attention",
+]
+
+# config.model_type -> family name, for the families whose attention modules
+# follow the functional AttentionInterface pattern with full attention.
+SUPPORTED_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Raises a clear error for anything the integration cannot patch."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"refreekv.patch expects a transformers PreTrainedModel, got {type(model).__name__}")
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_FAMILIES:
+        families = ", ".join(SUPPORTED_FAMILIES.values())
+        raise ValueError(f"refreekv supports the {families} families; got a model of type {model_type!r}")
+    if not hasattr(model, "lm_head") or not hasattr(model, "model"):
+        raise TypeError(
+            f"refreekv.patch expects a causal language model (e.g. {SUPPORTED_FAMILIES[model_type]}ForCausalLM), "
+            f"got {type(model).__name__}"
+        )
+    implementation = model.config._attn_implementation
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"refreekv supports the attention implementations {SUPPORTED_ATTENTION}; the model uses {implementation!r}"
+        )
+    sliding = [
+        i for i, kind in enumerate(getattr(model.config, "layer_types", None) or []) if kind != "full_attention"
+    ]
+    # Mistral applies config.sliding_window to every layer; Qwen2/Qwen3 only
+    # with use_sliding_window, and then through layer_types.
+    mistral_window = model_type == "mistral" and model.config.sliding_window is not None
+    if sliding or getattr(model.config, "use_sliding_window", False) or mistral_window:
+        raise ValueError(
+            "refreekv compresses full-attention layers only; this model config uses sliding-window attention "
+            f"(sliding_window={getattr(model.config, 'sliding_window', None)}, layers {sliding or 'all'})"
+        )
+
+
+def attention_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The self-attention module of every decoder layer, in layer order."""
+    return [layer.self_attn for layer in model.model.layers[: model.config.num_hidden_layers]]
+
+
+def base_attention_function(model: PreTrainedModel, implementation: str) -> Callable:
+    """The attention function the model would call for `implementation`."""
+    if implementation == "eager":
+        # Eager attention is not in the registry: each modeling file defines it.
+        attention_class = type(attention_layers(model)[0])
+        return sys.modules[attention_class.__module__].eager_attention_forward
+    return AttentionInterface._global_mapping[implementation]
+
+
+def register_attention(name: str, function: Callable, base_implementation: str) -> None:
+    """Registers `function` under `name`, with the base implementation's masks."""
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_implementation])
+
+
+def unregister_attention(name: str) -> None:
+    AttentionInterface._global_mapping.pop(name, None)
+    AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def new_cache(model: PreTrainedModel) -> DynamicCache:
+    return DynamicCache(config=model.config)

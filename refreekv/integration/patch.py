@@ -1,0 +1,277 @@
+"""`refreekv.patch`: compress a transformers model's KV cache after prefill.
+
+How it plugs in (transformers' public extension points, no forward replaced):
+
+* an attention function, registered under a name of its own and set as the
+  model's attention implementation, wraps the model's own eager or sdpa
+  attention. On the prefill forward it lets the layer attend over the whole
+  prompt, then asks the compression method which rows to keep and replaces
+  the layer's cache with a `CompressedLayer`. On later forwards it maps the
+  mask transformers built (for the uncompressed geometry) onto the rows the
+  layer actually holds;
+* a forward pre-hook on the decoder model supplies a cache when the caller
+  gave none, and tells prefill (an empty cache) from decoding;
+* a forward hook reads what was kept into `stats` once prefill is done.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from refreekv.compression import CompressionMethod, LayerInputs, make_method
+from refreekv.integration import compat
+from refreekv.integration.cache import CompressedLayer
+from refreekv.integration.stats import CompressionStats
+from refreekv.ops import compact_kv
+
+__all__ = ["PatchHandle", "patch"]
+
+
+def patch(model: torch.nn.Module, method: str | CompressionMethod = "refreekv", *, evict: bool = True, **options: Any) -> "PatchHandle":
+    """Compress `model`'s KV cache after every prefill.
+
+    Args:
+        model: a Llama, Mistral, Qwen2 or Qwen3 causal LM from transformers,
+            with eager or sdpa attention.
+        method: a name from `refreekv.methods()` or a method instance.
+        evict: remove the evicted rows from the cache (default). With False
+            they are kept but masked out, which computes the same outputs
+            without saving memory; it exists to verify eviction.
+        **options: the method's options (see `refreekv.methods()`).
+
+    Returns:
+        A `PatchHandle`: a context manager with `.remove()` and `.stats`.
+    """
+    if isinstance(method, CompressionMethod):
+        if options:
+            raise TypeError(f"options {sorted(options)} given with a method instance; set them on the instance")
+        resolved = method
+    else:
+        resolved = make_method(method, **options)
+    return PatchHandle(model, resolved, evict=evict)
+
+
+@dataclass
+class _Prefill:
+    """Bookkeeping of the prefill forward in progress."""
+
+    prompt_valid: torch.Tensor  # [b, n] bool
+    real_len: torch.Tensor  # [b] int64
+    kv_bytes_before: int = 0
+
+
+class PatchHandle:
+    """A patched model. Use as a context manager or call `remove()`."""
+
+    def __init__(self, model: torch.nn.Module, method: CompressionMethod, *, evict: bool = True):
+        compat.check_supported(model)
+        if getattr(model, "_refreekv_handle", None) is not None:
+            raise RuntimeError("this model is already patched by refreekv; call .remove() on the existing handle first")
+        self.model = model
+        self.method = method
+        self.evict = evict
+        self.num_layers = model.config.num_hidden_layers
+        method.check_model(self.num_layers)
+        self._base_implementation = model.config._attn_implementation
+        self._base_attention = compat.base_attention_function(model, self._base_implementation)
+        self._name = f"refreekv_{id(self):x}"
+        self._decoder = model.model
+        self._decoder_signature = inspect.signature(self._decoder.forward)
+        self._cache = None
+        self._prefill: Optional[_Prefill] = None
+        self._stats: Optional[CompressionStats] = None
+
+        compat.register_attention(self._name, self._attention, self._base_implementation)
+        model.config._attn_implementation = self._name
+        self._hooks = [
+            self._decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            self._decoder.register_forward_hook(self._after_forward, with_kwargs=True),
+        ]
+        model._refreekv_handle = self
+
+    # -- public -------------------------------------------------------------
+
+    @property
+    def stats(self) -> CompressionStats:
+        """What the last prefill kept (see `CompressionStats`)."""
+        if self._stats is None:
+            raise RuntimeError("no prefill has run since the model was patched")
+        return self._stats
+
+    def remove(self) -> None:
+        """Restores the model exactly as it was. Removing twice does nothing."""
+        if self._hooks is None:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = None
+        self.model.config._attn_implementation = self._base_implementation
+        compat.unregister_attention(self._name)
+        del self.model._refreekv_handle
+        self._cache = self._prefill = None
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self._hooks is None else "active"
+        return f"PatchHandle({self.method!r}, evict={self.evict}, {state})"
+
+    # -- hooks --------------------------------------------------------------
+
+    def _before_forward(self, module, args, kwargs):
+        bound = self._decoder_signature.bind_partial(*args, **kwargs).arguments
+        cache = bound.get("past_key_values")
+        use_cache = bound.get("use_cache")
+        if use_cache is None:
+            use_cache = self.model.config.use_cache
+        if cache is None and use_cache:
+            # The decoder would create this cache itself; creating it here lets
+            # the attention function find it.
+            cache = compat.new_cache(self.model)
+            kwargs["past_key_values"] = cache
+        self._cache = cache
+        self._prefill = None
+        if cache is not None and cache.get_seq_length() == 0:
+            tokens = bound.get("input_ids")
+            if tokens is None:
+                tokens = bound["inputs_embeds"]
+            self._prefill = self._start_prefill(bound.get("attention_mask"), tokens.shape[0], tokens.shape[1], tokens.device)
+        return args, kwargs
+
+    def _after_forward(self, module, args, kwargs, output):
+        if self._prefill is not None:
+            self._stats = self._read_stats(self._prefill)
+            self._prefill = None
+
+    @staticmethod
+    def _start_prefill(attention_mask, batch: int, length: int, device) -> _Prefill:
+        if attention_mask is None:
+            prompt_valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+        elif attention_mask.dim() != 2:
+            raise ValueError(
+                f"refreekv needs a 2-D padding mask [batch, length] at prefill, got a {attention_mask.dim()}-D attention_mask"
+            )
+        else:
+            prompt_valid = attention_mask.to(device=device, dtype=torch.bool)
+        real_len = prompt_valid.sum(-1)
+        left_padded = (prompt_valid.long().diff(dim=-1) >= 0).all()
+        if not bool(left_padded) or bool((real_len == 0).any()):
+            raise ValueError(
+                "refreekv expects left-padded prompts with at least one real token each "
+                "(tokenizer.padding_side = 'left'); got an attention_mask with padding elsewhere"
+            )
+        return _Prefill(prompt_valid=prompt_valid, real_len=real_len)
+
+    # -- the attention function ---------------------------------------------
+
+    def _attention(self, module, query, key, value, attention_mask, **kwargs):
+        layer_idx = module.layer_idx
+        if self._prefill is not None:
+            output = self._base_attention(module, query, key, value, attention_mask, **kwargs)
+            self._compress(layer_idx, query, key, value, kwargs.get("scaling", module.scaling))
+            return output
+        layer = self._cache.layers[layer_idx] if self._cache is not None else None
+        if isinstance(layer, CompressedLayer):
+            attention_mask = self._held_rows_mask(layer, attention_mask, query, key.shape[2])
+        return self._base_attention(module, query, key, value, attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def _compress(self, layer_idx: int, query, key, value, scaling: float) -> None:
+        prefill = self._prefill
+        prefill.kv_bytes_before += key.nbytes + value.nbytes
+        if self.method.is_protected(layer_idx, self.num_layers):
+            return
+        inputs = LayerInputs(
+            query=query,
+            key=key,
+            scaling=float(scaling),
+            layer_idx=layer_idx,
+            num_layers=self.num_layers,
+            prompt_valid=prefill.prompt_valid,
+            real_len=prefill.real_len,
+        )
+        plan = self.method.plan(inputs)
+        if plan is None or bool((plan.keep_len == prefill.real_len).all()):
+            return  # every real token is kept: the layer stays as it is
+        if self.evict:
+            keys, values, row_valid = compact_kv(key, value, plan.keep_index, plan.keep_len)
+            prompt_valid = None if bool(row_valid.all()) else row_valid[:, None, :]
+        else:
+            keys, values = key, value
+            prompt_valid = self._kept_positions(plan, key.shape[2])
+        evicted = key.shape[2] - keys.shape[2]
+        self._cache.layers[layer_idx] = CompressedLayer(keys, values, prompt_valid, evicted)
+
+    @staticmethod
+    def _kept_positions(plan, length: int) -> torch.Tensor:
+        """[b, Hkv, n] bool: True where the plan keeps the position."""
+        batch, kv_heads, rows = plan.keep_index.shape
+        in_plan = torch.arange(rows, device=plan.keep_index.device) < plan.keep_len[:, None]
+        kept = torch.zeros(batch, kv_heads, length, dtype=torch.bool, device=plan.keep_index.device)
+        return kept.scatter_(-1, plan.keep_index, in_plan[:, None, :].expand(-1, kv_heads, -1))
+
+    def _held_rows_mask(self, layer: CompressedLayer, mask, query, kv_length: int):
+        """The mask for the rows a compressed layer holds: its prompt rows
+        where valid, then the appended tokens as transformers' mask (built
+        for the uncompressed geometry) has them."""
+        batch, heads, q_length, _ = query.shape
+        prompt_rows = layer.prompt_rows
+        appended = kv_length - prompt_rows
+        if layer.prompt_valid is None and mask is None:
+            return None  # plain causal attention over everything held
+        if mask is None:
+            # Causal among the appended tokens; the queries are the last ones.
+            query_pos = torch.arange(q_length, device=query.device) + (appended - q_length)
+            new = (torch.arange(appended, device=query.device)[None, :] <= query_pos[:, None])[None, None]
+        else:
+            tail = mask[..., mask.shape[-1] - appended :]
+            new = tail if tail.dtype == torch.bool else tail == 0
+        if layer.prompt_valid is None:
+            prompt = torch.ones(1, 1, 1, prompt_rows, dtype=torch.bool, device=query.device)
+        else:
+            prompt = layer.prompt_valid[:, :, None, :]
+            if prompt.shape[1] > 1:  # per KV head: expand to the query heads
+                prompt = prompt.repeat_interleave(heads // prompt.shape[1], dim=1)
+        mask_heads = max(prompt.shape[1], new.shape[1])
+        held = torch.cat(
+            [prompt.expand(batch, mask_heads, q_length, -1), new.expand(batch, mask_heads, q_length, -1)], dim=-1
+        )
+        if self._base_implementation == "eager":
+            return torch.zeros(held.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~held, torch.finfo(query.dtype).min
+            )
+        return held
+
+    # -- stats --------------------------------------------------------------
+
+    def _read_stats(self, prefill: _Prefill) -> CompressionStats:
+        real_len = prefill.real_len.cpu()
+        kept, held_bytes, padding_bytes = [], 0, 0
+        for layer in self._cache.layers[: self.num_layers]:
+            row_bytes = (layer.keys.nbytes + layer.values.nbytes) // (layer.keys.shape[0] * layer.keys.shape[2])
+            held_bytes += layer.keys.nbytes + layer.values.nbytes
+            if isinstance(layer, CompressedLayer):
+                layer_kept = layer.kept_per_sequence()
+                if self.evict:
+                    padding_bytes += int((layer.prompt_rows - layer_kept).sum()) * row_bytes
+                else:
+                    padding_bytes += int((layer.prompt_rows - real_len).sum()) * row_bytes
+            else:
+                layer_kept = real_len
+                padding_bytes += int((layer.keys.shape[2] - real_len).sum()) * row_bytes
+            kept.append(layer_kept)
+        return CompressionStats(
+            kept=torch.stack(kept),
+            prompt_tokens=real_len,
+            kv_bytes_before=prefill.kv_bytes_before,
+            kv_bytes_after=held_bytes,
+            kv_padding_bytes=padding_bytes,
+        )
