@@ -198,7 +198,9 @@ class ScoredMethod(CompressionMethod):
         batch, kv_heads, n = scores.shape
         ranked = scores.masked_fill(~candidates[:, None, :], float("-inf"))
         k_max = int(counts.max())
-        top = ranked.topk(k_max, dim=-1).indices
+        # A stable sort breaks ties (frequent after max pooling) by position,
+        # so a sequence keeps the same tokens whatever padding precedes it.
+        top = ranked.sort(dim=-1, descending=True, stable=True).indices[..., :k_max]
         take = torch.arange(k_max, device=scores.device)[None, None, :] < counts[:, None, None]
         chosen = torch.zeros(batch, kv_heads, n, dtype=torch.bool, device=scores.device)
         chosen.scatter_(-1, top, take.expand_as(top))

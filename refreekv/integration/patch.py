@@ -215,8 +215,10 @@ class PatchHandle:
         """[b, Hkv, n] bool: True where the plan keeps the position."""
         batch, kv_heads, rows = plan.keep_index.shape
         in_plan = torch.arange(rows, device=plan.keep_index.device) < plan.keep_len[:, None]
-        kept = torch.zeros(batch, kv_heads, length, dtype=torch.bool, device=plan.keep_index.device)
-        return kept.scatter_(-1, plan.keep_index, in_plan[:, None, :].expand(-1, kv_heads, -1))
+        # Entries past keep_len go to a spare column, dropped afterwards.
+        index = plan.keep_index.masked_fill(~in_plan[:, None, :], length)
+        kept = torch.zeros(batch, kv_heads, length + 1, dtype=torch.bool, device=index.device)
+        return kept.scatter_(-1, index, True)[..., :length]
 
     def _held_rows_mask(self, layer: CompressedLayer, mask, query, kv_length: int):
         """The mask for the rows a compressed layer holds: its prompt rows
