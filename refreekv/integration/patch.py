@@ -68,9 +68,9 @@ class PatchHandle:
     """A patched model. Use as a context manager or call `remove()`."""
 
     def __init__(self, model: torch.nn.Module, method: CompressionMethod, *, evict: bool = True):
-        compat.check_supported(model)
         if getattr(model, "_refreekv_handle", None) is not None:
             raise RuntimeError("this model is already patched by refreekv; call .remove() on the existing handle first")
+        compat.check_supported(model)
         self.model = model
         self.method = method
         self.evict = evict

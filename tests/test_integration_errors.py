@@ -1,0 +1,114 @@
+"""Bad options and unsupported models fail clearly, before anything runs."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaModel
+
+import refreekv
+from refreekv.integration.compat import SUPPORTED_FAMILIES
+
+from integration_models import TINY, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", "sdpa")
+
+
+BAD_OPTIONS = {
+    "unknown method": (("kivi",), {}, ValueError, r"unknown method 'kivi'; available: refreekv, fullkv, streamingllm, h2o, snapkv, pyramidkv"),
+    "unknown option": (("snapkv",), {"treshold": 0.1}, TypeError, r"method 'snapkv' has no option 'treshold'; its options: budget, window, kernel, pooling, protected_layers"),
+    "negative threshold": (("refreekv",), {"threshold": -0.01}, ValueError, r"threshold must be in \[0, 1\), got -0.01"),
+    "threshold one": (("refreekv",), {"threshold": 1.0}, ValueError, r"threshold must be in \[0, 1\), got 1.0"),
+    "zero budget": (("snapkv",), {"budget": 0}, ValueError, r"budget as a token count must be >= 1, got 0"),
+    "negative budget": (("h2o",), {"budget": -0.5}, ValueError, r"budget as a fraction of the prompt must be in \(0, 1\], got -0.5"),
+    "fraction above one": (("streamingllm",), {"budget": 1.5}, ValueError, r"budget as a fraction of the prompt must be in \(0, 1\], got 1.5"),
+    "budget type": (("pyramidkv",), {"budget": "half"}, TypeError, r"budget must be a fraction in \(0, 1\] or a token count >= 1, got 'half'"),
+    "protected layer out of range": (("refreekv",), {"protected_layers": [0, 4]}, ValueError, r"protected_layers \[4\] out of range for a model with 4 layers"),
+    "protected layers type": (("refreekv",), {"protected_layers": "01"}, TypeError, r"protected_layers must be a sequence of layer indices"),
+    "ranking": (("refreekv",), {"ranking": "random"}, ValueError, r"ranking must be 'position' or 'attention', got 'random'"),
+    "observation": (("h2o",), {"observation": "some"}, ValueError, r"observation must be 'window' or 'all', got 'some'"),
+    "even kernel": (("snapkv",), {"kernel": 4}, ValueError, r"kernel must be an odd integer >= 1, got 4"),
+    "pooling": (("snapkv",), {"pooling": "median"}, ValueError, r"pooling must be 'max' or 'avg', got 'median'"),
+    "window": (("snapkv",), {"window": 0}, ValueError, r"window must be an integer >= 1, got 0"),
+    "beta": (("pyramidkv",), {"beta": 0.5}, ValueError, r"beta must be a number >= 1, got 0.5"),
+    "window rows": (("refreekv",), {"window_rows": 0}, ValueError, r"budget as a token count must be >= 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OPTIONS, ids=list(BAD_OPTIONS))
+def test_bad_options_raise_before_patching(model, case):
+    args, options, error, message = BAD_OPTIONS[case]
+    implementation = model.config._attn_implementation
+    with pytest.raises(error, match=message):
+        refreekv.patch(model, *args, **options)
+    assert model.config._attn_implementation == implementation
+    assert getattr(model, "_refreekv_handle", None) is None
+
+
+def test_unsupported_architecture(model):
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32))
+    families = ", ".join(SUPPORTED_FAMILIES.values())
+    with pytest.raises(ValueError, match=rf"refreekv supports the {families} families; got a model of type 'gpt2'"):
+        refreekv.patch(gpt2)
+
+
+def test_not_a_causal_lm():
+    base = LlamaModel(tiny_model("llama", "sdpa").config)
+    with pytest.raises(TypeError, match=r"expects a causal language model \(e.g. LlamaForCausalLM\), got LlamaModel"):
+        refreekv.patch(base)
+
+
+def test_not_a_transformers_model():
+    with pytest.raises(TypeError, match=r"expects a transformers PreTrainedModel, got Linear"):
+        refreekv.patch(torch.nn.Linear(2, 2))
+
+
+def test_sliding_window_model():
+    mistral = tiny_model("mistral", "sdpa", sliding_window=16)
+    with pytest.raises(ValueError, match=r"compresses full-attention layers only; .*\(sliding_window=16"):
+        refreekv.patch(mistral)
+
+
+def test_unsupported_attention_implementation():
+    model = tiny_model("llama", "sdpa")
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match=r"supports the attention implementations \('eager', 'sdpa'\); the model uses 'flex_attention'"):
+        refreekv.patch(model)
+
+
+def test_double_patch_is_refused(model):
+    with refreekv.patch(model):
+        with pytest.raises(RuntimeError, match=r"already patched by refreekv; call .remove\(\) on the existing handle first"):
+            refreekv.patch(model, "snapkv")
+
+
+def test_exception_inside_the_block_still_removes_the_patch(model):
+    implementation = model.config._attn_implementation
+    with pytest.raises(KeyError):
+        with refreekv.patch(model):
+            raise KeyError("boom")
+    assert model.config._attn_implementation == implementation
+    assert getattr(model, "_refreekv_handle", None) is None
+
+
+def test_right_padding_is_refused(model):
+    input_ids = torch.randint(3, TINY["vocab_size"], (2, 10))
+    attention_mask = torch.ones(2, 10, dtype=torch.long)
+    attention_mask[1, 7:] = 0
+    with refreekv.patch(model):
+        with pytest.raises(ValueError, match=r"expects left-padded prompts .*\(tokenizer.padding_side = 'left'\)"):
+            model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_stats_before_any_prefill(model):
+    with refreekv.patch(model) as kv:
+        with pytest.raises(RuntimeError, match=r"no prefill has run since the model was patched"):
+            kv.stats
+
+
+def test_options_with_a_method_instance(model):
+    from refreekv.compression import SnapKV
+
+    with pytest.raises(TypeError, match=r"options \['budget'\] given with a method instance"):
+        refreekv.patch(model, SnapKV(), budget=0.3)
