@@ -112,3 +112,12 @@ def test_options_with_a_method_instance(model):
 
     with pytest.raises(TypeError, match=r"options \['budget'\] given with a method instance"):
         refreekv.patch(model, SnapKV(), budget=0.3)
+
+
+def test_static_cache_is_refused(model):
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    with refreekv.patch(model):
+        with pytest.raises(TypeError, match=r"refreekv compresses a DynamicCache \(the generate default\); got StaticCache"):
+            model(input_ids=torch.randint(3, 100, (1, 8)), past_key_values=cache, use_cache=True)

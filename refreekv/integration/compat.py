@@ -21,6 +21,7 @@ __all__ = [
     "SUPPORTED_FAMILIES",
     "attention_layers",
     "base_attention_function",
+    "check_cache",
     "check_supported",
     "new_cache",
     "register_attention",
@@ -91,3 +92,10 @@ def unregister_attention(name: str) -> None:
 
 def new_cache(model: PreTrainedModel) -> DynamicCache:
     return DynamicCache(config=model.config)
+
+
+def check_cache(cache) -> None:
+    """Compressed layers replace a dynamic cache's layers; other caches
+    (static, offloaded, quantized) keep fixed shapes we cannot shrink."""
+    if type(cache) is not DynamicCache:
+        raise TypeError(f"refreekv compresses a DynamicCache (the generate default); got {type(cache).__name__}")

@@ -140,6 +140,7 @@ class PatchHandle:
         self._cache = cache
         self._prefill = None
         if cache is not None and cache.get_seq_length() == 0:
+            compat.check_cache(cache)
             tokens = bound.get("input_ids")
             if tokens is None:
                 tokens = bound["inputs_embeds"]
