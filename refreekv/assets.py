@@ -14,10 +14,8 @@ Nothing here touches the network.
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -54,15 +52,15 @@ def load_bundled_model(dtype: torch.dtype = torch.float32, attn_implementation: 
     folder = bundled_model_path()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the GGUF conversion is chatty
+    hf_logging.disable_progress_bar()
     try:
-        # The GGUF conversion draws its own tqdm bar; TQDM_DISABLE silences it.
-        with mock.patch.dict(os.environ, {"TQDM_DISABLE": "1"}):
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-            model = AutoModelForCausalLM.from_pretrained(
-                folder, gguf_file=GGUF_FILE, dtype=dtype, attn_implementation=attn_implementation
-            )
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=GGUF_FILE, dtype=dtype, attn_implementation=attn_implementation
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     tokenizer.padding_side = "left"
     return model.eval(), tokenizer
 
