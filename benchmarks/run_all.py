@@ -1,0 +1,141 @@
+"""`make bench`: every benchmark, one results file, one summary.
+
+Runs benchmarks/bench_ops.py and benchmarks/bench_e2e.py (each prints its
+own tables as it goes), then writes
+
+  benchmarks/results/latest.json          all figures + the machine they ran on
+  benchmarks/results/<UTC date-time>.json a dated copy
+  benchmarks/results/summary.md           the headline figures against their targets
+  benchmarks/results/figures.png          prefill overhead, decode speedup, operator speedups
+
+    python benchmarks/run_all.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+
+import refreekv
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def machine() -> dict:
+    with open("/proc/cpuinfo") as cpuinfo:
+        model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read(), re.M)
+    return {
+        "cpu": model.group(1).strip() if model else platform.processor(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "refreekv": refreekv.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run(script: str, json_path: Path, quick: bool) -> dict:
+    command = [sys.executable, str(HERE / script), "--json", str(json_path)] + (["--quick"] if quick else [])
+    print(f"\n$ {' '.join(command[1:])}", flush=True)
+    subprocess.run(command, check=True)
+    return json.loads(json_path.read_text())
+
+
+def summary(results: dict) -> str:
+    host = results["machine"]
+    lines = [
+        f"# Benchmark summary ({results['date']})",
+        "",
+        f"Machine: {host['cpu']}, {host['threads']} threads; torch {host['torch']}, transformers {host['transformers']}, "
+        f"refreekv {host['refreekv']}. Model: {results['model']}. Ratios are against a baseline measured in the same run.",
+        "",
+        "| figure | measured | target |",
+        "|---|---|---|",
+    ]
+    for tokens, row in results["prefill_overhead"].items():
+        lines.append(f"| prefill_overhead @ {tokens} tokens (patched / unpatched) | {row['ratio']:.3f} | <= 1.03 |")
+    for name, row in results["kv_bytes"].items():
+        lines.append(
+            f"| kv_bytes {name} (held / full) | {row['kv_bytes_ratio']:.4f} (reported budget {row['reported_budget']:.4f}) | = budget |"
+        )
+    for tokens, row in results["decode_speedup"].items():
+        lines.append(f"| decode_speedup @ {tokens} tokens (ReFreeKV / full) | {row['ratio']:.3f} | >= 1.0 |")
+    peak = results["peak_memory_ratio"]
+    lines.append(f"| peak_memory_ratio @ {peak['tokens']} tokens (patched / unpatched) | {peak['ratio']:.3f} | <= 1.05 |")
+    ref = results["reference_ratios"]
+    lines += [
+        f"| released-code way / ours, prefill time @ {ref['tokens']} tokens | {ref['time_ratio']:.2f}x | |",
+        f"| released-code way / ours, peak memory @ {ref['tokens']} tokens | {ref['peak_memory_ratio']:.2f}x | |",
+        f"| released-code way / ours, KV bytes @ {ref['tokens']} tokens | {ref['kv_bytes_ratio']:.2f}x | |",
+    ]
+    for operator in ("attention_importance", "adaptive_keep_count", "compact_kv"):
+        for row in results["ops"][operator]:
+            case = ", ".join(f"{k}={v}" for k, v in row["case"].items())
+            ours = row["ours"]
+            speed = f"{row['speedup']:.2f}x faster" if "speedup" in row else row["reference"].get("skipped", "reference failed")
+            memory = f"{ours['peak_extra_mib']:.1f} MiB extra" if "peak_extra_mib" in ours else ""
+            lines.append(f"| ops {operator} ({case}) | {ours.get('ms', float('nan')):.3f} ms, {speed}; {memory} | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    tokens = list(results["prefill_overhead"])
+    axes[0].plot(tokens, [results["prefill_overhead"][t]["ratio"] for t in tokens], marker="o")
+    axes[0].axhline(1.03, color="red", linestyle="--", label="target 1.03")
+    axes[0].set(title="Prefill time, ReFreeKV / unpatched", xlabel="prompt tokens", ylabel="ratio")
+    axes[0].legend()
+    tokens = list(results["decode_speedup"])
+    axes[1].bar(tokens, [results["decode_speedup"][t]["ratio"] for t in tokens])
+    axes[1].axhline(1.0, color="red", linestyle="--", label="target 1.0")
+    axes[1].set(title="Decode tokens/s, ReFreeKV / full cache", xlabel="prompt tokens", ylabel="speedup")
+    axes[1].legend()
+    rows = [r for r in results["ops"]["attention_importance"] if "speedup" in r]
+    labels = [f"n={r['case']['n']}\nw={r['case']['w']}" for r in rows]
+    axes[2].bar(range(len(rows)), [r["speedup"] for r in rows])
+    axes[2].set_xticks(range(len(rows)), labels, fontsize=7)
+    axes[2].axhline(1.0, color="red", linestyle="--")
+    axes[2].set(title="attention_importance speedup vs materialized reference", ylabel="reference / ours")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run every benchmark and write benchmarks/results/")
+    parser.add_argument("--quick", action="store_true", help="reduced sizes (a smoke run)")
+    args = parser.parse_args()
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    with tempfile.TemporaryDirectory() as scratch:
+        ops = run("bench_ops.py", Path(scratch) / "ops.json", args.quick)
+        e2e = run("bench_e2e.py", Path(scratch) / "e2e.json", args.quick)
+    results = {"date": stamp.isoformat(timespec="seconds"), "quick": args.quick, "machine": machine(), **e2e, "ops": ops}
+    RESULTS.mkdir(exist_ok=True)
+    latest = RESULTS / "latest.json"
+    latest.write_text(json.dumps(results, indent=2) + "\n")
+    shutil.copy(latest, RESULTS / f"{stamp.strftime('%Y-%m-%dT%H%M%SZ')}.json")
+    (RESULTS / "summary.md").write_text(summary(results))
+    plot(results, RESULTS / "figures.png")
+    print(f"\nwrote {latest}, a dated copy, summary.md and figures.png in {RESULTS}")
+    print(summary(results))
+
+
+if __name__ == "__main__":
+    main()
