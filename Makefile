@@ -7,7 +7,7 @@ DEPS   := $(VENV)/.deps-installed
 EXT    := $(VENV)/.extension-built
 NATIVE_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
 
-.PHONY: setup build test demo bench-ops clean
+.PHONY: setup build test demo bench-ops cuda-build clean
 
 setup: $(DEPS)
 
@@ -35,5 +35,36 @@ demo: build
 bench-ops: build
 	$(PY) benchmarks/bench_ops.py
 
+# CUDA build check, on any machine with nvcc (no GPU needed): a second venv
+# with torch built for CUDA 13.0, the extension compiled out of tree with the
+# CUDA kernels for sm_80 and sm_90 (the in-place CPU build that `make test`
+# uses is left alone), then proof that it links and registers CUDA kernels,
+# and the whole test suite against that build (its CUDA tests run on a GPU
+# machine and are skipped, saying so, elsewhere).
+CUDA_VENV  ?= .venv-cuda
+CUDA_PY    := $(CUDA_VENV)/bin/python
+CUDA_DEPS  := $(CUDA_VENV)/.deps-installed
+CUDA_LIB   := build/cuda-lib
+CUDA_ARCHS ?= 8.0;9.0
+# torch finds nvcc through PATH; a wrapper script in /usr/local/bin would make
+# it guess /usr/local, so point it at the toolkit.
+CUDA_HOME  ?= $(firstword $(wildcard /usr/local/cuda) $(patsubst %/bin/nvcc,%,$(realpath $(shell command -v nvcc))))
+
+$(CUDA_DEPS): requirements/cuda.txt requirements/dev.txt requirements/assets.txt
+	$(PYTHON) -m venv $(CUDA_VENV)
+	grep -v '^torch==' requirements/dev.txt > $(CUDA_VENV)/dev-without-torch.txt
+	$(CUDA_PY) -m pip install --quiet -r requirements/cuda.txt -r $(CUDA_VENV)/dev-without-torch.txt
+	$(CUDA_PY) -m pip install --quiet --no-deps -r requirements/assets.txt
+	touch $@
+
+cuda-build: $(CUDA_DEPS)
+	rm -rf $(CUDA_LIB) && mkdir -p $(CUDA_LIB)/refreekv
+	cd refreekv && find . -name '*.py' -not -path '*/__pycache__/*' -exec cp --parents {} ../$(CUDA_LIB)/refreekv/ \;
+	CUDA_HOME=$(CUDA_HOME) REFREEKV_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=$${MAX_JOBS:-2} \
+		$(CUDA_PY) setup.py --quiet build_ext --build-temp build/cuda-temp --build-lib $(CUDA_LIB)
+	# -P: the source tree (with its CPU-only extension) must not shadow the build.
+	PYTHONPATH=$(CURDIR)/$(CUDA_LIB) CUDA_HOME=$(CUDA_HOME) $(CUDA_PY) -P .ci/check_cuda_build.py --archs "$(CUDA_ARCHS)"
+	PYTHONPATH=$(CURDIR)/$(CUDA_LIB):$(CURDIR)/.ci $(CUDA_VENV)/bin/pytest -q -p no:cacheprovider -p pytest_cuda_build
+
 clean:
-	rm -rf build refreekv/_C*.so *.egg-info $(VENV)
+	rm -rf build refreekv/_C*.so *.egg-info $(VENV) $(CUDA_VENV)

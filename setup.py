@@ -41,16 +41,34 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
+def _cuda_library_headers() -> list[str]:
+    """torch's CUDA headers include cuSPARSE/cuBLAS headers. A toolkit that
+    ships only the compiler and runtime lacks them; torch's own nvidia-* wheels
+    carry them. Their folder is searched after the toolkit's (-isystem), so
+    the toolkit's runtime headers still win."""
+    if CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        return []
+    site_packages = os.path.dirname(os.path.dirname(torch.__file__))
+    headers = sorted(glob.glob(os.path.join(site_packages, "nvidia", "*", "include", "cusparse.h")))
+    return ["-isystem", os.path.dirname(headers[0])] if headers else []
+
+
 def _extension():
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno"]
+    # No -std: torch's build helper adds the C++ standard its headers need
+    # (C++20 for torch 2.13 and 2.14; the 2.14 headers refuse C++17).
+    cxx_flags = ["-O3", "-fno-math-errno"]
     cuda_sources = _sources("csrc/cuda/*.cu")
     if _build_cuda() and cuda_sources:
+        # Exact expf/logf/division (no --use_fast_math): the operator is held to
+        # float32 accuracy. -lineinfo costs nothing at run time and lets
+        # profilers map kernels to source lines.
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + _cuda_library_headers()
         return CUDAExtension(
             "refreekv._C",
             sources + cuda_sources,
             define_macros=[("REFREEKV_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         )
     return CppExtension("refreekv._C", sources, extra_compile_args={"cxx": cxx_flags})
 

@@ -1,0 +1,240 @@
+// CUDA implementation of refreekv::adaptive_keep_count (SPEC 2.3): one kernel
+// launch per call, one block per sequence, no host synchronization.
+//
+// With a_h the ranked scores of head h over its V valid candidates,
+//   H B    = sum_h ||a_h[0:V]||_2          (phase 1: one reduction per head)
+//   H K(r) = sum_h ||a_h[0:r]||_2          (phase 2: block scans)
+// and the answer is the smallest r >= 1 with (B - K(r)) / B <= T. Phase 2
+// walks the candidates in chunks of kThreads * kItems: for every head a block
+// scan of the squares (in double, as on the CPU: the cut is an integer
+// decision and float32 running sums stop growing on long tails) gives every
+// candidate of the chunk its prefix norm, the heads' norms are summed per
+// candidate, and the block stops at the first chunk holding a candidate that
+// meets the rule. Every sum has a fixed order, so the result is deterministic.
+//
+// Errors: the CPU kernel raises a RuntimeError for a valid_len outside
+// [0, c] and for non-finite scores. Reporting either from here would need a
+// device-to-host copy and a synchronization on every call, which this
+// operator must not do; they are device-side assertions instead
+// (CUDA_KERNEL_ASSERT), which abort the kernel and surface as a CUDA error on
+// the next synchronizing call.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "common.cuh"
+
+namespace refreekv {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kItems = 4;  // consecutive candidates per thread in phase 2
+constexpr int kChunk = kThreads * kItems;
+
+struct KeepCountKernelParams {
+  const void* scores;        // [b, H, c], contiguous
+  const int64_t* valid_len;  // [b] or nullptr
+  double* carry;             // [b, H] scratch: running sums of squares
+  int64_t* out;              // [b]
+  int64_t heads, candidates;
+  double threshold;
+};
+
+struct BlockScratch {
+  double warp_values[kWarps];
+  double total;
+  unsigned long long first;
+};
+
+// Sum over the block in a fixed order (warp trees, then warp 0 over the
+// warps); every thread gets the result.
+__device__ double block_sum(double v, BlockScratch& s) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (lane == 0) s.warp_values[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    double t = lane < kWarps ? s.warp_values[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+    if (lane == 0) s.total = t;
+  }
+  __syncthreads();
+  const double total = s.total;
+  __syncthreads();  // s is reused by the next call
+  return total;
+}
+
+// Exclusive prefix sum over the block in thread order; `total` gets the sum
+// of all values.
+__device__ double block_exclusive_scan(double v, double& total, BlockScratch& s) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  double inclusive = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const double up = __shfl_up_sync(0xffffffffu, inclusive, o);
+    if (lane >= o) inclusive += up;
+  }
+  if (lane == 31) s.warp_values[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    double w = lane < kWarps ? s.warp_values[lane] : 0.0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const double up = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w += up;
+    }
+    if (lane < kWarps) s.warp_values[lane] = w;  // inclusive over warps
+  }
+  __syncthreads();
+  const double before_warp = warp == 0 ? 0.0 : s.warp_values[warp - 1];
+  total = s.warp_values[kWarps - 1];
+  __syncthreads();  // s is reused by the next call
+  return before_warp + inclusive - v;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    keep_count_kernel(const KeepCountKernelParams p) {
+  __shared__ BlockScratch scratch;
+  const int64_t b = blockIdx.x;
+  const int64_t c = p.candidates;
+  int64_t valid = c;
+  if (p.valid_len != nullptr) {
+    valid = p.valid_len[b];
+    // CPU: "adaptive_keep_count: expected valid_len[b] in [0, c] ...".
+    CUDA_KERNEL_ASSERT(valid >= 0 && valid <= c);
+    valid = valid < 0 ? 0 : (valid > c ? c : valid);  // if asserts are compiled out
+  }
+  if (valid == 0) {  // nothing to rank, nothing to keep
+    if (threadIdx.x == 0) p.out[b] = 0;
+    return;
+  }
+  const T* scores = static_cast<const T*>(p.scores) + b * p.heads * c;
+  double* carry = p.carry + b * p.heads;
+
+  // Phase 1: H B, and the extent of the last non-zero score (for T = 0).
+  double total = 0.0;
+  int64_t extent = 0;
+  for (int64_t h = 0; h < p.heads; ++h) {
+    const T* row = scores + h * c;
+    double squares = 0.0;
+    for (int64_t j = threadIdx.x; j < valid; j += kThreads) {
+      const double x = to_float(row[j]);
+      squares += x * x;
+      if (x != 0.0) extent = j + 1;  // j only grows within a thread
+    }
+    total += sqrt(block_sum(squares, scratch));  // same value in every thread
+    if (threadIdx.x == 0) carry[h] = 0.0;
+  }
+  __syncthreads();  // carry's zeros are visible before phase 2 reads them
+  // CPU: "adaptive_keep_count: expected finite ranked_scores, got NaN or inf".
+  CUDA_KERNEL_ASSERT(isfinite(total));
+  if (total == 0.0) {  // degenerate signal: keep everything
+    if (threadIdx.x == 0) p.out[b] = valid;
+    return;
+  }
+  if (p.threshold == 0.0) {
+    // Exactly lossless: stop only where every remaining score is zero. The
+    // maximum is exact whatever the order, so a sum-free max reduction
+    // through shared memory is deterministic.
+    if (threadIdx.x == 0) scratch.first = 0;
+    __syncthreads();
+    if (extent > 0) atomicMax(&scratch.first, static_cast<unsigned long long>(extent));
+    __syncthreads();
+    if (threadIdx.x == 0) p.out[b] = static_cast<int64_t>(scratch.first);
+    return;
+  }
+
+  // Phase 2: prefix norms chunk by chunk until the rule is met.
+  for (int64_t c0 = 0; c0 < valid; c0 += kChunk) {
+    const int64_t j_first = c0 + static_cast<int64_t>(threadIdx.x) * kItems;
+    double norm[kItems];
+#pragma unroll
+    for (int e = 0; e < kItems; ++e) norm[e] = 0.0;
+    for (int64_t h = 0; h < p.heads; ++h) {
+      const T* row = scores + h * c;
+      double prefix[kItems];
+      double run = 0.0;
+#pragma unroll
+      for (int e = 0; e < kItems; ++e) {
+        const int64_t j = j_first + e;
+        const double x = j < valid ? static_cast<double>(to_float(row[j])) : 0.0;
+        run += x * x;
+        prefix[e] = run;
+      }
+      const double before_chunk = carry[h];  // read before thread 0 updates it
+      double chunk_total;
+      const double before_thread = block_exclusive_scan(run, chunk_total, scratch);
+#pragma unroll
+      for (int e = 0; e < kItems; ++e) norm[e] += sqrt(before_chunk + (before_thread + prefix[e]));
+      if (threadIdx.x == 0) carry[h] = before_chunk + chunk_total;
+      // The scan's barriers order this write before the next chunk's reads.
+    }
+    unsigned long long first = ~0ull;
+#pragma unroll
+    for (int e = 0; e < kItems; ++e) {
+      const int64_t j = j_first + e;
+      if (j < valid && first == ~0ull && (total - norm[e]) / total <= p.threshold) {
+        first = static_cast<unsigned long long>(j + 1);
+      }
+    }
+    if (threadIdx.x == 0) scratch.first = ~0ull;
+    __syncthreads();
+    if (first != ~0ull) atomicMin(&scratch.first, first);  // min: order-free
+    __syncthreads();
+    const unsigned long long found = scratch.first;
+    __syncthreads();
+    if (found != ~0ull) {
+      if (threadIdx.x == 0) p.out[b] = static_cast<int64_t>(found);
+      return;
+    }
+  }
+  // Unreachable up to rounding: K(V) == B meets the rule for any T > 0.
+  if (threadIdx.x == 0) p.out[b] = valid;
+}
+
+at::Tensor adaptive_keep_count_cuda(const at::Tensor& ranked_scores, double threshold,
+                                    const std::optional<at::Tensor>& valid_len) {
+  const KeepCountParams s = check_keep_count_inputs(ranked_scores, threshold, valid_len);
+  const c10::cuda::CUDAGuard guard(ranked_scores.device());
+  const at::Tensor scores = ranked_scores.contiguous();
+  at::Tensor lens;
+  if (valid_len.has_value()) lens = valid_len->contiguous();
+  at::Tensor result = at::empty({s.batch}, scores.options().dtype(at::kLong));
+  if (s.batch == 0) return result;
+  // Scratch for the per-head running sums; written by the kernel before it is
+  // read, so no fill (and no second launch) is needed.
+  at::Tensor carry = at::empty({s.batch, s.heads}, scores.options().dtype(at::kDouble));
+
+  KeepCountKernelParams p{};
+  p.scores = scores.const_data_ptr();
+  p.valid_len = lens.defined() ? lens.const_data_ptr<int64_t>() : nullptr;
+  p.carry = carry.data_ptr<double>();
+  p.out = result.data_ptr<int64_t>();
+  p.heads = s.heads;
+  p.candidates = s.candidates;
+  p.threshold = threshold;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  REFREEKV_DISPATCH_FLOATS(scores.scalar_type(), "adaptive_keep_count_cuda", [&] {
+    keep_count_kernel<typename DeviceType<scalar_t>::type>
+        <<<grid_size(s.batch), kThreads, 0, stream>>>(p);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return result;
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(refreekv, CUDA, m) {
+  m.impl("adaptive_keep_count", &cuda::adaptive_keep_count_cuda);
+}
+
+}  // namespace refreekv

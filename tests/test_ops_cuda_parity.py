@@ -1,0 +1,286 @@
+"""The CUDA kernels against the CPU kernels (and the float64 reference) on the
+same inputs, with shapes chosen for the CUDA tiling: several key and query
+tiles, partial tiles, causally skipped tiles, padding, every small-window row
+count, head dims that are not a multiple of 16 bytes or that need several
+head_dim chunks.
+
+The generic operator suites (tests/test_ops_*.py) already run on CUDA when a
+GPU is present; this module adds what is specific to the CUDA code paths.
+"""
+
+import os
+import random
+
+import pytest
+import torch
+
+import refreekv
+from refreekv import reference
+from test_ops_adaptive_keep_count import assert_no_near_tie, attention_like_scores
+from test_ops_attention_importance import make_inputs
+
+# Runs on CUDA; REFREEKV_PARITY_DEVICE=cpu runs the same checks CPU against
+# CPU, which tests this module's own logic on a machine without a GPU.
+DEVICE = os.environ.get("REFREEKV_PARITY_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"
+)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["float32", "float16", "bfloat16"]
+
+
+def on_device(*tensors):
+    return [None if t is None else t.to(DEVICE) for t in tensors]
+
+
+# --------------------------------------------------------------------------
+# attention_importance
+# --------------------------------------------------------------------------
+
+
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+def assert_importance_parity(query, key, scale, **options):
+    """CUDA within float32 accuracy of the float64 truth, and close to CPU.
+
+    The bound is that of tests/test_ops_attention_importance.py (twice the
+    error of a plain float32 run of the reference) plus the float32 rounding
+    of a length-d dot product, which grows with sqrt(d) for d-term sums: the
+    shapes here reach d = 200, where one logit ulp no longer covers it (the
+    CPU kernel needs the extra term too).
+    """
+    kv_valid = options.pop("kv_valid", None)
+    q, k, valid = on_device(query, key, kv_valid)
+    ours = refreekv.attention_importance(q, k, scale, kv_valid=valid, **options)
+    truth = reference.attention_importance(query, key, scale, kv_valid=kv_valid, dtype=torch.float64, **options)
+    plain32 = reference.attention_importance(query, key, scale, kv_valid=kv_valid, dtype=torch.float32, **options)
+    assert ours.dtype == torch.float32 and ours.shape == truth.shape and ours.device.type == DEVICE
+    assert torch.isfinite(ours).all()
+    group = query.shape[1] // key.shape[1]
+    abs_dots = query.double().abs() @ key.double().abs().repeat_interleave(group, dim=1).transpose(-1, -2)
+    dot_rounding = 4 * query.shape[-1] ** 0.5 * FLOAT32_EPS * abs(scale) * max(1.0, abs_dots.max().item())
+    bound = 2 * (plain32.double() - truth).abs().max().item() + dot_rounding * truth.abs().max().item()
+    error = (ours.cpu().double() - truth).abs().max().item()
+    assert error <= bound, f"error {error:.3e} exceeds {bound:.3e}"
+    cpu = refreekv.attention_importance(query, key, scale, kv_valid=kv_valid, **options)
+    torch.testing.assert_close(ours.cpu(), cpu, rtol=1e-4, atol=1e-6)
+    return ours
+
+
+# (keys, window, group, head_dim): the small-window path takes w <= 4 with
+# g * w <= 32 (row counts 1, 4, 8, 16, 32 are separate instantiations); the
+# tiled path (64 x 64 tiles) takes the rest.
+SMALL_WINDOW_SHAPES = [
+    (1, 1, 1, 8),  # a single key
+    (127, 1, 1, 64),  # n just under one 128-key tile
+    (129, 1, 4, 128),  # one key into a second tile
+    (1000, 1, 8, 128),  # several tiles, last one partial
+    (300, 2, 2, 24),  # 24 * 2 bytes: not a whole 16-byte word in half
+    (300, 3, 5, 72),  # 15 rows -> 16-row instantiation, two head_dim chunks in half
+    (257, 4, 8, 16),  # 32 rows
+    (200, 1, 32, 8),  # MQA-like group of 32
+    (90, 4, 2, 1),  # head_dim 1
+    (70, 2, 3, 200),  # head_dim past one chunk in every dtype
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("keys,window,group,head_dim", SMALL_WINDOW_SHAPES)
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "left-padded"])
+def test_small_window_path(dtype, keys, window, group, head_dim, padded, generator):
+    pad = [0, (2 * keys) // 3] if padded else None
+    query, key, kv_valid = make_inputs(2, 2 * group, 2, window, keys, head_dim, dtype, "cpu", generator, pad)
+    assert_importance_parity(query, key, head_dim**-0.5, kv_valid=kv_valid)
+
+
+TILED_SHAPES = [
+    (64, 64, 1, 16),  # exactly one tile each way
+    (65, 65, 2, 16),  # one row and one key into second tiles
+    (200, 200, 4, 64),  # w = n, several tiles, partial last tiles
+    (300, 130, 1, 128),  # w < n: key tiles before the window, skipped query tiles
+    (700, 5, 4, 32),  # w just past the small path: one partial query tile
+    (333, 100, 2, 24),  # head_dim not a multiple of 16 elements
+    (150, 150, 1, 200),  # head_dim in two chunks (float32: four)
+    (129, 129, 3, 1),  # head_dim 1
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("keys,window,group,head_dim", TILED_SHAPES)
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "left-padded"])
+def test_tiled_path(dtype, keys, window, group, head_dim, padded, generator):
+    # Padding that blinds whole query tiles of sequence 1 (rows before its
+    # first real key see nothing) and covers whole key tiles.
+    pad = [0, keys - window + min(window - 1, 70)] if padded else None
+    query, key, kv_valid = make_inputs(2, 2 * group, 2, window, keys, head_dim, dtype, "cpu", generator, pad)
+    assert_importance_parity(query, key, head_dim**-0.5, kv_valid=kv_valid)
+
+
+@pytest.mark.parametrize("window", [1, 3, 150], ids=["w=1", "w=3", "w=150"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("group_reduce", [None, "mean", "max"])
+def test_options_on_both_paths(window, normalize, group_reduce, generator):
+    query, key, kv_valid = make_inputs(2, 8, 2, window, 150, 32, torch.bfloat16, "cpu", generator, pad=[0, 20])
+    ours = assert_importance_parity(
+        query, key, 0.2, kv_valid=kv_valid, normalize=normalize, group_reduce=group_reduce
+    )
+    assert ours.shape == (2, 8 if group_reduce is None else 2, 150)
+
+
+def test_scattered_padding(generator):
+    # A mask with holes, not only left padding: every path masks key by key.
+    for window in (1, 2, 40):
+        query, key, _ = make_inputs(2, 4, 2, window, 170, 16, torch.float32, "cpu", generator)
+        kv_valid = torch.rand(2, 170, generator=generator) < 0.6
+        assert_importance_parity(query, key, 0.4, kv_valid=kv_valid)
+
+
+def test_fully_padded_sequence_scores_zero(generator):
+    for window in (1, 90):
+        query, key, _ = make_inputs(2, 2, 1, window, 90, 8, torch.float16, "cpu", generator)
+        kv_valid = torch.ones(2, 90, dtype=torch.bool)
+        kv_valid[1] = False
+        ours = assert_importance_parity(query, key, 0.5, kv_valid=kv_valid)
+        assert (ours[1] == 0).all()
+
+
+def test_attention_importance_is_deterministic(generator):
+    for window in (1, 300):
+        query, key, kv_valid = on_device(*make_inputs(1, 8, 2, window, 300, 64, torch.bfloat16, "cpu", generator, pad=[5]))
+        first = refreekv.attention_importance(query, key, 0.125, kv_valid=kv_valid)
+        again = refreekv.attention_importance(query, key, 0.125, kv_valid=kv_valid)
+        assert torch.equal(first, again)
+
+
+def test_randomized_sweep_against_cpu():
+    rng = random.Random(4242)
+    generator = torch.Generator().manual_seed(11)
+    for case in range(120):
+        batch, kv_heads, group = rng.randint(1, 2), rng.randint(1, 3), rng.choice([1, 2, 3, 4, 8])
+        keys = rng.randint(1, 400)
+        window = rng.choice([1, 2, 4, 5, keys, rng.randint(1, keys)])
+        window = min(window, keys)
+        head_dim = rng.choice([1, 8, 20, 64, 128, 136])
+        dtype = rng.choice(DTYPES)
+        pad = [rng.randint(0, keys) for _ in range(batch)] if rng.random() < 0.5 else None
+        query, key, kv_valid = make_inputs(batch, kv_heads * group, kv_heads, window, keys, head_dim, dtype, "cpu", generator, pad)
+        options = dict(normalize=rng.random() < 0.5, group_reduce=rng.choice([None, "mean", "max"]))
+        try:
+            assert_importance_parity(query, key, rng.uniform(0.05, 0.5), kv_valid=kv_valid, **options)
+        except AssertionError as failure:
+            raise AssertionError(f"case {case}: {tuple(query.shape)} {tuple(key.shape)} {dtype} {options} pad={pad}") from failure
+
+
+def test_rejects_like_cpu():
+    with pytest.raises(RuntimeError, match=r"expected window <= keys, .* got window = 3 and keys = 2"):
+        refreekv.attention_importance(torch.randn(2, 4, 3, 8, device=DEVICE), torch.randn(2, 2, 2, 8, device=DEVICE), 0.5)
+    with pytest.raises(RuntimeError, match=r"expected threshold in \[0, 1\), got 1"):
+        refreekv.adaptive_keep_count(torch.rand(1, 2, 10, device=DEVICE), 1.0)
+
+
+# --------------------------------------------------------------------------
+# adaptive_keep_count: integers, so CUDA == CPU == float64 reference exactly
+# --------------------------------------------------------------------------
+
+
+def assert_keep_count_parity(scores, threshold, valid_len=None):
+    assert_no_near_tie(scores.float(), threshold, valid_len)
+    expected = reference.adaptive_keep_count(scores, threshold, valid_len=valid_len)
+    cpu = refreekv.adaptive_keep_count(scores, threshold, valid_len=valid_len)
+    s, lens = on_device(scores, valid_len)
+    ours = refreekv.adaptive_keep_count(s, threshold, valid_len=lens)
+    assert ours.device.type == DEVICE and ours.dtype == torch.int64
+    assert torch.equal(ours.cpu(), cpu), (ours, cpu)
+    assert torch.equal(ours.cpu(), expected), (ours, expected)
+
+
+@pytest.mark.parametrize("heads", [1, 5, 32])
+@pytest.mark.parametrize("candidates", [1, 2047, 2048, 2049, 9000])
+@pytest.mark.parametrize("threshold", [0.0, 0.001, 0.01, 0.3, 0.999])
+def test_keep_count_chunks(heads, candidates, threshold, generator):
+    # Candidates around the CUDA chunk (512 threads x 4 items = 2048).
+    scores = attention_like_scores(3, heads, candidates, generator)
+    assert_keep_count_parity(scores, threshold)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_keep_count_valid_len_and_dtypes(dtype, generator):
+    scores = attention_like_scores(5, 4, 5000, generator).to(dtype)
+    scores[:, :, 4000:] = 0  # trailing zeros: T = 0 stops at the last non-zero
+    scores[4] = 0  # a degenerate sequence keeps everything
+    valid_len = torch.tensor([5000, 0, 1, 3001, 4500])
+    for threshold in (0.0, 0.01, 0.2):
+        assert_keep_count_parity(scores, threshold, valid_len)
+    assert_keep_count_parity(scores, 0.05)
+
+
+def test_keep_count_randomized_sweep():
+    rng = random.Random(31)
+    generator = torch.Generator().manual_seed(3)
+    for case in range(150):
+        batch, heads, candidates = rng.randint(1, 4), rng.randint(1, 40), rng.randint(0, 6000)
+        scores = attention_like_scores(batch, heads, candidates, generator, decay=rng.uniform(0, 8))
+        valid_len = torch.tensor([rng.randint(0, candidates) for _ in range(batch)]) if rng.random() < 0.5 else None
+        threshold = rng.choice([0.0, rng.uniform(0, 0.05), rng.uniform(0, 0.999)])
+        try:
+            assert_keep_count_parity(scores, threshold, valid_len)
+        except AssertionError as failure:
+            raise AssertionError(f"case {case}: {tuple(scores.shape)} T={threshold} valid_len={valid_len}") from failure
+
+
+# --------------------------------------------------------------------------
+# compact_kv: a copy, so CUDA == CPU bit for bit
+# --------------------------------------------------------------------------
+
+
+def assert_compact_parity(key, value, keep_index, keep_len):
+    cpu = refreekv.compact_kv(key, value, keep_index, keep_len)
+    ours = refreekv.compact_kv(*on_device(key, value, keep_index, keep_len))
+    for got, want in zip(ours, cpu):
+        assert got.device.type == DEVICE and got.dtype == want.dtype
+        assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("key_dim,value_dim", [(128, 128), (64, 96), (1, 3), (12, 8), (0, 4)])
+def test_compact_kv_matches_cpu(dtype, key_dim, value_dim, generator):
+    # 16-byte rows take the vectorized copy; odd rows the element copy.
+    batch, kv_heads, keys, kept_rows = 3, 4, 300, 120
+    key = torch.randn(batch, kv_heads, keys, key_dim, generator=generator).to(dtype)
+    value = torch.randn(batch, kv_heads, keys, value_dim, generator=generator).to(dtype)
+    keep_index = torch.stack([torch.randperm(keys, generator=generator)[:kept_rows] for _ in range(batch * kv_heads)])
+    keep_index = keep_index.view(batch, kv_heads, kept_rows)
+    keep_len = torch.tensor([120, 0, 57])
+    keep_index[2, :, 57:] = -5  # past keep_len: never read
+    assert_compact_parity(key, value, keep_index, keep_len)
+
+
+def test_compact_kv_edge_shapes(generator):
+    key = torch.randn(2, 2, 10, 8, generator=generator)
+    empty_index = torch.zeros(2, 2, 0, dtype=torch.int64)
+    assert_compact_parity(key, key.clone(), empty_index, torch.tensor([0, 0]))
+    no_heads = torch.randn(2, 0, 10, 8)
+    assert_compact_parity(no_heads, no_heads.clone(), torch.zeros(2, 0, 3, dtype=torch.int64), torch.tensor([3, 1]))
+
+
+@pytest.mark.parametrize(
+    "keep_len,position,bad,message",
+    [
+        ([6, 3], None, None, r"expected keep_len\[0\] in \[0, 5\] \(keep_index.size\(2\)\), got 6"),
+        ([5, -2], None, None, r"expected keep_len\[1\] in \[0, 5\] .* got -2"),
+        ([5, 3], (1, 1, 2), 10, r"expected keep_index\[1, 1, 2\] in \[0, 10\) \(the number of cached positions\), got 10"),
+        ([5, 3], (0, 0, 4), -1, r"expected keep_index\[0, 0, 4\] in \[0, 10\) .* got -1"),
+    ],
+    ids=["keep_len above r_max", "keep_len negative", "index too large", "index negative"],
+)
+def test_compact_kv_rejects_like_cpu(keep_len, position, bad, message):
+    key, value = torch.randn(2, 2, 10, 4), torch.randn(2, 2, 10, 4)
+    keep_index = torch.zeros(2, 2, 5, dtype=torch.int64)
+    if position is not None:
+        keep_index[position] = bad
+    inputs = (key, value, keep_index, torch.tensor(keep_len))
+    with pytest.raises(RuntimeError, match=message):
+        refreekv.compact_kv(*inputs)
+    with pytest.raises(RuntimeError, match=message):
+        refreekv.compact_kv(*on_device(*inputs))
