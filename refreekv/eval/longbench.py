@@ -1,0 +1,124 @@
+"""LongBench v1 for refreekv: predictions with a patched model, scores, and
+comparison tables.
+
+    refreekv-longbench run --model PATH --method refreekv --data-dir DATA \\
+        --max-input-length 7500 --output-dir runs/refreekv
+    refreekv-longbench score runs/refreekv
+    refreekv-longbench compare runs/fullkv runs/refreekv runs/snapkv --output-dir runs/table
+
+(or `python -m refreekv.eval.longbench ...`). Data-parallel: the same `run`
+command under `torchrun --nproc_per_node N` (or `accelerate launch`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from refreekv.eval.tasks import ALL_TASKS, ENGLISH_TASKS, LONGBENCH_E_TASKS
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refreekv-longbench",
+        description="LongBench v1 evaluation of KV-cache compression methods (refreekv.patch).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="generate predictions (resumable; data-parallel under torchrun)",
+        description="Generate predictions for LongBench tasks with a model patched by refreekv.patch. "
+        "Re-running the same command resumes; under torchrun each rank takes a disjoint shard.",
+    )
+    run.add_argument("--model", required=True, help="a local transformers model folder, or 'bundled:smollm2'")
+    run.add_argument("--method", default="refreekv", help="compression method (see refreekv.methods(); default refreekv)")
+    run.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="a method option, repeatable, typed like its default (e.g. budget=0.5, threshold=0.01, protected_layers=0,1)",
+    )  # fmt: skip
+    run.add_argument(
+        "--tasks", default="default",
+        help=f"comma-separated tasks, 'default' (the {len(ENGLISH_TASKS)} English tasks) or 'all' "
+        f"({len(ALL_TASKS)} tasks; with --longbench-e the {len(LONGBENCH_E_TASKS)} LongBench-E tasks)",
+    )  # fmt: skip
+    run.add_argument("--longbench-e", action="store_true", help="read <task>_e.jsonl (LongBench-E) and score per length band")
+    run.add_argument("--data-dir", required=True, help="folder with the benchmark's <task>.jsonl files")
+    run.add_argument("--max-input-length", type=int, required=True, help="prompt tokens kept (middle truncation beyond)")
+    run.add_argument("--output-dir", required=True, help="run directory (created; an existing one is resumed)")
+    run.add_argument("--limit", type=int, default=None, help="first N samples of each task")
+    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                     help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")  # fmt: skip
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
+    run.add_argument("--device-map", default=None, choices=["auto"], help="spread one model over all GPUs")
+    run.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
+    run.add_argument("--no-chat-template", action="store_true", help="never apply the tokenizer's chat template")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; split between local ranks)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    score = commands.add_parser("score", help="score a run directory (writes scores.json)")
+    score.add_argument("run_dir")
+
+    compare = commands.add_parser("compare", help="several runs -> markdown/CSV table and a PNG plot")
+    compare.add_argument("run_dirs", nargs="+")
+    compare.add_argument("--output-dir", required=True, help="where comparison.{md,csv,png} go")
+    compare.add_argument("--names", default=None, help="comma-separated column names (default: method and options)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from refreekv.eval.runner import UsageError
+
+    try:
+        if args.command == "run":
+            from refreekv.eval.runner import RunRequest, parse_options, run
+
+            request = RunRequest(
+                model=args.model,
+                data_dir=args.data_dir,
+                output_dir=args.output_dir,
+                max_input_length=args.max_input_length,
+                method=args.method,
+                options=parse_options(args.method, args.option),
+                tasks=args.tasks,
+                longbench_e=args.longbench_e,
+                limit=args.limit,
+                dtype=args.dtype,
+                device=args.device,
+                device_map=args.device_map,
+                attn_implementation=args.attn_implementation,
+                chat_template=not args.no_chat_template,
+                threads=args.threads,
+                progress=not args.no_progress,
+            )
+            report = run(request)
+            rank = f" (rank {report['rank']} of {report['world_size']})" if report["world_size"] > 1 else ""
+            print(
+                f"{report['label']}{rank}: {report['samples_done']} samples done, "
+                f"{report['samples_done_now']} in this session, {report['skipped_line_count']} malformed line(s) skipped"
+            )
+        elif args.command == "score":
+            from refreekv.eval.scoring import format_scores, score_run
+
+            result = score_run(args.run_dir)
+            print(format_scores(result))
+            print(f"\nwritten to {args.run_dir}/scores.json")
+        else:
+            from refreekv.eval.compare import compare_runs
+
+            names = [n.strip() for n in args.names.split(",")] if args.names else None
+            result = compare_runs(args.run_dirs, args.output_dir, names)
+            print(result["markdown"])
+            print("written: " + ", ".join(str(p) for p in result["files"]))
+    except (UsageError, FileNotFoundError) as error:
+        print(f"refreekv-longbench {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

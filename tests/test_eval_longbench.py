@@ -1,0 +1,350 @@
+"""LongBench end to end on a tiny random Llama and fixture tasks: run,
+interrupt, resume, score, compare, sharding, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from eval_fixtures import TREC_CLASSES, save_tiny_model, write_fixture_data
+
+from refreekv.eval import runner
+from refreekv.eval.longbench import main
+from refreekv.eval.metrics import sample_score
+from refreekv.eval.runner import ConfigMismatch, RunRequest, UsageError, parse_options, run
+from refreekv.eval.scoring import format_scores, merged_predictions, score_run
+from refreekv.eval.tasks import TASKS
+
+FIXTURE_TASKS = ["hotpotqa", "trec", "passage_count", "lcc"]
+PER_TASK = 3
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # Tiny models run far faster on one thread; every run compared here uses
+    # the same count, so float reductions are the same too.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("longbench")
+    model = save_tiny_model(root / "model")
+    data = root / "data"
+    write_fixture_data(data, per_task=PER_TASK)
+    return root, model, data
+
+
+def request(assets, output: Path, **overrides) -> RunRequest:
+    _, model, data = assets
+    values = dict(
+        model=str(model), data_dir=str(data), output_dir=str(output), max_input_length=256,
+        tasks=",".join(FIXTURE_TASKS), threads=1, progress=False,
+    )  # fmt: skip
+    values.update(overrides)
+    return RunRequest(**values)
+
+
+@pytest.fixture(scope="module")
+def reference_runs(assets):
+    """Uninterrupted single-process runs of three methods."""
+    root = assets[0]
+    runs = {}
+    for method, options in [("fullkv", {}), ("refreekv", {}), ("snapkv", {"budget": 0.5})]:
+        output = root / f"ref-{method}"
+        report = run(request(assets, output, method=method, options=options))
+        assert report["finished"] and report["samples_done"] == len(FIXTURE_TASKS) * PER_TASK
+        runs[method] = output
+    return runs
+
+
+def merged(run_dir: Path) -> dict[str, list[dict]]:
+    out = {}
+    for task in FIXTURE_TASKS:
+        records, bad, duplicates = merged_predictions(run_dir, task)
+        assert not bad and duplicates == 0
+        out[task] = records
+    return out
+
+
+def raw_lines(run_dir: Path) -> list[str]:
+    return [line for path in sorted(run_dir.glob("*/predictions.rank*.jsonl")) for line in path.read_text().splitlines()]
+
+
+# -- predictions --------------------------------------------------------------
+
+
+def test_records_hold_prediction_answers_length_and_measured_budget(reference_runs):
+    refreekv_run, fullkv_run, snapkv_run = (merged(reference_runs[m]) for m in ("refreekv", "fullkv", "snapkv"))
+    for task in FIXTURE_TASKS:
+        assert [r["_id"] for r in refreekv_run[task]] == [f"{task}-{i:03d}" for i in range(PER_TASK)]
+        for full, snap, ours in zip(fullkv_run[task], snapkv_run[task], refreekv_run[task]):
+            n = full["input_tokens"]
+            assert {"_id", "pred", "answers", "all_classes", "length", "input_tokens", "budget", "kept_per_layer"} <= set(full)
+            assert full["answers"] and full["length"] > 0 and isinstance(full["pred"], str)
+            assert (full["all_classes"] == TREC_CLASSES) == (task == "trec")
+            assert full["chat_template"] == (task not in ("trec", "lcc"))  # the few-shot and code exceptions
+            assert full["new_tokens"] <= TASKS[task].max_new_tokens
+            # full cache: every layer keeps the whole prompt
+            assert full["kept_per_layer"] == [n] * 4 and full["budget"] == 1.0
+            # SnapKV at 50%: half the prompt in every layer
+            assert snap["input_tokens"] == n and snap["kept_per_layer"] == [round(0.5 * n)] * 4
+            assert snap["budget"] == pytest.approx(round(0.5 * n) / n)
+            # ReFreeKV: protected layers 0 and 1 keep everything; the budget is the layer mean
+            assert ours["kept_per_layer"][:2] == [n, n] and all(4 < k <= n for k in ours["kept_per_layer"])
+            assert ours["budget"] == pytest.approx(sum(ours["kept_per_layer"]) / (4 * n))
+    # long fixture samples were middle-truncated to 256 tokens before the chat template
+    assert any(r["truncated"] for r in fullkv_run["trec"]) and max(r["input_tokens"] for r in fullkv_run["trec"]) <= 256
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_output(assets, reference_runs):
+    output = assets[0] / "resumed"
+    # 1. a first session limited to one sample per task
+    report = run(request(assets, output, limit=1))
+    assert report["finished"] and report["samples_done"] == len(FIXTURE_TASKS)
+    # 2. a session that crashes after three more samples ...
+    seen = []
+
+    def crash(task, record):
+        seen.append(record["_id"])
+        if len(seen) == 3:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(request(assets, output), after_sample=crash)
+    stored = json.loads((output / "report.json").read_text())
+    assert not stored["finished"] and stored["samples_done"] == len(FIXTURE_TASKS) + 3
+    # ... while writing the next record: its JSON is there, its newline is not
+    crashed_file = output / "trec" / "predictions.rank0.jsonl"
+    assert "trec-002" not in crashed_file.read_text()
+    with open(crashed_file, "a") as handle:
+        handle.write('{"_id": "trec-002", "pred": "not from this model", "answers": []}')
+    # 3. the resumed session does exactly the rest
+    report = run(request(assets, output))
+    assert report["finished"] and report["samples_done_now"] == len(FIXTURE_TASKS) * PER_TASK - len(FIXTURE_TASKS) - 3
+    assert merged(output) == merged(reference_runs["refreekv"])
+    lines = raw_lines(output)
+    assert len(lines) == len(FIXTURE_TASKS) * PER_TASK and len({json.loads(line)["_id"] for line in lines}) == len(lines)
+    # 4. once finished, running again does nothing and changes nothing
+    before = {p: p.read_bytes() for p in output.glob("*/predictions.rank*.jsonl")}
+    report = run(request(assets, output))
+    assert report["samples_done_now"] == 0 and report["samples_done"] == len(FIXTURE_TASKS) * PER_TASK
+    assert {p: p.read_bytes() for p in output.glob("*/predictions.rank*.jsonl")} == before
+
+
+def test_sharded_run_with_two_processes_equals_one_process(assets, reference_runs):
+    output = assets[0] / "sharded"
+    _, model, data = assets
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "refreekv.eval.longbench", "run", "--model", str(model), "--data-dir", str(data),
+        "--output-dir", str(output), "--max-input-length", "256", "--tasks", ",".join(FIXTURE_TASKS),
+        "--threads", "1", "--no-progress",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(rank 0 of 2)" in result.stdout and "(rank 1 of 2)" in result.stdout
+    for rank in (0, 1):
+        report = json.loads((output / f"report.rank{rank}.json").read_text())
+        assert report["finished"] and report["world_size"] == 2
+        for task in FIXTURE_TASKS:
+            indices = [json.loads(line)["index"] for line in (output / task / f"predictions.rank{rank}.jsonl").read_text().splitlines()]
+            assert indices and all(i % 2 == rank for i in indices)
+    assert merged(output) == merged(reference_runs["refreekv"])
+    assert score_run(output)["tasks"] == score_run(reference_runs["refreekv"])["tasks"]
+
+
+def test_cli_run_with_options_and_device_map_auto(assets, reference_runs, capsys):
+    output = assets[0] / "cli-snapkv"
+    _, model, data = assets
+    code = main([
+        "run", "--model", str(model), "--data-dir", str(data), "--output-dir", str(output), "--method", "snapkv",
+        "--option", "budget=0.5", "--option", "protected_layers=", "--tasks", "lcc", "--limit", "2",
+        "--max-input-length", "256", "--device-map", "auto", "--threads", "1", "--no-progress",
+    ])  # fmt: skip
+    assert code == 0
+    assert "snapkv: 2 samples done, 2 in this session, 0 malformed line(s) skipped" in capsys.readouterr().out
+    # options spelled out at their defaults make the same configuration
+    assert json.loads((output / "config.json").read_text())["config"] == json.loads(
+        (reference_runs["snapkv"] / "config.json").read_text()
+    )["config"]
+    assert merged_predictions(output, "lcc")[0] == merged_predictions(reference_runs["snapkv"], "lcc")[0][:2]
+
+
+# -- scoring and comparison ---------------------------------------------------
+
+
+def test_score_recomputes_every_sample(reference_runs, capsys):
+    result = score_run(reference_runs["fullkv"])
+    assert json.loads((reference_runs["fullkv"] / "scores.json").read_text()) == json.loads(json.dumps(result))
+    for task in FIXTURE_TASKS:
+        records, _, _ = merged_predictions(reference_runs["fullkv"], task)
+        expected = [
+            sample_score(TASKS[task].metric, r["pred"], r["answers"], r["all_classes"], TASKS[task].first_line_only)
+            for r in records
+        ]
+        entry = result["tasks"][task]
+        assert entry["score"] == round(100 * sum(expected) / len(expected), 2)
+        assert entry["samples"] == entry["expected"] == PER_TASK and entry["complete"]
+        assert entry["kept_budget"] == 1.0
+    assert result["average"]["score"] == round(sum(result["tasks"][t]["score"] for t in FIXTURE_TASKS) / 4, 2)
+    assert main(["score", str(reference_runs["fullkv"])]) == 0
+    assert "average" in capsys.readouterr().out
+
+
+def write_records(path: Path, records, tail: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+
+
+def hand_made_run(folder: Path, longbench_e: bool) -> Path:
+    config = dict(model="m", method="snapkv", options={"budget": 0.5}, max_input_length=100, dtype="float32",
+                  longbench_e=longbench_e, chat_template=True, attn_implementation="sdpa")  # fmt: skip
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"config": config}))
+
+    def rec(i, pred, answers, length, budget, classes=None):
+        return {"_id": f"s{i}", "index": i, "pred": pred, "answers": answers, "all_classes": classes,
+                "length": length, "input_tokens": 10, "budget": budget, "kept_per_layer": [5]}  # fmt: skip
+
+    trec = [
+        rec(0, "Location\nHuman being", ["Location"], 1000, 0.5, TREC_CLASSES),  # first line only: 1
+        rec(1, "Human being", ["Location"], 5000, 0.5, TREC_CLASSES),  # 0
+    ]
+    write_records(folder / "trec" / "predictions.rank0.jsonl", trec[:1])
+    write_records(folder / "trec" / "predictions.rank1.jsonl", trec[1:] + trec[:1], tail='{"_id": "s9", "pr')  # dup + cut
+    count = [rec(0, "3", ["3"], 9000, 0.25), rec(1, "2 or 3", ["3"], 9500, 0.75)]  # 1 and 0.5
+    write_records(folder / "passage_count" / "predictions.rank0.jsonl", count)
+    return folder
+
+
+def test_score_merges_ranks_and_reports_bad_lines(tmp_path):
+    result = score_run(hand_made_run(tmp_path / "run", longbench_e=False))
+    trec, count = result["tasks"]["trec"], result["tasks"]["passage_count"]
+    assert trec["score"] == 50.0 and trec["samples"] == 2 and trec["duplicates_dropped"] == 1 and trec["skipped_lines"] == 1
+    assert count["score"] == 75.0 and count["kept_budget"] == 0.5
+    assert result["average"] == {"score": 62.5, "kept_budget": 0.5, "tasks": 2, "samples": 4}
+    assert result["skipped_lines"][0]["line"] == 3 and result["skipped_lines"][0]["file"].endswith("predictions.rank1.jsonl")
+    assert not trec["complete"]  # no report.json says how many samples there are
+    assert "* incomplete" in format_scores(result)
+
+
+def test_score_longbench_e_length_bands(tmp_path):
+    result = score_run(hand_made_run(tmp_path / "run", longbench_e=True))
+    assert result["tasks"]["trec"]["bands"] == {"0-4k": 100.0, "4-8k": 0.0, "8k+": None}
+    assert result["tasks"]["passage_count"]["bands"] == {"0-4k": None, "4-8k": None, "8k+": 75.0}
+    assert result["average"]["bands"] == {"0-4k": 100.0, "4-8k": 0.0, "8k+": 75.0}
+    assert "8k+" in format_scores(result)
+
+
+def test_compare_table_csv_and_plot(assets, reference_runs, capsys):
+    output = assets[0] / "table"
+    dirs = [str(reference_runs[m]) for m in ("fullkv", "refreekv", "snapkv")]
+    assert main(["compare", *dirs, "--output-dir", str(output)]) == 0
+    printed = capsys.readouterr().out
+    markdown = (output / "comparison.md").read_text()
+    header = [c.strip() for c in markdown.splitlines()[0].strip("|").split("|")]
+    assert header == ["task", "fullkv", "refreekv", "snapkv"]
+    body = {line.strip("|").split("|")[0].strip(): [c.strip() for c in line.strip("|").split("|")[1:]] for line in markdown.splitlines()[2:] if line.startswith("|")}
+    assert list(body) == FIXTURE_TASKS + ["average"]
+    for column, method in enumerate(("fullkv", "refreekv", "snapkv")):
+        scores = json.loads((reference_runs[method] / "scores.json").read_text())
+        for task in FIXTURE_TASKS:
+            entry = scores["tasks"][task]
+            assert body[task][column] == f"{entry['score']:.2f} ({100 * entry['kept_budget']:.1f}%)"
+        assert body["average"][column].startswith(f"{scores['average']['score']:.2f} (")
+    assert body["hotpotqa"][0].endswith("(100.0%)")
+    rows = (output / "comparison.csv").read_text().splitlines()
+    assert rows[0] == "task,fullkv score,fullkv kept_budget,refreekv score,refreekv kept_budget,snapkv score,snapkv kept_budget"
+    assert len(rows) == len(FIXTURE_TASKS) + 2
+    png = (output / "comparison.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert markdown.splitlines()[0] in printed
+
+
+# -- bad input ----------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded although the request is invalid")
+
+    monkeypatch.setattr(runner, "load_model", refuse)
+
+
+def test_bad_requests_fail_before_any_work(assets, tmp_path, no_model_loading, capsys):
+    with pytest.raises(UsageError, match="data directory .*missing not found"):
+        run(request(assets, tmp_path / "a", data_dir=str(tmp_path / "missing")))
+    with pytest.raises(UsageError, match="unknown task.*'hotpot'"):
+        run(request(assets, tmp_path / "a", tasks="hotpot"))
+    with pytest.raises(UsageError, match="task file.*narrativeqa.jsonl"):
+        run(request(assets, tmp_path / "a", tasks="narrativeqa"))
+    with pytest.raises(UsageError, match="no option 'bugdet'"):
+        run(request(assets, tmp_path / "a", method="snapkv", options={"bugdet": 0.5}))
+    with pytest.raises(UsageError, match="budget"):
+        run(request(assets, tmp_path / "a", method="snapkv", options={"budget": 1.5}))
+    with pytest.raises(UsageError, match="model directory"):
+        run(request(assets, tmp_path / "a", model=str(tmp_path / "nomodel")))
+    assert not (tmp_path / "a").exists()
+    # the CLI says so in one line and exits 2
+    assert main(["run", "--model", "x", "--data-dir", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "b"),
+                 "--max-input-length", "100"]) == 2  # fmt: skip
+    assert "refreekv-longbench run: error: data directory" in capsys.readouterr().err
+    assert main(["run", "--model", "x", "--data-dir", ".", "--output-dir", "o", "--max-input-length", "9",
+                 "--method", "snapkv", "--option", "budget"]) == 2  # fmt: skip
+    assert "key=value" in capsys.readouterr().err
+
+
+def test_output_dir_of_another_configuration_is_refused(assets, reference_runs, no_model_loading):
+    config_before = (reference_runs["refreekv"] / "config.json").read_text()
+    with pytest.raises(ConfigMismatch, match=r"method: \"refreekv\" there, \"snapkv\" now"):
+        run(request(assets, reference_runs["refreekv"], method="snapkv"))
+    with pytest.raises(ConfigMismatch, match="options.threshold: 0.01 there, 0.05 now"):
+        run(request(assets, reference_runs["refreekv"], options={"threshold": 0.05}))
+    with pytest.raises(ConfigMismatch, match="max_input_length"):
+        run(request(assets, reference_runs["refreekv"], max_input_length=300))
+    assert (reference_runs["refreekv"] / "config.json").read_text() == config_before
+    # the same configuration with another task list or limit is fine: nothing left to do
+    assert run(request(assets, reference_runs["refreekv"], tasks="lcc", limit=1))["samples_done_now"] == 0
+
+
+def test_malformed_data_lines_are_reported_skipped_and_counted(assets, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(assets[2], data)
+    lines = (data / "lcc.jsonl").read_text().splitlines()
+    (data / "lcc.jsonl").write_text("\n".join([lines[0], '{"_id": "broken", "context": ', lines[1]]) + "\n")
+    report = run(request(assets, tmp_path / "out", data_dir=str(data), tasks="lcc"))
+    assert report["finished"] and report["samples_done"] == 2
+    assert report["skipped_line_count"] == 1
+    skipped = report["skipped_lines"][0]
+    assert skipped["file"] == str(data / "lcc.jsonl") and skipped["line"] == 2 and "not valid JSON" in skipped["error"]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["skipped_lines"] == report["skipped_lines"]
+
+
+def test_option_parsing_follows_the_defaults_types():
+    assert parse_options("snapkv", ["budget=0.5", "window=16", "pooling=avg"]) == {"budget": 0.5, "window": 16, "pooling": "avg"}
+    assert parse_options("snapkv", ["budget=512"]) == {"budget": 512}  # an int is a token count
+    assert parse_options("refreekv", ["include_sinks_in_norm=true", "protected_layers=0,1,2", "threshold=1e-3"]) == {
+        "include_sinks_in_norm": True, "protected_layers": (0, 1, 2), "threshold": 0.001,
+    }  # fmt: skip
+    assert parse_options("refreekv", ["protected_layers=none", "window_rows=0.05"]) == {"protected_layers": (), "window_rows": 0.05}
+    with pytest.raises(UsageError, match="no option 'budget'"):
+        parse_options("refreekv", ["budget=0.5"])
+    with pytest.raises(UsageError, match="boolean"):
+        parse_options("refreekv", ["include_sinks_in_norm=maybe"])
+    with pytest.raises(UsageError, match="unknown method"):
+        parse_options("nope", [])
