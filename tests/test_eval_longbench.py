@@ -23,7 +23,6 @@ from refreekv.eval.tasks import TASKS
 
 FIXTURE_TASKS = ["hotpotqa", "trec", "passage_count", "lcc"]
 PER_TASK = 3
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +144,9 @@ def test_interrupted_run_resumes_to_the_uninterrupted_output(assets, reference_r
 def test_sharded_run_with_two_processes_equals_one_process(assets, reference_runs):
     output = assets[0] / "sharded"
     _, model, data = assets
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # The installed refreekv (or the build on PYTHONPATH) is what runs: the
+    # working directory is not the source tree, so that cannot shadow it.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     command = [
@@ -154,7 +155,7 @@ def test_sharded_run_with_two_processes_equals_one_process(assets, reference_run
         "--output-dir", str(output), "--max-input-length", "256", "--tasks", ",".join(FIXTURE_TASKS),
         "--threads", "1", "--no-progress",
     ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=env, cwd=assets[0], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "(rank 0 of 2)" in result.stdout and "(rank 1 of 2)" in result.stdout
     for rank in (0, 1):
