@@ -7,7 +7,7 @@ DEPS   := $(VENV)/.deps-installed
 EXT    := $(VENV)/.extension-built
 NATIVE_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
 
-.PHONY: setup build test demo bench-ops cuda-build clean
+.PHONY: setup build test demo bench bench-ops cuda-build clean
 
 setup: $(DEPS)
 
@@ -31,6 +31,10 @@ test: build
 # SmolLM2-135M-Instruct with the full cache, ReFreeKV and SnapKV at 50%.
 demo: build
 	$(PY) -m refreekv.demo --plot demo_kept_per_layer.png
+
+# Every benchmark; writes benchmarks/results/{latest.json, dated copy, summary.md, figures.png}.
+bench: build
+	$(PY) benchmarks/run_all.py
 
 bench-ops: build
 	$(PY) benchmarks/bench_ops.py

@@ -32,6 +32,7 @@ import time
 import torch
 
 import refreekv
+from refreekv import reference
 from refreekv.assets import essays, load_bundled_model
 
 THRESHOLD = 0.01
@@ -124,12 +125,7 @@ def released_code_prefill(model, ids) -> int:
             if layer_idx not in PROTECTED:
                 row = attention[:, :, -1, :].clone()
                 row[..., :NUM_SINKS] = 0  # sinks are kept and excluded from the norm
-                newest_first = row.flip(-1)
-                norms = newest_first.square().cumsum(-1).sqrt().mean(1)  # [b, n]
-                total = norms[:, -1:]
-                meets = (total - norms) / total <= THRESHOLD
-                positions = torch.arange(norms.shape[-1])
-                recent = int(torch.where(meets, -positions, -norms.shape[-1]).max(-1).values.neg()) + 1
+                recent = int(reference.released_code_keep_count(row.flip(-1), THRESHOLD)[0])
                 keys = torch.cat([keys[:, :, :NUM_SINKS], keys[:, :, -recent:]], dim=2)
                 values = torch.cat([values[:, :, :NUM_SINKS], values[:, :, -recent:]], dim=2)
             held += keys.nbytes + values.nbytes

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["attention_importance", "adaptive_keep_count", "compact_kv"]
+__all__ = ["attention_importance", "adaptive_keep_count", "compact_kv", "released_code_keep_count"]
 
 
 def attention_importance(
@@ -77,6 +77,19 @@ def adaptive_keep_count(
             meets = (total - norms) / total <= threshold
             counts.append(int(meets.nonzero()[0]) + 1)
     return torch.tensor(counts, dtype=torch.int64, device=ranked_scores.device)
+
+
+def released_code_keep_count(ranked_scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The stopping rule searched the way the authors' released code does
+    (the baseline of the operator benchmarks): vectorized over candidates,
+    float32 cumulative sum of squares, square root, mean over heads, where,
+    max. `ranked_scores` [b, H, c] is already in rank order; returns [b]."""
+    norms = ranked_scores.float().square().cumsum(-1).sqrt().mean(1)  # K(r), r = 1..c: [b, c]
+    total = norms[:, -1:]  # B
+    meets = (total - norms) / total <= threshold
+    positions = torch.arange(norms.shape[-1], device=norms.device)
+    first_meeting = torch.where(meets, -positions, -norms.shape[-1]).max(-1).values.neg()
+    return first_meeting + 1
 
 
 def compact_kv(

@@ -1,0 +1,484 @@
+"""Native operators against plain PyTorch, timed and measured in the same run (CPU).
+
+    python benchmarks/bench_ops.py [--quick] [--json out.json] [--dtype float32|float16|bfloat16]
+
+For each operator and case it prints our time, the plain PyTorch reference's
+time, their ratio (ours / reference) and speedup (reference / ours), the peak
+extra memory of each, and whether the two results agree. It prints figures
+and asserts nothing about time.
+
+  attention_importance  n in {1024, 4096, 16384}, w in {1, 8, 64, n};
+                        b=1, H=8 query heads, Hkv=2 (GQA group 4), d=128.
+                        Reference: KV heads repeated to the query heads, the
+                        w x n logits materialized, causal mask, float32
+                        softmax, sum over rows, divided by min(w, n - j).
+                        Where those w x n temporaries would not fit in half of
+                        MemAvailable (n=16384, w=n needs ~24 GiB) the
+                        reference is skipped and the row says so.
+  adaptive_keep_count   c in {1024, 4096, 16384}, H=32, threshold 0.01.
+                        Reference: the vectorized search of the authors'
+                        released code (cumulative sum of squares, square root,
+                        mean over heads, where, max).
+  compact_kv            n in {1024, 4096, 16384}, half the positions kept
+                        (4 sinks + the most recent); reference: torch.gather.
+
+--quick runs n (and c) in {1024, 4096} and w in {1, 64, n} with a smaller
+time budget, as a demo. --json writes every figure (the benchmark suite files
+them under "ops").
+
+How it measures. Every (operator, implementation, case) runs in a fresh
+process, so libraries initialised or memory cached by one measurement cannot
+flatter another. The worker builds and touches the inputs, warms the same
+operation up on tiny shapes (thread pools, lazy library setup), then measures
+the peak extra memory of one full-size call: the growth of the peak resident
+set size (VmHWM) over the resident size just before the call, output included.
+The first full-size call is also the warm-up for timing, which reports the
+median over several repeats (fewer for slow cases) with time.perf_counter;
+fast calls are timed in batches, so each repeat lasts long enough to mean
+something. The reference worker then runs our operator on the same seeded
+inputs to check that both agree; a disagreement is printed loudly but stops
+nothing. The "others" column is the share of the machine's CPU that other
+processes took during the case (from /proc/stat less our own CPU time): the
+operators use every core, so where it is high the times are not to be trusted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from refreekv import reference
+
+import refreekv
+
+BATCH = 1
+QUERY_HEADS = 8
+KV_HEADS = 2
+HEAD_DIM = 128
+KEEP_COUNT_HEADS = 32
+THRESHOLD = 0.01
+NUM_SINKS = 4
+SEED = 0
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# The reference runs only if its estimated working set stays under this share
+# of MemAvailable; beyond that it would swap or be killed, and say nothing.
+REFERENCE_MEMORY_SHARE = 0.5
+# Largest importance difference still called agreement, per input dtype. In
+# float32 both sides compute the same sums in different orders; in half
+# precision the reference forms its logits in that precision (as plain
+# PyTorch attention does) while the operator forms them in float32.
+IMPORTANCE_TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 5e-3}
+
+# Timing: the repeats of a case take about the time budget together. Fast
+# calls are batched so that MAX_REPEATS repeats fill it (a sub-millisecond
+# call timed alone is mostly noise); slow calls get one call per repeat and
+# at least MIN_REPEATS repeats, whatever the budget.
+MIN_REPEATS = 3
+MAX_REPEATS = 20
+TIME_BUDGET_SECONDS = {"full": 2.0, "quick": 0.3}
+
+
+# ----------------------------------------------------------------------------
+# Plain PyTorch references
+# ----------------------------------------------------------------------------
+
+
+def reference_compact_kv(
+    key: torch.Tensor, value: torch.Tensor, keep_index: torch.Tensor, keep_len: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.gather of the kept rows. Every case keeps keep_len = r_max rows,
+    so there are no padding rows to zero."""
+    kept_rows = keep_index.shape[2]
+    valid = torch.arange(kept_rows)[None, :] < keep_len[:, None]
+    key_out = key.gather(2, keep_index[..., None].expand(-1, -1, -1, key.shape[3]))
+    value_out = value.gather(2, keep_index[..., None].expand(-1, -1, -1, value.shape[3]))
+    return key_out, value_out, valid
+
+
+# ----------------------------------------------------------------------------
+# Operators under test: inputs, both implementations, memory estimate, check
+# ----------------------------------------------------------------------------
+
+
+def importance_inputs(case: dict, dtype: torch.dtype) -> tuple:
+    query = torch.randn(BATCH, QUERY_HEADS, case["w"], HEAD_DIM, dtype=dtype)
+    key = torch.randn(BATCH, KV_HEADS, case["n"], HEAD_DIM, dtype=dtype)
+    return query, key, HEAD_DIM**-0.5
+
+
+def importance_reference_bytes(case: dict, dtype: torch.dtype) -> int:
+    # At worst the logits, their masked copy and the float32 probabilities
+    # (each w x n per query head) are alive together, next to the keys
+    # repeated to every query head.
+    window_by_keys = BATCH * QUERY_HEADS * case["w"] * case["n"]
+    repeated_keys = BATCH * QUERY_HEADS * case["n"] * HEAD_DIM * dtype.itemsize
+    return 3 * window_by_keys * 4 + repeated_keys
+
+
+def importance_check(ours: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> dict:
+    max_abs_diff = (ours - reference).abs().max().item()
+    return {
+        "agree": max_abs_diff <= IMPORTANCE_TOLERANCE[dtype],
+        "max_abs_diff": max_abs_diff,
+        "text": f"max|diff| {max_abs_diff:.1e}",
+    }
+
+
+def keep_count_inputs(case: dict, dtype: torch.dtype) -> tuple:
+    # Positive scores sorted so the most important come first, as ranked
+    # attention mass would be.
+    scores = torch.rand(BATCH, KEEP_COUNT_HEADS, case["c"], dtype=dtype)
+    return scores.sort(dim=-1, descending=True).values, THRESHOLD
+
+
+def keep_count_reference_bytes(case: dict, dtype: torch.dtype) -> int:
+    return 3 * BATCH * KEEP_COUNT_HEADS * case["c"] * 4  # squares, cumsum, sqrt
+
+
+def keep_count_check(ours: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> dict:
+    return {
+        "agree": torch.equal(ours, reference),
+        "ours_count": ours.tolist(),
+        "reference_count": reference.tolist(),
+        "text": f"counts {ours.tolist()} vs {reference.tolist()}",
+    }
+
+
+def compact_inputs(case: dict, dtype: torch.dtype) -> tuple:
+    keys = case["n"]
+    kept_rows = keys // 2
+    key = torch.randn(BATCH, KV_HEADS, keys, HEAD_DIM, dtype=dtype)
+    value = torch.randn(BATCH, KV_HEADS, keys, HEAD_DIM, dtype=dtype)
+    sinks_then_recent = torch.cat([torch.arange(NUM_SINKS), torch.arange(keys - (kept_rows - NUM_SINKS), keys)])
+    keep_index = sinks_then_recent.expand(BATCH, KV_HEADS, kept_rows).contiguous()
+    keep_len = torch.full((BATCH,), kept_rows, dtype=torch.int64)
+    return key, value, keep_index, keep_len
+
+
+def compact_reference_bytes(case: dict, dtype: torch.dtype) -> int:
+    return 2 * BATCH * KV_HEADS * (case["n"] // 2) * HEAD_DIM * dtype.itemsize  # the two outputs
+
+
+def compact_check(ours: tuple, reference: tuple, dtype: torch.dtype) -> dict:
+    names = ("key", "value", "valid")
+    differing = [name for name, a, b in zip(names, ours, reference) if not torch.equal(a, b)]
+    return {
+        "agree": not differing,
+        "differing_outputs": differing,
+        "text": "equal" if not differing else "differ: " + ", ".join(differing),
+    }
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str
+    shapes: str  # the fixed dimensions, for the table title
+    case_label: str  # what the case columns are
+    make_inputs: Callable[[dict, torch.dtype], tuple]
+    ours: Callable[..., Any]
+    reference: Callable[..., Any]
+    reference_bytes: Callable[[dict, torch.dtype], int]
+    check: Callable[[Any, Any, torch.dtype], dict]
+    warmup_case: dict
+
+
+OPERATORS = {
+    op.name: op
+    for op in (
+        Operator(
+            "attention_importance",
+            f"b={BATCH}, H={QUERY_HEADS}, Hkv={KV_HEADS}, d={HEAD_DIM}",
+            "n, w",
+            importance_inputs,
+            refreekv.attention_importance,
+            reference.attention_importance,
+            importance_reference_bytes,
+            importance_check,
+            {"n": 64, "w": 8},
+        ),
+        Operator(
+            "adaptive_keep_count",
+            f"b={BATCH}, H={KEEP_COUNT_HEADS}, threshold {THRESHOLD}",
+            "c",
+            keep_count_inputs,
+            refreekv.adaptive_keep_count,
+            reference.released_code_keep_count,
+            keep_count_reference_bytes,
+            keep_count_check,
+            {"c": 64},
+        ),
+        Operator(
+            "compact_kv",
+            f"b={BATCH}, Hkv={KV_HEADS}, d={HEAD_DIM}, keeps n/2",
+            "n",
+            compact_inputs,
+            refreekv.compact_kv,
+            reference_compact_kv,
+            compact_reference_bytes,
+            compact_check,
+            {"n": 64},
+        ),
+    )
+}
+
+
+def cases(operator: str, quick: bool) -> list[dict]:
+    sizes = [1024, 4096] if quick else [1024, 4096, 16384]
+    if operator == "attention_importance":
+        windows = [1, 64] if quick else [1, 8, 64]
+        return [{"n": n, "w": w} for n in sizes for w in [*windows, n]]
+    if operator == "adaptive_keep_count":
+        return [{"c": c} for c in sizes]
+    return [{"n": n} for n in sizes]
+
+
+def seeded_inputs(operator: Operator, case: dict, dtype: torch.dtype) -> tuple:
+    """The same inputs in every process that asks for the same case."""
+    torch.manual_seed(SEED)
+    return operator.make_inputs(case, dtype)
+
+
+# ----------------------------------------------------------------------------
+# Worker: one (operator, implementation, case) in a fresh process
+# ----------------------------------------------------------------------------
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M).group(1)) * 1024
+
+
+def measure_peak_extra(run: Callable[[], Any]) -> tuple[Any, int]:
+    """(result, peak extra bytes) of one call of `run`.
+
+    ru_maxrss is a high-water mark since the process started, so anything
+    that peaked earlier (input construction, warm-up) would hide the call's
+    own peak. Instead, freed heap pages are first returned to the system (else
+    the call could reuse them without the resident size growing) and the
+    kernel's peak is reset to the current resident size (clear_refs 5); the
+    growth of VmHWM is then exactly what the call added. Where the reset is
+    not permitted, VmHWM keeps its since-start meaning and the figure is the
+    plain ru_maxrss difference."""
+    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if malloc_trim is not None:
+        malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+    peak_before = _proc_status_bytes("VmHWM")
+    result = run()
+    return result, _proc_status_bytes("VmHWM") - peak_before
+
+
+def median_call_seconds(run: Callable[[], Any], budget_seconds: float) -> tuple[float, int, int]:
+    """(median seconds per call, repeats, calls per repeat). Call after a
+    warm-up call: one more call sizes the repeats."""
+    start = time.perf_counter()
+    run()
+    call_seconds = max(time.perf_counter() - start, 1e-9)
+    calls_per_repeat = max(1, math.floor(budget_seconds / MAX_REPEATS / call_seconds))
+    repeats = min(MAX_REPEATS, max(MIN_REPEATS, int(budget_seconds / (calls_per_repeat * call_seconds))))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls_per_repeat):
+            run()
+        times.append((time.perf_counter() - start) / calls_per_repeat)
+    return statistics.median(times), repeats, calls_per_repeat
+
+
+def run_worker(spec: dict) -> dict:
+    operator = OPERATORS[spec["operator"]]
+    dtype = DTYPES[spec["dtype"]]
+    implementation = operator.ours if spec["implementation"] == "ours" else operator.reference
+    with torch.no_grad():
+        implementation(*seeded_inputs(operator, operator.warmup_case, dtype))
+        inputs = seeded_inputs(operator, spec["case"], dtype)
+        result, peak_extra_bytes = measure_peak_extra(lambda: implementation(*inputs))
+        del result  # not held while timing
+        seconds, repeats, calls = median_call_seconds(lambda: implementation(*inputs), spec["budget_seconds"])
+        figures = {
+            "ms": seconds * 1e3,
+            "peak_extra_mib": peak_extra_bytes / 2**20,
+            "repeats": repeats,
+            "calls_per_repeat": calls,
+        }
+        if spec["implementation"] == "reference":
+            figures["check"] = operator.check(operator.ours(*inputs), operator.reference(*inputs), dtype)
+    return figures
+
+
+def measure_in_fresh_process(spec: dict) -> dict:
+    command = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"failed": f"worker exit code {done.returncode}", "stderr_tail": done.stderr[-2000:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------
+# Driver: cases, tables, JSON
+# ----------------------------------------------------------------------------
+
+
+def mem_available_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        return int(re.search(r"^MemAvailable:\s+(\d+) kB", meminfo.read(), re.M).group(1)) * 1024
+
+
+def machine() -> dict:
+    with open("/proc/cpuinfo") as cpuinfo:
+        model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read(), re.M)
+    return {
+        "cpu": model.group(1).strip() if model else "unknown",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "mem_available_gib": mem_available_bytes() / 2**30,
+    }
+
+
+def case_text(case: dict) -> str:
+    return " ".join(f"{value:>6}" for value in case.values())
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processors have spent busy since boot, time stolen by
+    the hypervisor included."""
+    with open("/proc/stat") as stat:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in stat.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and its finished workers."""
+    usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(usage.ru_utime + usage.ru_stime for usage in usages)
+
+
+def other_cpu_share(wall_seconds: float, busy_seconds: float, own_seconds: float) -> float:
+    """Share of the machine's CPU that other processes used in the interval
+    given as deltas. Our operators use every core, so anything else running
+    stretches their times (OpenMP waits for a descheduled thread); rows where
+    this is high have unreliable times."""
+    return max(0.0, (busy_seconds - own_seconds) / (wall_seconds * os.cpu_count()))
+
+
+def print_header(operator: Operator, dtype_name: str) -> None:
+    print()
+    print(f"{operator.name}  ({operator.shapes}, {dtype_name})")
+    print(
+        f"{operator.case_label:>13} | {'ours ms':>9} {'ref ms':>9} {'ours/ref':>8} {'speedup':>8}"
+        f" | {'ours MiB':>8} {'ref MiB':>8} | {'others':>6} | check"
+    )
+
+
+def row_note(row: dict) -> str:
+    notes = []
+    for side in ("ours", "reference"):
+        result = row[side]
+        if "failed" in result:
+            notes.append(f"{side} FAILED ({result['failed']}):\n{result['stderr_tail']}")
+        elif "skipped" in result:
+            notes.append(f"{side} skipped: {result['skipped']}")
+        elif "check" in result:
+            check = result["check"]
+            notes.append(check["text"] if check["agree"] else f"!!! MISMATCH !!! {check['text']}")
+    return "; ".join(notes)
+
+
+def print_row(row: dict) -> None:
+    def figure(result: dict, key: str, spec: str) -> str:
+        return format(result[key], spec) if key in result else "-"
+
+    ours, reference = row["ours"], row["reference"]
+    ratio = f"{row['ratio']:.3f}x" if "ratio" in row else "-"
+    speedup = f"{row['speedup']:.2f}x" if "speedup" in row else "-"
+    print(
+        f"{case_text(row['case']):>13} | {figure(ours, 'ms', '.3f'):>9} {figure(reference, 'ms', '.3f'):>9} {ratio:>8} {speedup:>8}"
+        f" | {figure(ours, 'peak_extra_mib', '.1f'):>8} {figure(reference, 'peak_extra_mib', '.1f'):>8}"
+        f" | {row['other_cpu_share']:>6.0%} | {row_note(row)}",
+        flush=True,
+    )
+
+
+def benchmark_case(operator: Operator, case: dict, dtype_name: str, budget_seconds: float) -> dict:
+    started = time.perf_counter(), machine_busy_seconds(), own_cpu_seconds()
+    row = measure_case(operator, case, dtype_name, budget_seconds)
+    finished = time.perf_counter(), machine_busy_seconds(), own_cpu_seconds()
+    row["other_cpu_share"] = other_cpu_share(*(end - begin for begin, end in zip(started, finished)))
+    return row
+
+
+def measure_case(operator: Operator, case: dict, dtype_name: str, budget_seconds: float) -> dict:
+    spec = {"operator": operator.name, "case": case, "dtype": dtype_name, "budget_seconds": budget_seconds}
+    row: dict = {"case": case, "ours": measure_in_fresh_process({**spec, "implementation": "ours"})}
+    needed = operator.reference_bytes(case, DTYPES[dtype_name])
+    allowed = REFERENCE_MEMORY_SHARE * mem_available_bytes()
+    if needed > allowed:
+        row["reference"] = {
+            "skipped": f"would need ~{needed / 2**30:.1f} GiB (> {allowed / 2**30:.1f} GiB, {REFERENCE_MEMORY_SHARE:.0%} of MemAvailable)",
+            "estimated_gib": needed / 2**30,
+        }
+        return row
+    row["reference"] = measure_in_fresh_process({**spec, "implementation": "reference"})
+    if "ms" in row["ours"] and "ms" in row["reference"]:
+        row["ratio"] = row["ours"]["ms"] / row["reference"]["ms"]
+        row["speedup"] = row["reference"]["ms"] / row["ours"]["ms"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Native operators against plain PyTorch references (CPU)")
+    parser.add_argument("--quick", action="store_true", help="n in {1024, 4096}, w in {1, 64, n}, short timing (a demo)")
+    parser.add_argument("--json", help="write every figure to this JSON file")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="input dtype (default float32)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return
+
+    budget_seconds = TIME_BUDGET_SECONDS["quick" if args.quick else "full"]
+    host = machine()
+    print(f"machine: {host['cpu']}, torch.get_num_threads() = {host['threads']}, torch {host['torch']}, MemAvailable {host['mem_available_gib']:.1f} GiB")
+    print("ms: median per call; MiB: peak resident growth of one call (fresh process each); speedup = ref / ours;")
+    print("others: CPU share other processes took during the case (high = unreliable times)")
+    results: dict = {"machine": host, "dtype": args.dtype, "quick": args.quick, "threshold": THRESHOLD}
+    mismatches = []
+    for operator in OPERATORS.values():
+        print_header(operator, args.dtype)
+        rows = []
+        for case in cases(operator.name, args.quick):
+            row = benchmark_case(operator, case, args.dtype, budget_seconds)
+            print_row(row)
+            rows.append(row)
+            check = row["reference"].get("check")
+            if check is not None and not check["agree"]:
+                mismatches.append(f"{operator.name} {row['case']}: {check['text']}")
+        results[operator.name] = rows
+    if mismatches:
+        print("\n!!! results disagree with the reference in:\n  " + "\n  ".join(mismatches))
+
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
