@@ -9,7 +9,6 @@ import json
 import random
 from pathlib import Path
 
-import torch
 
 TOKENIZER_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -50,25 +49,19 @@ def build_tokenizer():
 def save_tiny_model(folder: Path, seed: int = 0) -> Path:
     """A 4-layer random Llama (GQA 4/2) with the in-memory tokenizer, saved
     as a local model folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from integration_models import tiny_model
 
     tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    model = tiny_model(
+        "llama",
+        "sdpa",
+        seed=seed,
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
         max_position_embeddings=2048,
-        initializer_range=0.2,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
