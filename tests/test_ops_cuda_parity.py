@@ -64,6 +64,9 @@ def assert_importance_parity(query, key, scale, **options):
     error = (ours.cpu().double() - truth).abs().max().item()
     assert error <= bound, f"error {error:.3e} exceeds {bound:.3e}"
     cpu = refreekv.attention_importance(query, key, scale, kv_valid=kv_valid, **options)
+    # Both devices compute in float32 but sum in different orders (GEMM tiles,
+    # tensor-core accumulation); the principled bound is the one above, and
+    # this only says the two kernels agree to float32 working precision.
     torch.testing.assert_close(ours.cpu(), cpu, rtol=1e-4, atol=1e-6)
     return ours
 
