@@ -71,7 +71,11 @@ def summary(results: dict) -> str:
             f"| kv_bytes {name} (held / full) | {row['kv_bytes_ratio']:.4f} (reported budget {row['reported_budget']:.4f}) | = budget |"
         )
     for tokens, row in results["decode_speedup"].items():
-        lines.append(f"| decode_speedup @ {tokens} tokens (ReFreeKV / full) | {row['ratio']:.3f} | >= 1.0 |")
+        lines.append(
+            f"| decode_speedup @ {tokens} tokens, rope {row['rope']} (ReFreeKV / full; {row['budget']:.1%} kept) | {row['ratio']:.3f} | >= 1.0 |"
+        )
+        if "budget_without_scaling" in row:
+            lines.append(f"| ReFreeKV kept @ {tokens} tokens with the default rope | {row['budget_without_scaling']:.1%} | |")
     peak = results["peak_memory_ratio"]
     lines.append(f"| peak_memory_ratio @ {peak['tokens']} tokens (patched / unpatched) | {peak['ratio']:.3f} | <= 1.05 |")
     ref = results["reference_ratios"]

@@ -39,12 +39,13 @@ def bundled_model_path() -> Path:
     return folder
 
 
-def load_bundled_model(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+def load_bundled_model(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", **config_overrides):
     """(model, tokenizer) for SmolLM2-135M-Instruct, dequantized to `dtype`.
 
     The GGUF carries the chat template and `<|im_end|>` as end of turn; both
     load correctly with transformers 5.x, so the instruct model answers
-    chat-formatted questions out of the box.
+    chat-formatted questions out of the box. `config_overrides` replace
+    config fields at load time (for instance `rope_parameters`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -56,7 +57,7 @@ def load_bundled_model(dtype: torch.dtype = torch.float32, attn_implementation: 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=GGUF_FILE, dtype=dtype, attn_implementation=attn_implementation
+            folder, gguf_file=GGUF_FILE, dtype=dtype, attn_implementation=attn_implementation, **config_overrides
         )
     finally:
         hf_logging.set_verbosity(verbosity)
