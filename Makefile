@@ -7,7 +7,7 @@ DEPS   := $(VENV)/.deps-installed
 EXT    := $(VENV)/.extension-built
 NATIVE_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
 
-.PHONY: setup build test demo bench bench-ops cuda-build clean
+.PHONY: setup build test demo bench bench-ops needle-sweep cuda-build clean
 
 setup: $(DEPS)
 
@@ -38,6 +38,10 @@ bench: build
 
 bench-ops: build
 	$(PY) benchmarks/bench_ops.py
+
+# ReFreeKV's options on the needle tasks of tests/test_real_model.py (~4 min)
+needle-sweep: build
+	$(PY) benchmarks/needle_sweep.py
 
 # CUDA build check, on any machine with nvcc (no GPU needed): a second venv
 # with torch built for CUDA 13.0, the extension compiled out of tree with the
