@@ -13,9 +13,11 @@ from typing import Optional
 
 import torch
 
+from refreekv.compression import CompressionMethod, KeepPlan, LayerInputs
 from refreekv.integration.compat import DynamicLayer
+from refreekv.ops import compact_kv
 
-__all__ = ["CompressedLayer"]
+__all__ = ["CompressedLayer", "compress_layer"]
 
 
 class CompressedLayer(DynamicLayer):
@@ -65,3 +67,34 @@ class CompressedLayer(DynamicLayer):
         super().reorder_cache(beam_idx)
         if self.prompt_valid is not None:
             self.prompt_valid = self.prompt_valid.index_select(0, beam_idx.to(self.prompt_valid.device))
+
+
+@torch.no_grad()
+def compress_layer(
+    method: CompressionMethod, inputs: LayerInputs, value: torch.Tensor, *, evict: bool = True
+) -> Optional[CompressedLayer]:
+    """The compressed cache layer `method` makes of one layer's prompt keys
+    (`inputs.key`) and `value`; None when it keeps every real token, so the
+    layer stays as it is. With `evict=False` every row stays held and the
+    evicted ones are masked out instead."""
+    plan = method.plan(inputs)
+    if plan is None or bool((plan.keep_len == inputs.real_len).all()):
+        return None
+    key = inputs.key
+    if evict:
+        keys, values, row_valid = compact_kv(key, value, plan.keep_index, plan.keep_len)
+        prompt_valid = None if bool(row_valid.all()) else row_valid[:, None, :]
+    else:
+        keys, values = key, value
+        prompt_valid = _kept_positions(plan, key.shape[2])
+    return CompressedLayer(keys, values, prompt_valid, key.shape[2] - keys.shape[2])
+
+
+def _kept_positions(plan: KeepPlan, length: int) -> torch.Tensor:
+    """[b, Hkv, n] bool: True where the plan keeps the position."""
+    batch, kv_heads, rows = plan.keep_index.shape
+    in_plan = torch.arange(rows, device=plan.keep_index.device) < plan.keep_len[:, None]
+    # Entries past keep_len go to a spare column, dropped afterwards.
+    index = plan.keep_index.masked_fill(~in_plan[:, None, :], length)
+    kept = torch.zeros(batch, kv_heads, length + 1, dtype=torch.bool, device=index.device)
+    return kept.scatter_(-1, index, True)[..., :length]

@@ -21,6 +21,7 @@ __all__ = [
     "SUPPORTED_FAMILIES",
     "attention_layers",
     "base_attention_function",
+    "cache_from_layers",
     "check_cache",
     "check_supported",
     "new_cache",
@@ -92,6 +93,13 @@ def unregister_attention(name: str) -> None:
 
 def new_cache(model: PreTrainedModel) -> DynamicCache:
     return DynamicCache(config=model.config)
+
+
+def cache_from_layers(model: PreTrainedModel, layers: list) -> DynamicCache:
+    """A model's dynamic cache whose first layers are `layers` (filled)."""
+    cache = new_cache(model)
+    cache.layers[: len(layers)] = layers
+    return cache
 
 
 def check_cache(cache) -> None:

@@ -24,9 +24,8 @@ import torch
 
 from refreekv.compression import CompressionMethod, LayerInputs, make_method
 from refreekv.integration import compat
-from refreekv.integration.cache import CompressedLayer
+from refreekv.integration.cache import CompressedLayer, compress_layer
 from refreekv.integration.stats import CompressionStats
-from refreekv.ops import compact_kv
 
 __all__ = ["PatchHandle", "patch"]
 
@@ -184,7 +183,6 @@ class PatchHandle:
             attention_mask = self._held_rows_mask(layer, attention_mask, query, key.shape[2])
         return self._base_attention(module, query, key, value, attention_mask, **kwargs)
 
-    @torch.no_grad()
     def _compress(self, layer_idx: int, query, key, value, scaling: float) -> None:
         prefill = self._prefill
         prefill.kv_bytes_before += key.nbytes + value.nbytes
@@ -199,27 +197,9 @@ class PatchHandle:
             prompt_valid=prefill.prompt_valid,
             real_len=prefill.real_len,
         )
-        plan = self.method.plan(inputs)
-        if plan is None or bool((plan.keep_len == prefill.real_len).all()):
-            return  # every real token is kept: the layer stays as it is
-        if self.evict:
-            keys, values, row_valid = compact_kv(key, value, plan.keep_index, plan.keep_len)
-            prompt_valid = None if bool(row_valid.all()) else row_valid[:, None, :]
-        else:
-            keys, values = key, value
-            prompt_valid = self._kept_positions(plan, key.shape[2])
-        evicted = key.shape[2] - keys.shape[2]
-        self._cache.layers[layer_idx] = CompressedLayer(keys, values, prompt_valid, evicted)
-
-    @staticmethod
-    def _kept_positions(plan, length: int) -> torch.Tensor:
-        """[b, Hkv, n] bool: True where the plan keeps the position."""
-        batch, kv_heads, rows = plan.keep_index.shape
-        in_plan = torch.arange(rows, device=plan.keep_index.device) < plan.keep_len[:, None]
-        # Entries past keep_len go to a spare column, dropped afterwards.
-        index = plan.keep_index.masked_fill(~in_plan[:, None, :], length)
-        kept = torch.zeros(batch, kv_heads, length + 1, dtype=torch.bool, device=index.device)
-        return kept.scatter_(-1, index, True)[..., :length]
+        compressed = compress_layer(self.method, inputs, value, evict=self.evict)
+        if compressed is not None:
+            self._cache.layers[layer_idx] = compressed
 
     def _held_rows_mask(self, layer: CompressedLayer, mask, query, kv_length: int):
         """The mask for the rows a compressed layer holds: its prompt rows
@@ -256,25 +236,6 @@ class PatchHandle:
     # -- stats --------------------------------------------------------------
 
     def _read_stats(self, prefill: _Prefill) -> CompressionStats:
-        real_len = prefill.real_len.cpu()
-        kept, held_bytes, padding_bytes = [], 0, 0
-        for layer in self._cache.layers[: self.num_layers]:
-            row_bytes = (layer.keys.nbytes + layer.values.nbytes) // (layer.keys.shape[0] * layer.keys.shape[2])
-            held_bytes += layer.keys.nbytes + layer.values.nbytes
-            if isinstance(layer, CompressedLayer):
-                layer_kept = layer.kept_per_sequence()
-                if self.evict:
-                    padding_bytes += int((layer.prompt_rows - layer_kept).sum()) * row_bytes
-                else:
-                    padding_bytes += int((layer.prompt_rows - real_len).sum()) * row_bytes
-            else:
-                layer_kept = real_len
-                padding_bytes += int((layer.keys.shape[2] - real_len).sum()) * row_bytes
-            kept.append(layer_kept)
-        return CompressionStats(
-            kept=torch.stack(kept),
-            prompt_tokens=real_len,
-            kv_bytes_before=prefill.kv_bytes_before,
-            kv_bytes_after=held_bytes,
-            kv_padding_bytes=padding_bytes,
+        return CompressionStats.from_cache(
+            self._cache.layers[: self.num_layers], prefill.real_len, prefill.kv_bytes_before, evict=self.evict
         )

@@ -46,6 +46,34 @@ class CompressionStats:
     def kv_bytes_ratio(self) -> float:
         return self.kv_bytes_after / self.kv_bytes_before
 
+    @classmethod
+    def from_cache(cls, layers, real_len: torch.Tensor, kv_bytes_before: int, *, evict: bool = True) -> "CompressionStats":
+        """Reads what each cache layer holds right after a prefill (compressed
+        layers are `CompressedLayer`s, the others hold the padded prompt)."""
+        from refreekv.integration.cache import CompressedLayer
+
+        real_len = real_len.cpu()
+        kept, held_bytes, padding_bytes = [], 0, 0
+        for layer in layers:
+            row_bytes = (layer.keys.nbytes + layer.values.nbytes) // (layer.keys.shape[0] * layer.keys.shape[2])
+            held_bytes += layer.keys.nbytes + layer.values.nbytes
+            if isinstance(layer, CompressedLayer):
+                layer_kept = layer.kept_per_sequence()
+                # In masking mode every prompt row stays held; the padding is what precedes the real tokens.
+                padding_rows = layer.prompt_rows - (layer_kept if evict else real_len)
+            else:
+                layer_kept = real_len
+                padding_rows = layer.keys.shape[2] - real_len
+            padding_bytes += int(padding_rows.sum()) * row_bytes
+            kept.append(layer_kept)
+        return cls(
+            kept=torch.stack(kept),
+            prompt_tokens=real_len,
+            kv_bytes_before=kv_bytes_before,
+            kv_bytes_after=held_bytes,
+            kv_padding_bytes=padding_bytes,
+        )
+
     def summary(self) -> str:
         return (
             f"kept {100 * self.budget:.2f}% of the prompt KV on average "
