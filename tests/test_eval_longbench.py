@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,11 +16,16 @@ import torch
 from eval_fixtures import TREC_CLASSES, save_tiny_model, write_fixture_data
 
 from refreekv.eval import runner
+from refreekv.eval.data import Sample
+from refreekv.eval.generation import sample_record
 from refreekv.eval.longbench import main
 from refreekv.eval.metrics import sample_score
-from refreekv.eval.runner import ConfigMismatch, RunRequest, UsageError, parse_options, run
+from refreekv.eval.options import coerce_option
+from refreekv.eval.prompting import ModelInput
+from refreekv.eval.runner import ConfigMismatch, RunRequest, UsageError, parse_options, prepare, run
 from refreekv.eval.scoring import format_scores, merged_predictions, score_run
 from refreekv.eval.tasks import TASKS
+from refreekv.integration.stats import CompressionStats
 
 FIXTURE_TASKS = ["hotpotqa", "trec", "passage_count", "lcc"]
 PER_TASK = 3
@@ -104,6 +110,25 @@ def test_records_hold_prediction_answers_length_and_measured_budget(reference_ru
             assert ours["budget"] == pytest.approx(sum(ours["kept_per_layer"]) / (4 * n))
     # long fixture samples were middle-truncated to 256 tokens before the chat template
     assert any(r["truncated"] for r in fullkv_run["trec"]) and max(r["input_tokens"] for r in fullkv_run["trec"]) <= 256
+
+
+def test_sample_record_carries_a_planted_depth_only_when_the_data_has_one():
+    class Decoder:
+        def decode(self, ids, skip_special_tokens):
+            return " ".join(map(str, ids))
+
+    stats = CompressionStats(
+        kept=torch.tensor([[6, 6], [3, 5]]), prompt_tokens=torch.tensor([6, 8]),
+        kv_bytes_before=0, kv_bytes_after=0, kv_padding_bytes=0,
+    )  # fmt: skip
+    built = ModelInput(torch.zeros(1, 8, dtype=torch.long), "text", truncated=False, chat=True)
+    raw = {"_id": "n1", "input": "q", "context": "c", "answers": ["a"], "depth": 0.25}
+    sample = Sample(4, "n1", "q", "c", ["a"], None, 12, raw)
+    record = sample_record(sample, built, [7, 9], Decoder(), stats, row=1)
+    assert record["depth"] == 0.25 and record["pred"] == "7 9" and record["new_tokens"] == 2
+    assert record["input_tokens"] == 8 and record["kept_per_layer"] == [6, 5] and record["budget"] == pytest.approx((6 / 8 + 5 / 8) / 2)
+    without = Sample(4, "n1", "q", "c", ["a"], None, 12, {k: v for k, v in raw.items() if k != "depth"})
+    assert "depth" not in sample_record(without, built, [7, 9], Decoder(), stats, row=1)
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_output(assets, reference_runs):
@@ -251,6 +276,20 @@ def test_score_longbench_e_length_bands(tmp_path):
     assert "8k+" in format_scores(result)
 
 
+def test_score_skips_prediction_records_that_cannot_be_scored(tmp_path):
+    run_dir = hand_made_run(tmp_path / "run", longbench_e=False)
+    path = run_dir / "trec" / "predictions.rank0.jsonl"
+    with open(path, "a") as handle:  # lines 2 and 3; scored, they would change the score
+        handle.write(json.dumps({"_id": "s5", "index": 5, "pred": "Location", "answers": "Location", "all_classes": TREC_CLASSES}) + "\n")
+        handle.write(json.dumps({"_id": "s6", "index": 6, "pred": "Location", "answers": ["Location"], "all_classes": None}) + "\n")
+    result = score_run(run_dir)
+    assert result["tasks"]["trec"]["score"] == 50.0 and result["tasks"]["trec"]["samples"] == 2
+    skipped = [line for line in result["skipped_lines"] if line["file"] == str(path)]
+    assert [line["line"] for line in skipped] == [2, 3]
+    assert skipped[0]["error"] == 'not a prediction record: answers must be a list of strings, got a string "Location"'
+    assert skipped[1]["error"].startswith("not a prediction record: all_classes is required for classification tasks")
+
+
 def test_compare_table_csv_and_plot(assets, reference_runs, capsys):
     output = assets[0] / "table"
     dirs = [str(reference_runs[m]) for m in ("fullkv", "refreekv", "snapkv")]
@@ -290,6 +329,8 @@ def no_model_loading(monkeypatch):
 def test_bad_requests_fail_before_any_work(assets, tmp_path, no_model_loading, capsys):
     with pytest.raises(UsageError, match="data directory .*missing not found"):
         run(request(assets, tmp_path / "a", data_dir=str(tmp_path / "missing")))
+    with pytest.raises(UsageError, match="data directory .*lcc.jsonl is a file; expected a folder holding <task>.jsonl files"):
+        run(request(assets, tmp_path / "a", data_dir=str(assets[2] / "lcc.jsonl")))
     with pytest.raises(UsageError, match="unknown task.*'hotpot'"):
         run(request(assets, tmp_path / "a", tasks="hotpot"))
     with pytest.raises(UsageError, match="task file.*narrativeqa.jsonl"):
@@ -336,6 +377,34 @@ def test_malformed_data_lines_are_reported_skipped_and_counted(assets, tmp_path)
     assert json.loads((tmp_path / "out" / "report.json").read_text())["skipped_lines"] == report["skipped_lines"]
 
 
+def test_empty_task_file_fails_before_any_work(assets, tmp_path, no_model_loading, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(assets[2], data)
+    (data / "trec.jsonl").write_text("")
+    with pytest.raises(UsageError, match=f"task file {re.escape(str(data / 'trec.jsonl'))} is empty"):
+        run(request(assets, tmp_path / "out", data_dir=str(data)))
+    assert not (tmp_path / "out").exists()
+    assert main(["run", "--model", str(assets[1]), "--data-dir", str(data), "--output-dir", str(tmp_path / "out"),
+                 "--tasks", "trec", "--max-input-length", "100"]) == 2  # fmt: skip
+    assert "trec.jsonl is empty" in capsys.readouterr().err
+
+
+def test_task_files_are_checked_whole_whatever_the_limit(assets, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(assets[2], data)
+    trec = [json.loads(line) for line in (data / "trec.jsonl").read_text().splitlines()]
+    trec[2]["all_classes"] = None
+    (data / "trec.jsonl").write_text("".join(json.dumps(sample) + "\n" for sample in trec))
+    with open(data / "lcc.jsonl", "a") as handle:
+        handle.write('{"_id": "lcc-cut", "context": \n')
+    plan = prepare(request(assets, tmp_path / "out", data_dir=str(data), tasks="trec,lcc", limit=1))
+    assert [plan.report["tasks"][task]["samples"] for task in ("trec", "lcc")] == [1, 1]
+    skipped = plan.report["skipped_lines"]
+    assert [(line["file"], line["line"]) for line in skipped] == [(str(data / "trec.jsonl"), 3), (str(data / "lcc.jsonl"), 4)]
+    assert skipped[0]["error"].startswith("all_classes is required for classification tasks") and "got null" in skipped[0]["error"]
+    assert "not valid JSON" in skipped[1]["error"]
+
+
 def test_option_parsing_follows_the_defaults_types():
     assert parse_options("snapkv", ["budget=0.5", "window=16", "pooling=avg"]) == {"budget": 0.5, "window": 16, "pooling": "avg"}
     assert parse_options("snapkv", ["budget=512"]) == {"budget": 512}  # an int is a token count
@@ -349,3 +418,23 @@ def test_option_parsing_follows_the_defaults_types():
         parse_options("refreekv", ["include_sinks_in_norm=maybe"])
     with pytest.raises(UsageError, match="unknown method"):
         parse_options("nope", [])
+
+
+def test_typed_options_follow_the_same_rules_as_text():
+    assert coerce_option("refreekv", "protected_layers", [0, 1]) == parse_options("refreekv", ["protected_layers=0,1"])["protected_layers"] == (0, 1)
+    assert coerce_option("snapkv", "budget", 512) == 512 and coerce_option("refreekv", "window_rows", 1) == 1
+    assert coerce_option("refreekv", "threshold", 0.05) == 0.05 and coerce_option("refreekv", "threshold", 1) == 1
+    assert coerce_option("refreekv", "include_sinks_in_norm", True) is True
+    assert coerce_option("snapkv", "pooling", "avg") == "avg" and coerce_option("refreekv", "protected_layers", []) == ()
+    with pytest.raises(UsageError, match=r"option budget: expected a number \(e.g. 0.5 or 512\), got True \(a boolean\)"):
+        coerce_option("snapkv", "budget", True)
+    with pytest.raises(UsageError, match=r"option protected_layers: expected a list of integers .*got \[0, 1.5\] \(a list\)"):
+        coerce_option("refreekv", "protected_layers", [0, 1.5])
+    with pytest.raises(UsageError, match=r"option include_sinks_in_norm: expected a boolean .*got 'yes' \(a string\)"):
+        coerce_option("refreekv", "include_sinks_in_norm", "yes")
+    with pytest.raises(UsageError, match=r"option pooling: expected a string, got 2 \(an integer\)"):
+        coerce_option("snapkv", "pooling", 2)
+    with pytest.raises(UsageError, match="method 'snapkv' has no option 'bugdet'; its options: budget, window"):
+        coerce_option("snapkv", "bugdet", 0.5)
+    with pytest.raises(UsageError, match="unknown method 'nope'; available: refreekv"):
+        coerce_option("nope", "budget", 0.5)

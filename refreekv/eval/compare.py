@@ -1,10 +1,14 @@
-"""`refreekv-longbench compare`: several runs side by side.
+"""`refreekv-longbench compare`: several runs side by side, or the quality
+map of budget sweeps.
 
-Writes `comparison.md` and `comparison.csv` (rows: tasks, then the average
-over the tasks every run has; columns: runs; a cell is the score and, in
-brackets, the mean kept fraction of the prompt KV cache) and
+Run directories: writes `comparison.md` and `comparison.csv` (rows: tasks,
+then the average over the tasks every run has; columns: runs; a cell is the
+score and, in brackets, the mean kept fraction of the prompt KV cache) and
 `comparison.png` (average score against average kept budget, one marker
 per run, small markers per task).
+
+Sweep directories (holding `sweep.json` and `records.jsonl`): their records
+go through `refreekv.eval.quality` (quality.{json,csv,md} and figures).
 """
 
 from __future__ import annotations
@@ -14,10 +18,16 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from refreekv.eval.data import BadLine, read_jsonl
+from refreekv.eval.quality import format_markdown, markdown_table, summarize, write_report
 from refreekv.eval.scoring import score_run
+from refreekv.eval.sweep import RECORDS_FILE, SWEEP_FILE
 from refreekv.eval.tasks import ALL_TASKS
 
-__all__ = ["compare_runs"]
+__all__ = ["compare_runs", "compare_sweeps"]
+
+# The fields a sweep record needs to be scored and placed in the map.
+RECORD_FIELDS = ("point", "method", "length", "task", "pred", "answers")
 
 
 def _load_scores(run_dir: Path) -> dict[str, Any]:
@@ -26,7 +36,7 @@ def _load_scores(run_dir: Path) -> dict[str, Any]:
 
 
 def _label(result: dict[str, Any], run_dir: Path) -> str:
-    from refreekv.eval.runner import RunConfig
+    from refreekv.eval.config import RunConfig
 
     try:
         return RunConfig(**result["config"]).label()
@@ -43,14 +53,26 @@ def _cell(entry: Optional[dict[str, Any]]) -> str:
 
 
 def compare_runs(run_dirs: Sequence[str | Path], output_dir: str | Path, names: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Builds the table and plot; returns {"markdown", "rows", "files"}."""
-    from refreekv.eval.runner import UsageError
+    """Builds the table and plot; returns {"markdown", "rows", "files"}.
+    Sweep directories go to `compare_sweeps` instead."""
+    from refreekv.eval.errors import UsageError
 
     if not run_dirs:
         raise UsageError("compare needs at least one run directory")
+    dirs = [Path(d) for d in run_dirs]
+    sweeps = [d for d in dirs if (d / SWEEP_FILE).is_file()]
+    if sweeps:
+        if len(sweeps) != len(dirs):
+            runs = [str(d) for d in dirs if d not in sweeps]
+            raise UsageError(
+                f"cannot mix sweep directories ({', '.join(map(str, sweeps))}) with run directories "
+                f"({', '.join(runs)}): compare one kind at a time"
+            )
+        if names is not None:
+            raise UsageError("--names renames run directories; the points of a sweep keep their labels")
+        return compare_sweeps(dirs, output_dir)
     if names is not None and len(names) != len(run_dirs):
         raise UsageError(f"{len(names)} names for {len(run_dirs)} run directories")
-    dirs = [Path(d) for d in run_dirs]
     results = [_load_scores(d) for d in dirs]
     labels = list(names) if names is not None else [_label(r, d) for r, d in zip(results, dirs)]
     # Same label twice (e.g. two models, one method): add the folder name.
@@ -75,7 +97,7 @@ def compare_runs(run_dirs: Sequence[str | Path], output_dir: str | Path, names: 
     rows = [[task] + [_cell(r["tasks"].get(task)) for r in results] for task in tasks]
     average_name = "average" if common == tasks else f"average ({len(common)} common tasks)"
     rows.append([average_name] + [_cell(a) for a in averages])
-    markdown = _markdown(header, rows)
+    markdown = markdown_table(header, rows)
     notes = []
     incomplete = [
         f"{label}: {task}" for label, r in zip(labels, results) for task, e in r["tasks"].items() if not e["complete"]
@@ -108,21 +130,78 @@ def compare_runs(run_dirs: Sequence[str | Path], output_dir: str | Path, names: 
     return {"markdown": text, "header": header, "rows": rows, "files": [md_path, csv_path, png_path]}
 
 
+def compare_sweeps(sweep_dirs: Sequence[str | Path], output_dir: str | Path) -> dict[str, Any]:
+    """The quality map of one or more sweeps (records concatenated; a point
+    label found in several sweeps gets its directory's name in front, so
+    that their records stay apart). Returns {"markdown", "summary", "files"}."""
+    from refreekv.eval.errors import UsageError
+
+    dirs = [Path(d) for d in sweep_dirs]
+    loaded = [_read_sweep(d) for d in dirs]
+    clashing = _clashing_labels(
+        [{p["label"] for p in points} | {r["point"] for r in records} for points, records, _ in loaded]
+    )
+    prefixes = [d.name for d in dirs] if len({d.name for d in dirs}) == len(dirs) else [str(d) for d in dirs]
+    points, records, skipped = [], [], []
+    for prefix, (sweep_points, sweep_records, bad) in zip(prefixes, loaded):
+        points += [{**point, "label": _unique_label(point["label"], prefix, clashing)} for point in sweep_points]
+        records += [{**record, "point": _unique_label(record["point"], prefix, clashing)} for record in sweep_records]
+        skipped += bad
+    if not records:
+        raise UsageError(f"no records in {', '.join(str(d / RECORDS_FILE) for d in dirs)}")
+    try:
+        summary = summarize(records, points)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    summary["skipped_lines"] = [line.to_json() for line in skipped]
+    title = "Quality map: " + ", ".join(prefixes)
+    files = write_report(summary, output_dir, title)
+    return {"markdown": format_markdown(summary, title), "summary": summary, "files": files}
+
+
+def _read_sweep(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[BadLine]]:
+    """(points of sweep.json, records, malformed lines). A last line without
+    its newline is a record still being written (or cut by a crash): left out."""
+    from refreekv.eval.errors import UsageError
+
+    try:
+        request = json.loads((sweep_dir / SWEEP_FILE).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{sweep_dir / SWEEP_FILE}: not valid JSON ({error.msg} at line {error.lineno})") from error
+    path = sweep_dir / RECORDS_FILE
+    if not path.is_file():
+        raise UsageError(f"{path} not found: the sweep has written no records yet")
+    records, bad = [], []
+    for number, record, problem in read_jsonl(path, terminated_only=True):
+        missing = [name for name in RECORD_FIELDS if problem is None and name not in record]
+        if missing:
+            problem = BadLine(str(path), number, f"not a sweep record (missing {', '.join(missing)})")
+        if problem is None:
+            records.append(record)
+        else:
+            bad.append(problem)
+    return request.get("points", []), records, bad
+
+
+def _unique_label(label: str, prefix: str, clashing: set[str]) -> str:
+    return f"{prefix}/{label}" if label in clashing else label
+
+
+def _clashing_labels(label_sets: list[set[str]]) -> set[str]:
+    """Labels found in more than one sweep."""
+    seen: set[str] = set()
+    clashing: set[str] = set()
+    for labels in label_sets:
+        clashing |= seen & labels
+        seen |= labels
+    return clashing
+
+
 def _csv_pair(entry: Optional[dict[str, Any]]) -> list[str]:
     if entry is None or entry.get("score") is None:
         return ["", ""]
     kept = entry.get("kept_budget")
     return [f"{entry['score']:.2f}", "" if kept is None else f"{kept:.6f}"]
-
-
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
-
-    def line(cells):
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    separator = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(header), separator] + [line(row) for row in rows])
 
 
 def _plot(labels, results, averages, common, path: Path) -> None:

@@ -5,6 +5,8 @@ comparison tables.
         --max-input-length 7500 --output-dir runs/refreekv
     refreekv-longbench score runs/refreekv
     refreekv-longbench compare runs/fullkv runs/refreekv runs/snapkv --output-dir runs/table
+    refreekv-longbench sweep --model bundled:smollm2 --suite ruler --lengths 1024,2048 \
+        --grid sweeps/default.toml --output-dir runs/sweep
 
 (or `python -m refreekv.eval.longbench ...`). Data-parallel: the same `run`
 command under `torchrun --nproc_per_node N` (or `accelerate launch`).
@@ -14,11 +16,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional
 
 from refreekv.eval.tasks import ALL_TASKS, ENGLISH_TASKS, LONGBENCH_E_TASKS
 
 __all__ = ["build_parser", "main"]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,23 +69,51 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; split between local ranks)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    sweep = commands.add_parser(
+        "sweep",
+        help="methods x settings x tasks x lengths on a generated suite (resumable; one prefill per sample)",
+        description="Run every point of a grid (methods and settings, see sweeps/default.toml) on every task and "
+        "context length, record score and measured kept budget, and write the quality map (tables, frontier, "
+        "needle heatmap, per-layer budgets). Re-running the same command resumes.",
+    )
+    sweep.add_argument("--model", required=True, help="a local transformers model folder, or 'bundled:smollm2'")
+    sweep.add_argument("--grid", required=True, help="TOML file: one table of options per method, lists are swept")
+    sweep.add_argument("--lengths", required=True, type=_int_list, help="context lengths in model tokens, e.g. 1024,2048")
+    sweep.add_argument("--suite", default=None, choices=["ruler"], help="generate this suite into OUTPUT_DIR/data")
+    sweep.add_argument("--data-dir", default=None, help="instead of --suite: a folder of <length>/<task>.jsonl")
+    sweep.add_argument("--tasks", default=None, help="comma-separated tasks (default: every task of the suite)")
+    sweep.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
+    sweep.add_argument("--seed", type=int, default=0, help="seed of the generated suite (default 0)")
+    sweep.add_argument("--batch-size", type=int, default=1,
+                       help="samples prefilled together, left-padded (default 1: padding makes CPU attention slower)")  # fmt: skip
+    sweep.add_argument("--max-input-length", type=int, default=None, help="cut longer inputs in the middle (default: never)")
+    sweep.add_argument("--output-dir", required=True, help="sweep directory (created; an existing one is resumed)")
+    sweep.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    sweep.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
+    sweep.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
+    sweep.add_argument("--no-chat-template", action="store_true", help="never apply the tokenizer's chat template")
+    sweep.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    sweep.add_argument("--plain", action="store_true", help="one prefill per point (slow; to measure the branching)")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     score = commands.add_parser("score", help="score a run directory (writes scores.json)")
     score.add_argument("run_dir")
 
-    compare = commands.add_parser("compare", help="several runs -> markdown/CSV table and a PNG plot")
-    compare.add_argument("run_dirs", nargs="+")
-    compare.add_argument("--output-dir", required=True, help="where comparison.{md,csv,png} go")
+    compare = commands.add_parser("compare", help="several runs -> markdown/CSV table and a PNG plot; sweeps -> quality map")
+    compare.add_argument("run_dirs", nargs="+", help="run directories, or sweep directories (with sweep.json); not both")
+    compare.add_argument("--output-dir", required=True, help="where comparison.{md,csv,png} (sweeps: quality.* and figures) go")
     compare.add_argument("--names", default=None, help="comma-separated column names (default: method and options)")
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from refreekv.eval.runner import UsageError
+    from refreekv.eval.errors import UsageError
 
     try:
         if args.command == "run":
-            from refreekv.eval.runner import RunRequest, parse_options, run
+            from refreekv.eval.options import parse_options
+            from refreekv.eval.runner import RunRequest, run
 
             request = RunRequest(
                 model=args.model,
@@ -100,6 +138,36 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(
                 f"{report['label']}{rank}: {report['samples_done']} samples done, "
                 f"{report['samples_done_now']} in this session, {report['skipped_line_count']} malformed line(s) skipped"
+            )
+        elif args.command == "sweep":
+            from refreekv.eval.sweep import SweepRequest, run_sweep
+
+            report = run_sweep(
+                SweepRequest(
+                    model=args.model,
+                    output_dir=args.output_dir,
+                    grid=args.grid,
+                    lengths=args.lengths,
+                    suite=args.suite,
+                    data_dir=args.data_dir,
+                    tasks=None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()],
+                    samples=args.samples,
+                    seed=args.seed,
+                    batch_size=args.batch_size,
+                    max_input_length=args.max_input_length,
+                    dtype=args.dtype,
+                    device=args.device,
+                    attn_implementation=args.attn_implementation,
+                    chat_template=not args.no_chat_template,
+                    threads=args.threads,
+                    progress=not args.no_progress,
+                    plain=args.plain,
+                )
+            )
+            print((Path(args.output_dir) / "quality.md").read_text(encoding="utf-8"))
+            print(
+                f"{report['done_now']} sample-points in this session ({report['done_before']} before), "
+                f"{report['sample_points_per_second']} per second; written to {args.output_dir}"
             )
         elif args.command == "score":
             from refreekv.eval.scoring import format_scores, score_run

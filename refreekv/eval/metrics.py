@@ -1,8 +1,12 @@
-"""LongBench v1 metrics, written from the benchmark's definitions.
+"""LongBench v1 metrics, written from the benchmark's definitions, and
+RULER's two string-match metrics.
 
-Every metric takes (prediction, ground_truth, all_classes) and returns a
-float in [0, 1]; a sample's score is the maximum over its gold answers
-(`sample_score`), a task's score the mean over samples times 100.
+Every metric returns a float in [0, 1]; a task's score is the mean over
+samples times 100. The LongBench metrics take (prediction, ground_truth,
+all_classes) and a sample scores the maximum over its gold answers
+(`sample_score`). The RULER metrics (ANSWER_SET_METRICS) take the whole
+answer list instead, because a multi-answer sample (four planted values,
+the variables of a chain) asks for all of its answers at once:
 
 * qa_f1: token-level F1 after SQuAD normalization (lower case, punctuation
   and the articles a/an/the removed, whitespace collapsed).
@@ -22,6 +26,12 @@ float in [0, 1]; a sample's score is the maximum over its gold answers
 * code_sim: the first line of the prediction that is not a comment or a
   markdown fence (no `, # or //), compared with the gold line by the
   fuzzywuzzy ratio (rounded percentage of matching characters).
+
+and, on the whole answer list:
+
+* string_match_all: the share of the gold answers found in the prediction
+  (case-insensitive substring); 3 answers of which 2 are found score 2/3.
+* string_match_part: 1 if any gold answer is found in the prediction, else 0.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from collections import Counter
 from typing import Callable, Optional, Sequence
 
 __all__ = [
+    "ANSWER_SET_METRICS",
     "METRICS",
     "classification_score",
     "code_sim_score",
@@ -47,6 +58,8 @@ __all__ = [
     "rouge_score",
     "rouge_zh_score",
     "sample_score",
+    "string_match_all",
+    "string_match_part",
     "token_f1",
 ]
 
@@ -169,6 +182,21 @@ def code_sim_score(prediction: str, ground_truth: str, all_classes=None) -> floa
     return _fuzz().ratio(line, ground_truth) / 100
 
 
+def _found(prediction: str, answers: Sequence[str]) -> list[bool]:
+    lowered = prediction.lower()
+    return [answer.lower() in lowered for answer in answers]
+
+
+def string_match_all(prediction: str, answers: Sequence[str], all_classes=None) -> float:
+    """The share of `answers` that occur in the prediction (0 without answers)."""
+    found = _found(prediction, answers)
+    return sum(found) / len(found) if found else 0.0
+
+
+def string_match_part(prediction: str, answers: Sequence[str], all_classes=None) -> float:
+    return float(any(_found(prediction, answers)))
+
+
 def first_line(prediction: str) -> str:
     """The first line after leading newlines (few-shot tasks score only it)."""
     return prediction.lstrip("\n").split("\n")[0]
@@ -184,14 +212,21 @@ METRICS: dict[str, Callable[..., float]] = {
     "retrieval_zh": retrieval_zh_score,
     "count": count_score,
     "code_sim": code_sim_score,
+    "string_match_all": string_match_all,
+    "string_match_part": string_match_part,
 }
+# The metrics that score a prediction against the whole answer list at once.
+ANSWER_SET_METRICS = frozenset({"string_match_all", "string_match_part"})
 
 
 def sample_score(metric: str, prediction: str, answers: Sequence[str], all_classes=None, first_line_only=False) -> float:
-    """The max over gold answers of `metric` (0 without answers)."""
+    """The max over gold answers of `metric`, or for an answer-set metric its
+    score against all of them (0 without answers)."""
     if first_line_only:
         prediction = first_line(prediction)
     function = METRICS[metric]
+    if metric in ANSWER_SET_METRICS:
+        return float(function(prediction, answers, all_classes=all_classes))
     return max((float(function(prediction, answer, all_classes=all_classes)) for answer in answers), default=0.0)
 
 

@@ -13,9 +13,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from refreekv.eval.data import BadLine, read_jsonl
+from refreekv.eval.config import read_config
+from refreekv.eval.data import BadLine, needs_classes, prediction_problem, read_jsonl
 from refreekv.eval.metrics import sample_score
-from refreekv.eval.runner import prediction_files, read_config
+from refreekv.eval.records import prediction_files
 from refreekv.eval.tasks import ALL_TASKS, LENGTH_BANDS, TASKS, length_band
 
 __all__ = ["format_scores", "merged_predictions", "score_run"]
@@ -24,14 +25,18 @@ SCORES_FILE = "scores.json"
 
 
 def merged_predictions(run_dir: str | Path, task: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
-    """(records ordered by sample index, bad lines, duplicate records dropped)."""
+    """(records ordered by sample index, bad lines, duplicate records dropped).
+    Records that cannot be scored are bad lines, checked like the task's
+    samples (answers a list of strings, all_classes for classification)."""
     by_id: dict[str, dict[str, Any]] = {}
     bad: list[dict[str, Any]] = []
     duplicates = 0
+    classes_required = needs_classes(TASKS[task])
     for path in prediction_files(run_dir, task):
         for number, record, problem in read_jsonl(path):
-            if problem is None and not {"_id", "pred", "answers"} <= set(record):
-                problem = BadLine(str(path), number, "not a prediction record (no _id, pred or answers)")
+            error = prediction_problem(record, classes_required) if problem is None else None
+            if error is not None:
+                problem = BadLine(str(path), number, f"not a prediction record: {error}")
             if problem is not None:
                 bad.append(problem.to_json())
                 continue

@@ -4,6 +4,10 @@ handling of each (facts of the benchmark, THUDM/LongBench, ACL 2024).
 Every task reads `<task>.jsonl` (LongBench-E: `<task>_e.jsonl`) from the
 benchmark's data archive; each line holds `input`, `context`, `answers`,
 `length`, `dataset`, `language`, `all_classes` and `_id`.
+
+The registry also holds the RULER-style synthetic tasks (RULER_TASKS, at the
+end of this file), whose files refreekv.eval.ruler writes in the same format.
+ALL_TASKS and ENGLISH_TASKS stay LongBench's.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ __all__ = [
     "ENGLISH_TASKS",
     "FIRST_LINE_TASKS",
     "LONGBENCH_E_TASKS",
+    "RULER_TASKS",
     "TASKS",
     "Task",
     "resolve_tasks",
@@ -30,6 +35,13 @@ class Task:
     metric: str  # a name in refreekv.eval.metrics.METRICS
     language: str  # "en" or "zh"
     category: str
+    # The words that open the answer, for the model to complete (RULER's
+    # "answer prefix"): a str.format template over the fields that
+    # refreekv.eval.ruler records with each sample. The generator writes the
+    # filled-in text into the record's `answer_prefix` field, and
+    # prompting.build_input appends that field, so a data file states
+    # exactly what the model read. Empty for the LongBench tasks.
+    answer_prefix: str = ""
 
     @property
     def chat_template(self) -> bool:
@@ -58,7 +70,9 @@ CHAT_TEMPLATE_EXCEPTIONS = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc
 FIRST_LINE_TASKS = frozenset({"trec", "triviaqa", "samsum", "lsht"})
 
 _QA_ONLY = "Only give me the answer and do not output any other words."
-_NARRATIVE = "as concisely as you can, using a single phrase if possible. Do not provide any explanation."
+# "asconcisely" (no space) is the benchmark's own spelling; published scores
+# were made with it, so it stays.
+_NARRATIVE = "asconcisely as you can, using a single phrase if possible. Do not provide any explanation."
 _QASPER = (
     "as concisely as you can, using a single phrase or sentence if possible. If the question cannot be answered "
     'based on the information in the article, write "unanswerable". If the question is a yes/no question, answer '
@@ -182,3 +196,53 @@ def resolve_tasks(spec: str | list[str] | None, longbench_e: bool = False) -> li
     if duplicates:
         raise ValueError(f"task(s) given twice: {', '.join(duplicates)}")
     return names
+
+
+# -- RULER-style synthetic tasks ----------------------------------------------
+# The task families of RULER (Hsieh et al., 2024) with our own wording; the
+# data (essay haystacks with planted needles, word lists) is generated offline
+# by refreekv.eval.ruler, which also documents each sample's fields. Every
+# prompt ends with the question and every answer prefix opens the answer, so
+# even a small model answers in a form the string-match metrics can read.
+
+_RULER_NIAH = (
+    "Some secret values are hidden in the long text below, each given for a key. Remember them: after the "
+    "text you will be asked for some of them.\n\n{context}\n\nQuestion: {input} Reply with the values only."
+)
+_RULER_SPECS = [
+    # name, max_new_tokens, metric, category, prompt, answer prefix
+    # (a uuid value is about one token per character: 36 tokens)
+    ("niah_single", 48, "string_match_all", "RULER retrieval", _RULER_NIAH,
+     "The secret {value_kind} for {query} is"),
+    ("niah_multikey", 48, "string_match_all", "RULER retrieval", _RULER_NIAH,
+     "The secret {value_kind} for {query} is"),
+    ("niah_multivalue", 64, "string_match_all", "RULER retrieval", _RULER_NIAH,
+     "The {answer_count} secret {value_kind}s for {query} are"),
+    ("niah_multiquery", 64, "string_match_all", "RULER retrieval", _RULER_NIAH,
+     "The secret {value_kind}s for {query} are"),
+    ("variable_tracking", 48, "string_match_all", "RULER multi-hop tracing",
+     'The long text below hides lines that assign values to variables: a line "VAR A = <number>" gives the '
+     'variable A that number, and a line "VAR B = A" gives B the value that A holds. Follow every chain of '
+     "assignments.\n\n{context}\n\nQuestion: {input} Reply with the variable names only.",
+     "The {answer_count} variables that hold the value {query} are:"),
+    ("common_words", 48, "string_match_all", "RULER aggregation",
+     "Below is a numbered list of words. A few words appear many times in it; every other word appears only once "
+     "or twice.\n\n{context}\n\nQuestion: {input} Reply with the words only.",
+     "The {answer_count} words that appear most often in the list are:"),
+    ("frequent_words", 32, "string_match_all", "RULER aggregation",
+     "Below is a coded text: a stream of made-up words. Some coded words occur far more often than others; keep "
+     "count as you read.\n\n{context}\n\nQuestion: {input} Reply with the coded words only.",
+     "The {answer_count} coded words that occur most often are:"),
+    ("qa_planted", 32, "string_match_part", "RULER QA",
+     "Read the text below and answer the question after it. The answer is stated in the text.\n\n{context}\n\n"
+     "Question: {input} Answer in a few words.",
+     "Answer:"),
+]  # fmt: skip
+
+TASKS.update(
+    (name, Task(name=name, prompt=prompt, max_new_tokens=max_new, metric=metric, language="en", category=category,
+                answer_prefix=prefix))
+    for name, max_new, metric, category, prompt, prefix in _RULER_SPECS
+)  # fmt: skip
+# The RULER-style tasks, in RULER's order of families.
+RULER_TASKS: tuple[str, ...] = tuple(spec[0] for spec in _RULER_SPECS)

@@ -1,0 +1,110 @@
+"""A run's configuration (what makes its predictions what they are) and the
+`config.json` that pins it to its output directory, so a resumed run or a
+second process can never mix predictions of two configurations."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from refreekv.eval.errors import ConfigMismatch
+from refreekv.eval.options import format_value, jsonable
+
+__all__ = ["CONFIG_FILE", "RunConfig", "check_or_write_config", "environment", "flatten_config", "read_config"]
+
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that changes the predictions. Tasks, the sample limit, the
+    data directory, devices and sharding do not, so a run can be resumed
+    with more tasks, a larger limit or another number of processes."""
+
+    model: str
+    method: str
+    options: dict[str, Any]  # every option of the method, defaults included
+    max_input_length: int
+    dtype: str
+    longbench_e: bool
+    chat_template: bool
+    attn_implementation: str
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    def label(self) -> str:
+        """The method with the options that differ from its defaults."""
+        import refreekv
+
+        defaults = {k: jsonable(v) for k, v in refreekv.methods().get(self.method, {}).items()}
+        changed = [f"{k}={format_value(v)}" for k, v in self.options.items() if defaults.get(k) != v]
+        return f"{self.method}({', '.join(changed)})" if changed else self.method
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a LongBench run directory (no {CONFIG_FILE})")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def flatten_config(config: dict[str, Any]) -> dict[str, Any]:
+    """{"options": {"budget": 0.5}} -> {"options.budget": 0.5}, for messages."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def check_or_write_config(run_dir: Path, config: RunConfig, versions: dict[str, Any]) -> None:
+    """Writes config.json (with `versions`, from `environment()`) into a new
+    run directory, or checks that an existing one was made with the same
+    configuration."""
+    wanted = config.to_json()
+    path = run_dir / CONFIG_FILE
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8")).get("config")
+        except (json.JSONDecodeError, AttributeError) as error:
+            raise ConfigMismatch(f"{path} is unreadable ({error}); use another --output-dir") from None
+        if stored != wanted:
+            there, now = flatten_config(stored or {}), flatten_config(wanted)
+            lines = [
+                f"  {key}: {json.dumps(there.get(key))} there, {json.dumps(now.get(key))} now"
+                for key in sorted(set(there) | set(now))
+                if there.get(key) != now.get(key)
+            ]
+            raise ConfigMismatch(
+                f"{run_dir} holds a run made with a different configuration:\n"
+                + "\n".join(lines)
+                + "\nuse another --output-dir (or the same settings to resume it)"
+            )
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{CONFIG_FILE}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps({"config": wanted, "environment": versions}, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)  # atomic: ranks racing here write the same content
+
+
+def environment() -> dict[str, Any]:
+    """The versions that made a run, stored beside its configuration (they
+    may change the predictions slightly, but do not block a resume)."""
+    import torch
+    import transformers
+
+    import refreekv
+
+    return {
+        "refreekv": refreekv.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+    }

