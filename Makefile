@@ -7,7 +7,7 @@ DEPS   := $(VENV)/.deps-installed
 EXT    := $(VENV)/.extension-built
 NATIVE_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
 
-.PHONY: setup build test demo bench bench-ops needle-sweep cuda-build clean
+.PHONY: setup build test demo bench bench-ops needle-sweep quality cuda-build clean
 
 setup: $(DEPS)
 
@@ -42,6 +42,14 @@ bench-ops: build
 # ReFreeKV's options on the needle tasks of tests/test_real_model.py (~4 min)
 needle-sweep: build
 	$(PY) benchmarks/needle_sweep.py
+
+# The quality map (under 30 min on 2 cores): the full cache, ReFreeKV at three
+# thresholds and every fixed-budget baseline at three budgets on the
+# RULER-style suite at 1k and 2k tokens (sweeps/quality.toml), then the
+# harness's speed, branched against plain. Sweeps run in build/quality;
+# tables, figures and run.json go to benchmarks/results/quality/.
+quality: build
+	$(PY) benchmarks/quality_map.py
 
 # CUDA build check, on any machine with nvcc (no GPU needed): a second venv
 # with torch built for CUDA 13.0, the extension compiled out of tree with the

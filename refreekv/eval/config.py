@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from refreekv.eval.errors import ConfigMismatch
-from refreekv.eval.options import format_value, jsonable
+from refreekv.eval.options import method_label
 
 __all__ = ["CONFIG_FILE", "RunConfig", "check_or_write_config", "environment", "flatten_config", "read_config"]
 
@@ -39,11 +39,7 @@ class RunConfig:
 
     def label(self) -> str:
         """The method with the options that differ from its defaults."""
-        import refreekv
-
-        defaults = {k: jsonable(v) for k, v in refreekv.methods().get(self.method, {}).items()}
-        changed = [f"{k}={format_value(v)}" for k, v in self.options.items() if defaults.get(k) != v]
-        return f"{self.method}({', '.join(changed)})" if changed else self.method
+        return method_label(self.method, self.options)
 
 
 def read_config(run_dir: str | Path) -> dict[str, Any]:

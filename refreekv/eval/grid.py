@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from refreekv.eval.errors import UsageError
-from refreekv.eval.options import coerce_option, format_value, jsonable
+from refreekv.eval.options import coerce_option, jsonable, method_label
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,11 +56,7 @@ class GridPoint:
     def label(self) -> str:
         """The method with the options the grid set and any other that
         differs from its default, e.g. `snapkv(budget=0.5)`."""
-        import refreekv
-
-        defaults = {k: jsonable(v) for k, v in refreekv.methods()[self.method].items()}
-        shown = [k for k, v in self.all_options.items() if k in self.options or defaults.get(k) != v]
-        return f"{self.method}({', '.join(f'{k}={format_value(self.all_options[k])}' for k in shown)})" if shown else self.method
+        return method_label(self.method, self.all_options, always=self.options)
 
     def make(self):
         """A fresh method instance."""

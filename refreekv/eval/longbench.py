@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--tasks", default=None, help="comma-separated tasks (default: every task of the suite)")
     sweep.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
     sweep.add_argument("--seed", type=int, default=0, help="seed of the generated suite (default 0)")
-    sweep.add_argument("--batch-size", type=int, default=1,
-                       help="samples prefilled together, left-padded (default 1: padding makes CPU attention slower)")  # fmt: skip
+    sweep.add_argument("--batch-size", type=int, default=8,
+                       help="samples prefilled and decoded together, left-padded (default 8)")  # fmt: skip
     sweep.add_argument("--max-input-length", type=int, default=None, help="cut longer inputs in the middle (default: never)")
     sweep.add_argument("--output-dir", required=True, help="sweep directory (created; an existing one is resumed)")
     sweep.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])

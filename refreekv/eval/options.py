@@ -8,7 +8,7 @@ protected_layers=0,1` and `protected_layers = [0, 1]` give the same value.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from refreekv.eval.errors import UsageError
 
@@ -159,3 +159,13 @@ def format_value(value: Any) -> str:
     if isinstance(value, list):
         return "(" + ",".join(map(str, value)) + ")"
     return str(value)
+
+
+def method_label(method: str, options: dict[str, Any], always: Iterable[str] = ()) -> str:
+    """`method(key=value, ...)` showing the options (JSON values) that differ
+    from the method's defaults, and those named in `always` whatever their
+    value; the bare name when none is shown."""
+    defaults = {k: jsonable(v) for k, v in method_defaults(method).items()}
+    always = set(always)
+    shown = [f"{k}={format_value(v)}" for k, v in options.items() if k in always or defaults.get(k) != v]
+    return f"{method}({', '.join(shown)})" if shown else method

@@ -70,7 +70,7 @@ class SweepRequest:
     tasks: Optional[list[str]] = None  # None: every task of the suite
     samples: int = 10  # per task and length
     seed: int = 0
-    batch_size: int = 1  # see the CLI help: padding slows CPU attention
+    batch_size: int = 8
     max_input_length: Optional[int] = None  # None: never cut the input
     dtype: str = "auto"
     device: str = "auto"
