@@ -35,7 +35,7 @@ def _sweep(output: Path, fresh: bool, **options) -> tuple[dict, float]:
     if fresh and output.exists():
         shutil.rmtree(output)
     start = time.perf_counter()
-    report = run_sweep(SweepRequest(model="bundled:smollm2", suite="ruler", progress=False, **options, output_dir=str(output)))
+    report = run_sweep(SweepRequest(model="bundled:smollm2", suite="ruler", **options, output_dir=str(output)))
     return report, time.perf_counter() - start
 
 
@@ -84,7 +84,7 @@ def main() -> None:
         work / "sweep", not args.resume, grid=args.grid, lengths=lengths, samples=args.samples,
         batch_size=args.batch_size, seed=args.seed,
     )  # fmt: skip
-    speed = harness_speed(work, Path(args.grid), lengths[0], ["niah_single"], args.speed_samples, args.batch_size)
+    speed = harness_speed(work, Path(args.grid), lengths[0], ["qa_planted"], args.speed_samples, args.batch_size)
 
     output.mkdir(parents=True, exist_ok=True)
     for path in (work / "sweep").iterdir():

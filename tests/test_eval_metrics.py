@@ -148,3 +148,31 @@ class TestSampleScore:
     def test_every_task_has_a_metric(self):
         assert {task.metric for task in TASKS.values()} <= set(m.METRICS)
         assert {name for name, task in TASKS.items() if task.first_line_only} == {"trec", "triviaqa", "samsum", "lsht"}
+
+
+class TestStringMatch:
+    """RULER's metrics: case-insensitive substring matches against the whole
+    answer list."""
+
+    def test_all_is_the_share_of_answers_found(self):
+        assert m.string_match_all("The numbers are 123 and 456.", ["123", "456", "789"]) == approx(2 / 3)
+        assert m.string_match_all("ANCHOR, Banjo", ["anchor", "banjo"]) == 1.0
+        assert m.string_match_all("nothing here", ["anchor"]) == 0.0
+        assert m.string_match_all("anything", []) == 0.0
+
+    def test_part_is_one_when_any_answer_is_found(self):
+        assert m.string_match_part("It was the Silver Heron.", ["silver heron", "Blue Falcon"]) == 1.0
+        assert m.string_match_part("It was the Silver Falcon.", ["silver heron", "Blue Falcon"]) == 0.0
+        assert m.string_match_part("anything", []) == 0.0
+
+    def test_substrings_count(self):
+        # a match is a substring, as in RULER: "12" is in "123"
+        assert m.string_match_all("123", ["12"]) == 1.0
+
+    def test_sample_score_passes_the_whole_answer_list(self):
+        answers = ["OVGHS", "IINLI", "ZHQRX", "CSCXQ"]
+        # a max over single answers would give 1; the set metric gives 2 of 4
+        assert m.sample_score("string_match_all", "ovghs, zhqrx", answers) == approx(0.5)
+        assert m.sample_score("string_match_part", "ovghs", answers) == 1.0
+        assert m.sample_score("string_match_all", "x\n123", ["123"], first_line_only=True) == 0.0
+        assert m.ANSWER_SET_METRICS == {"string_match_all", "string_match_part"} <= set(m.METRICS)

@@ -22,7 +22,7 @@ from refreekv.eval.data import BadLine, read_jsonl
 from refreekv.eval.quality import format_markdown, markdown_table, summarize, write_report
 from refreekv.eval.scoring import score_run
 from refreekv.eval.sweep import RECORDS_FILE, SWEEP_FILE
-from refreekv.eval.tasks import ALL_TASKS
+from refreekv.eval.tasks import TASKS
 
 __all__ = ["compare_runs", "compare_sweeps"]
 
@@ -79,7 +79,7 @@ def compare_runs(run_dirs: Sequence[str | Path], output_dir: str | Path, names: 
     for i, label in enumerate(labels):
         if labels.count(label) > 1:
             labels[i] = f"{label} [{dirs[i].name}]"
-    tasks = [t for t in ALL_TASKS if any(t in r["tasks"] for r in results)]
+    tasks = [t for t in TASKS if any(t in r["tasks"] for r in results)]
     common = [t for t in tasks if all(t in r["tasks"] and r["tasks"][t]["score"] is not None for r in results)]
 
     averages = []

@@ -81,12 +81,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from refreekv.eval.data import Sample
+from refreekv.eval.models import BUNDLED_MODEL
 from refreekv.eval.prompting import build_input
 from refreekv.eval.synthetic import _FACT_TEMPLATES, _FILL, _id
 from refreekv.eval.tasks import RULER_TASKS, TASKS
 
 __all__ = [
     "DEFAULT_DEPTHS",
+    "NEEDLE_TASKS",
     "RULER_TASKS",
     "generate_samples",
     "generate_suite",
@@ -163,7 +165,8 @@ class _Haystack:
         # offsets[j]: where word j starts in " ".join(words); offsets[n] - 1
         # is the length of the first n words' text.
         self.offsets = [0, *itertools.accumulate(len(word) + 1 for word in self.words)]
-        self.sentence_starts = [j for j in range(len(self.words)) if j == 0 or _SENTENCE_END.search(self.words[j - 1])]
+        within = starts[bisect.bisect_left(starts, start) : bisect.bisect_left(starts, start + max_words)]
+        self.sentence_starts = [index - start for index in within]
         self.start_offsets = [self.offsets[j] for j in self.sentence_starts]
         self.lowered = " ".join(self.words).lower()
 
@@ -317,7 +320,7 @@ def variable_tracking(rng, index, depth, max_words) -> _Draft:
         else:
             depths = sorted(rng.random() for _ in statements)
         planted += zip(depths, statements)
-    question = f"Which variables hold the value {values[0]} in the text above?"
+    question = f"Find every variable that is assigned the value {values[0]}, directly or through other variables."
     fields = {"query": values[0], "answer_count": CHAIN_LENGTH}
     return _essay_draft(haystack, question, names[:CHAIN_LENGTH], planted, fields)
 
@@ -472,13 +475,13 @@ def generate_samples(task: str, tokenizer, target_tokens: int, samples: int, see
         depth = float(depths[index % len(depths)]) if task in NEEDLE_TASKS else None
         draft = _MAKERS[task](rng, index, 0.0 if depth is None else depth, target_tokens)
 
-        def count_tokens(units: int) -> int:
-            return _token_count(tokenizer, task, _record(task, draft, draft.context(units), target_tokens, index, seed, depth))
+        def with_filler(units: int) -> dict[str, Any]:
+            return _record(task, draft, draft.context(units), target_tokens, index, seed, depth)
 
-        units, tokens = _fit(count_tokens, target_tokens, draft.max_units)
+        units, tokens = _fit(lambda n: _token_count(tokenizer, task, with_filler(n)), target_tokens, draft.max_units)
         if units == draft.max_units and tokens < target_tokens:
             raise ValueError(f"{task}: not enough filler for {target_tokens} tokens (it reaches {tokens})")
-        records.append({**_record(task, draft, draft.context(units), target_tokens, index, seed, depth), "fitted_tokens": tokens})
+        records.append({**with_filler(units), "fitted_tokens": tokens})
     return records
 
 
@@ -511,8 +514,6 @@ def load_tokenizer(model: str):
     model folder: lengths are counted in the tokens of the model to be run."""
     from transformers import AutoTokenizer
 
-    from refreekv.eval.models import BUNDLED_MODEL
-
     if model == BUNDLED_MODEL:
         from refreekv.assets import GGUF_FILE, bundled_model_path
 
@@ -537,8 +538,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--tasks", default=",".join(RULER_TASKS), help="comma-separated (default: all 8)")
     parser.add_argument("--depths", type=_float_list, default=list(DEFAULT_DEPTHS),
                         help="needle depths, cycled over the samples (default 0,0.25,0.5,0.75,1)")  # fmt: skip
-    parser.add_argument("--model", default="bundled:smollm2", help="whose tokenizer counts the tokens: "
-                        "bundled:smollm2 or a local model folder")  # fmt: skip
+    parser.add_argument("--model", default=BUNDLED_MODEL, help="whose tokenizer counts the tokens: "
+                        f"{BUNDLED_MODEL} or a local model folder")  # fmt: skip
     args = parser.parse_args(argv)
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
     unknown = [name for name in tasks if name not in RULER_TASKS]

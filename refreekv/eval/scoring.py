@@ -17,7 +17,7 @@ from refreekv.eval.config import read_config
 from refreekv.eval.data import BadLine, needs_classes, prediction_problem, read_jsonl
 from refreekv.eval.metrics import sample_score
 from refreekv.eval.records import prediction_files
-from refreekv.eval.tasks import ALL_TASKS, LENGTH_BANDS, TASKS, length_band
+from refreekv.eval.tasks import LENGTH_BANDS, TASKS, length_band
 
 __all__ = ["format_scores", "merged_predictions", "score_run"]
 
@@ -63,7 +63,7 @@ def score_run(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
     stored = read_config(run_dir)
     config = stored.get("config", {})
     longbench_e = bool(config.get("longbench_e"))
-    present = [task for task in ALL_TASKS if prediction_files(run_dir, task)]
+    present = [task for task in TASKS if prediction_files(run_dir, task)]  # registry order, RULER tasks too
     expected = _expected_counts(run_dir)
     tasks: dict[str, Any] = {}
     skipped: list[dict[str, Any]] = []

@@ -221,9 +221,9 @@ _RULER_SPECS = [
     ("niah_multiquery", 64, "string_match_all", "RULER retrieval", _RULER_NIAH,
      "The secret {value_kind}s for {query} are"),
     ("variable_tracking", 48, "string_match_all", "RULER multi-hop tracing",
-     'The long text below hides lines that assign values to variables: a line "VAR A = <number>" gives the '
-     'variable A that number, and a line "VAR B = A" gives B the value that A holds. Follow every chain of '
-     "assignments.\n\n{context}\n\nQuestion: {input} Reply with the variable names only.",
+     'Memorize the variable assignments hidden in the long text below: each line "VAR <name> = ..." assigns a '
+     "number or another variable's value to a variable. Follow every chain of assignments.\n\n{context}\n\n"
+     "Question: {input} Reply with the variable names only.",
      "The {answer_count} variables that hold the value {query} are:"),
     ("common_words", 48, "string_match_all", "RULER aggregation",
      "Below is a numbered list of words. A few words appear many times in it; every other word appears only once "
