@@ -45,8 +45,8 @@ def harness_speed(work: Path, grid: Path, length: int, tasks: list[str], samples
     plain, plain_seconds = _sweep(work / "speed-plain", True, plain=True, **common)
     branched, branched_seconds = _sweep(work / "speed-branched", True, **common)
     key = lambda r: (r["point"], r["task"], r["_id"])  # noqa: E731
-    plain_records = {key(r): r for r in read_records(work / "speed-plain")}
-    branched_records = {key(r): r for r in read_records(work / "speed-branched")}
+    plain_records = {key(r): r for r in read_records(work / "speed-plain")[0]}
+    branched_records = {key(r): r for r in read_records(work / "speed-branched")[0]}
     same = sum(
         all(plain_records[k].get(f) == branched_records[k].get(f) for f in COMPARED) for k in plain_records
     )

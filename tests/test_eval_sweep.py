@@ -60,7 +60,7 @@ def assets(tmp_path_factory, one_thread):
 
 def request(assets, output: Path, **overrides) -> SweepRequest:
     _, model, grid = assets
-    values = dict(model=str(model), output_dir=str(output), grid=str(grid), lengths=LENGTHS, tasks=TASKS,
+    values = dict(model=str(model), output_dir=str(output), grid=str(grid), lengths=LENGTHS, tasks=TASKS, suite="ruler",
                   samples=SAMPLES, batch_size=3, threads=1, progress=False)  # fmt: skip
     values.update(overrides)
     return SweepRequest(**values)
@@ -81,7 +81,7 @@ def branched(assets):
 def test_branched_points_equal_plain_patched_runs(assets, branched):
     plain_dir = assets[0] / "plain"
     run_sweep(request(assets, plain_dir, plain=True))
-    plain, fast = keyed(read_records(plain_dir)), keyed(read_records(branched))
+    plain, fast = keyed(read_records(plain_dir)[0]), keyed(read_records(branched)[0])
     assert plain.keys() == fast.keys() and len(fast) == len(LENGTHS) * len(TASKS) * SAMPLES * POINTS
     for key, record in plain.items():
         assert {f: record.get(f) for f in COMPARED} == {f: fast[key].get(f) for f in COMPARED}, key
@@ -93,13 +93,13 @@ def test_branched_points_equal_plain_patched_runs(assets, branched):
 def test_a_batch_of_one_gives_what_batches_give(assets, branched):
     single = assets[0] / "single"
     run_sweep(request(assets, single, batch_size=1, tasks=TASKS[:2], lengths=LENGTHS[:1]))
-    batched = keyed(read_records(branched))
-    for key, record in keyed(read_records(single)).items():
+    batched = keyed(read_records(branched)[0])
+    for key, record in keyed(read_records(single)[0]).items():
         assert {f: record.get(f) for f in COMPARED} == {f: batched[key].get(f) for f in COMPARED}, key
 
 
 def test_records_and_report(branched):
-    records = read_records(branched)
+    records = read_records(branched)[0]
     sweep = json.loads((branched / "sweep.json").read_text())
     assert [p["label"] for p in sweep["points"]] == [
         "fullkv", "refreekv(threshold=0.01)", "snapkv(budget=0.5)", "h2o(budget=0.5, observation=all)",
@@ -150,7 +150,7 @@ def test_a_killed_sweep_resumes_to_one_record_per_point_and_sample(assets, branc
     lines = records.read_text().splitlines()
     resumed = [json.loads(line) for line in lines]
     assert len(resumed) == len(keyed(resumed)) == report["sample_points"]
-    uninterrupted = keyed(read_records(branched))
+    uninterrupted = keyed(read_records(branched)[0])
     for key, record in keyed(resumed).items():
         assert {f: record.get(f) for f in COMPARED} == {f: uninterrupted[key].get(f) for f in COMPARED}, key
 
@@ -158,6 +158,17 @@ def test_a_killed_sweep_resumes_to_one_record_per_point_and_sample(assets, branc
 def test_a_sweep_may_grow_but_not_change_its_configuration(assets, branched, tmp_path):
     with pytest.raises(ConfigMismatch, match=r"seed: 0 there, 1 now"):
         run_sweep(request(assets, branched, seed=1))
+    # the same label with other options (e.g. a default that changed between versions)
+    sweep_file = branched / "sweep.json"
+    stored = json.loads(sweep_file.read_text())
+    edited = json.loads(json.dumps(stored))
+    edited["points"][2]["options"]["window"] = 16
+    sweep_file.write_text(json.dumps(edited))
+    try:
+        with pytest.raises(ConfigMismatch, match=r"the point snapkv\(budget=0.5\)[\s\S]*options.window: 16 there, 8 now"):
+            run_sweep(request(assets, branched))
+    finally:
+        sweep_file.write_text(json.dumps(stored))
     grown = tmp_path / "grown"
     run_sweep(request(assets, grown, tasks=TASKS[:1], lengths=LENGTHS[:1], grid=parse_grid({"fullkv": {}})))
     report = run_sweep(request(assets, grown, tasks=TASKS[:1], lengths=LENGTHS[:1], grid=parse_grid({"fullkv": {}, "snapkv": {"budget": 0.5}})))
@@ -188,6 +199,10 @@ def no_model(monkeypatch):
         ({"samples": 0}, "--samples must be >= 1, got 0"),
         ({"batch_size": 0}, "--batch-size must be >= 1, got 0"),
         ({"suite": None}, "give either --suite"),
+        ({"data_dir": "/tmp"}, "give either --suite"),
+        ({"attn_implementation": "flash_attention_2"}, "--attn-implementation must be one of sdpa, eager"),
+        ({"threads": 0}, "--threads must be >= 1, got 0"),
+        ({"device": "gpu7"}, "--device 'gpu7' is not a device"),
         ({"suite": "longbench"}, "unknown suite 'longbench'"),
         ({"model": "/nonexistent/model"}, "model directory /nonexistent/model not found"),
     ],
@@ -208,6 +223,10 @@ def test_an_empty_task_file_fails_before_any_model_is_loaded(assets, tmp_path, n
         (data / str(length)).mkdir(parents=True)
         (data / str(length) / "niah_single.jsonl").write_text("", encoding="utf-8")
     with pytest.raises(UsageError, match="niah_single.jsonl"):
+        run_sweep(request(assets, tmp_path / "out", suite=None, data_dir=str(data), tasks=["niah_single"]))
+    for length in LENGTHS:  # lines, but none valid: its cells would be missing
+        (data / str(length) / "niah_single.jsonl").write_text('{"_id": 1}\n', encoding="utf-8")
+    with pytest.raises(UsageError, match=r"niah_single.jsonl has no valid sample \(1 malformed line\(s\)\)"):
         run_sweep(request(assets, tmp_path / "out", suite=None, data_dir=str(data), tasks=["niah_single"]))
     with pytest.raises(UsageError, match="not found"):
         run_sweep(request(assets, tmp_path / "out", suite=None, data_dir=str(data), tasks=["qa_planted"]))

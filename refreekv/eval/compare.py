@@ -18,16 +18,15 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from refreekv.eval.data import BadLine, read_jsonl
+from refreekv.eval.data import BadLine
 from refreekv.eval.quality import format_markdown, markdown_table, summarize, write_report
 from refreekv.eval.scoring import score_run
-from refreekv.eval.sweep import RECORDS_FILE, SWEEP_FILE
+from refreekv.eval.sweep import RECORDS_FILE, SWEEP_FILE, read_records
 from refreekv.eval.tasks import TASKS
 
 __all__ = ["compare_runs", "compare_sweeps"]
 
 # The fields a sweep record needs to be scored and placed in the map.
-RECORD_FIELDS = ("point", "method", "length", "task", "pred", "answers")
 
 
 def _load_scores(run_dir: Path) -> dict[str, Any]:
@@ -171,15 +170,7 @@ def _read_sweep(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, A
     path = sweep_dir / RECORDS_FILE
     if not path.is_file():
         raise UsageError(f"{path} not found: the sweep has written no records yet")
-    records, bad = [], []
-    for number, record, problem in read_jsonl(path, terminated_only=True):
-        missing = [name for name in RECORD_FIELDS if problem is None and name not in record]
-        if missing:
-            problem = BadLine(str(path), number, f"not a sweep record (missing {', '.join(missing)})")
-        if problem is None:
-            records.append(record)
-        else:
-            bad.append(problem)
+    records, bad = read_records(sweep_dir)
     return request.get("points", []), records, bad
 
 

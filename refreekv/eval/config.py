@@ -5,7 +5,6 @@ second process can never mix predictions of two configurations."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,8 +12,11 @@ from typing import Any
 
 from refreekv.eval.errors import ConfigMismatch
 from refreekv.eval.options import method_label
+from refreekv.eval.records import write_json_atomic
 
-__all__ = ["CONFIG_FILE", "RunConfig", "check_or_write_config", "environment", "flatten_config", "read_config"]
+__all__ = [
+    "CONFIG_FILE", "RunConfig", "check_or_write_config", "config_mismatch", "environment", "flatten_config", "read_config",
+]  # fmt: skip
 
 CONFIG_FILE = "config.json"
 
@@ -72,22 +74,27 @@ def check_or_write_config(run_dir: Path, config: RunConfig, versions: dict[str, 
         except (json.JSONDecodeError, AttributeError) as error:
             raise ConfigMismatch(f"{path} is unreadable ({error}); use another --output-dir") from None
         if stored != wanted:
-            there, now = flatten_config(stored or {}), flatten_config(wanted)
-            lines = [
-                f"  {key}: {json.dumps(there.get(key))} there, {json.dumps(now.get(key))} now"
-                for key in sorted(set(there) | set(now))
-                if there.get(key) != now.get(key)
-            ]
-            raise ConfigMismatch(
-                f"{run_dir} holds a run made with a different configuration:\n"
-                + "\n".join(lines)
-                + "\nuse another --output-dir (or the same settings to resume it)"
-            )
+            raise config_mismatch(run_dir, "a run", stored or {}, wanted)
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{CONFIG_FILE}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps({"config": wanted, "environment": versions}, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)  # atomic: ranks racing here write the same content
+    # atomic: ranks racing here write the same content
+    write_json_atomic(path, {"config": wanted, "environment": versions})
+
+
+def config_mismatch(directory: Path, what: str, stored: dict[str, Any], wanted: dict[str, Any]) -> ConfigMismatch:
+    """The error for resuming `directory` with another configuration: every
+    setting that differs, as stored there and as asked now."""
+    there, now = flatten_config(stored), flatten_config(wanted)
+    lines = [
+        f"  {key}: {json.dumps(there.get(key))} there, {json.dumps(now.get(key))} now"
+        for key in sorted(set(there) | set(now))
+        if there.get(key) != now.get(key)
+    ]
+    return ConfigMismatch(
+        f"{directory} holds {what} made with a different configuration:\n"
+        + "\n".join(lines)
+        + "\nuse another --output-dir (or the same settings to resume it)"
+    )
 
 
 def environment() -> dict[str, Any]:

@@ -153,7 +153,14 @@ def _sample_problem(value: dict[str, Any], classes_required: bool) -> Optional[s
         or _string_list_problem(value, "answers")
         or _classes_problem(value, classes_required)
         or _number_problem(value, "length")
+        or _optional_string_problem(value, "answer_prefix")
     )
+
+
+def _optional_string_problem(record: dict[str, Any], name: str) -> Optional[str]:
+    if name not in record or isinstance(record[name], str):
+        return None
+    return f"{name} must be a string when present, got {_given(record[name])}"
 
 
 def prediction_problem(record: dict[str, Any], classes_required: bool = False) -> Optional[str]:

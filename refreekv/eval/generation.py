@@ -1,6 +1,6 @@
-"""Generating a sample's answer and the record that stores it. The record is
-built by `sample_record` alone, so a batched sweep writes records identical
-to those of `run`."""
+"""Generating a sample's answer and the record that stores it. Records are
+built by `sample_record` alone, so `run` and a batched sweep describe a
+sample the same way (a sweep adds its point, task and suite length)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from refreekv.eval.tasks import Task
 if TYPE_CHECKING:
     from refreekv.integration.stats import CompressionStats
 
-__all__ = ["eos_ids", "predict", "sample_record"]
+__all__ = ["eos_ids", "pad_id", "predict", "sample_record"]
 
 
 def eos_ids(model, tokenizer, stop_at_newline: bool) -> list[int]:
@@ -59,6 +59,14 @@ def sample_record(
     return record
 
 
+def pad_id(tokenizer, eos: Sequence[int]) -> int:
+    """The token that fills left padding and finished rows: the tokenizer's
+    pad token, else the first end token (as `generate` itself does)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return eos[0] if eos else 0
+
+
 @torch.no_grad()
 def predict(model, tokenizer, handle, task: Task, sample: Sample, max_input_length: int, chat_template: bool) -> dict[str, Any]:
     """One sample's record: greedy generation with the task's length."""
@@ -66,7 +74,7 @@ def predict(model, tokenizer, handle, task: Task, sample: Sample, max_input_leng
     device = model.get_input_embeddings().weight.device
     input_ids = built.input_ids.to(device)
     eos = eos_ids(model, tokenizer, task.stop_at_newline)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0] if eos else 0
+    pad = pad_id(tokenizer, eos)
     output = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),

@@ -11,7 +11,7 @@ from typing import IO, Any
 
 from refreekv.eval.data import read_jsonl
 
-__all__ = ["completed_ids", "prediction_files", "repair_tail", "shard_info", "write_record"]
+__all__ = ["completed_ids", "prediction_files", "repair_tail", "shard_info", "write_json_atomic", "write_record"]
 
 
 def shard_info() -> tuple[int, int, int]:
@@ -50,6 +50,14 @@ def repair_tail(path: Path) -> None:
         handle.truncate(data.rfind(b"\n") + 1)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def write_json_atomic(path: Path, document: Any) -> None:
+    """Replaces `path` with `document` as indented JSON in one step: a
+    reader (or a crash) never sees half a file."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def write_record(handle: IO[str], record: dict[str, Any]) -> None:

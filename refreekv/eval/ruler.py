@@ -33,7 +33,12 @@ are in the task registry (refreekv.eval.tasks, RULER_TASKS).
 
 Planted values, keys and variable names never occur in the haystack text
 (they are re-drawn when they do), and no planted string contains another,
-so each occurs in the context exactly as often as it is planted.
+so each occurs in the context exactly as often as it is planted. Likewise
+common_words' list words occur neither in the task's instructions (prompt,
+question, answer prefix) nor inside one another, and frequent_words' coded
+words all have one length: each list or coded word occurs in the model's
+input only as its own entries, so neither echoing the instructions nor
+naming another word matches an answer.
 
 Depth (needle tasks: niah_*, variable_tracking, qa_planted). Sample i has
 `depth` = depths[i % len(depths)]; its first needle (the asked one) starts
@@ -51,7 +56,9 @@ builds it (chat template and answer prefix included). Each sample is fitted
 to it by an interpolation search on the amount of filler (essay words, list
 entries or coded words): the most filler that stays within the target,
 which lands within a filler unit's tokens below it. `fitted_tokens` is the
-count reached with the generating tokenizer.
+count reached with the generating tokenizer. The needle tasks' filler is at
+most the whole essays: 112k words, about 139k of SmolLM2's tokens; a length
+they cannot fill is refused with the most tokens they reach.
 
 Records carry LongBench's fields (`_id`, `input`, `context`, `answers`,
 `length` in context words, `dataset`, `language`, `all_classes`: null) and
@@ -78,7 +85,7 @@ import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from refreekv.eval.data import Sample
 from refreekv.eval.models import BUNDLED_MODEL
@@ -108,6 +115,7 @@ CHAIN_LENGTH = 4
 DISTRACTOR_CHAINS = 2
 COMMON_WORDS = 5
 COMMON_SHARE = 0.3  # of the list's entries
+_COMMON_QUESTION = f"Which {COMMON_WORDS} words appear most often in the list above?"
 FREQUENT_WORDS = 3
 _ZETA_2 = math.pi**2 / 6  # the sum of 1 / k^2: normalizes frequent_words' Zipf shares
 
@@ -146,20 +154,30 @@ def _essay_words() -> tuple[tuple[str, ...], tuple[int, ...]]:
 @lru_cache(maxsize=1)
 def _list_vocabulary() -> tuple[str, ...]:
     """The distinct plain words (5-9 lower-case letters) of the essays, for
-    common_words' lists."""
+    common_words' lists, less those in the task's instructions and those
+    inside another such word: string_match_all credits an answer word found
+    anywhere in the prediction, so an echo of the instructions ("appear",
+    "other") or a rare word that contains it ("others") must not hold it."""
+    task = TASKS["common_words"]
+    instructions = "\n".join((task.prompt.format(context="", input=_COMMON_QUESTION),
+                              task.answer_prefix.format(answer_count=COMMON_WORDS))).lower()  # fmt: skip
     words, _ = _essay_words()
-    return tuple(sorted({word for word in words if re.fullmatch(r"[a-z]{5,9}", word)}))
+    plain = {word for word in words if re.fullmatch(r"[a-z]{5,9}", word) and word not in instructions}
+    # Every proper part of 5+ letters of every word: a word among them is inside another.
+    parts = {word[i:j] for word in plain for i in range(len(word)) for j in range(i + 5, len(word) + 1) if j - i < len(word)}
+    return tuple(sorted(plain - parts))
 
 
 class _Haystack:
-    """A stretch of essays starting at a sentence start, long enough for any
-    fitted length (every word costs at least a token), that needles are
-    planted in at sentence boundaries."""
+    """A stretch of essays starting at a sentence start, that needles are
+    planted in at sentence boundaries: `max_words` words (every word costs
+    at least a token, so a target's tokens in words is enough), or all the
+    essays when they are shorter: a word costs more than a token on average
+    (1.24 of SmolLM2's), so targets past the essays' word count still fit."""
 
     def __init__(self, rng: random.Random, max_words: int):
         words, starts = _essay_words()
-        if max_words > len(words):
-            raise ValueError(f"{max_words} words of haystack asked; the essays have {len(words)}")
+        max_words = min(max_words, len(words))
         start = rng.choice(starts[: bisect.bisect_right(starts, len(words) - max_words)])
         self.words = words[start : start + max_words]
         # offsets[j]: where word j starts in " ".join(words); offsets[n] - 1
@@ -200,7 +218,7 @@ class _Haystack:
 # -- drawing keys and values -------------------------------------------------------
 
 
-def _distinct(rng: random.Random, draw: Callable[[random.Random], str], count: int, haystack: Optional[_Haystack],
+def _distinct(rng: random.Random, draw: Callable[[random.Random], str], count: int, haystack: _Haystack,
               taken: Sequence[str] = ()) -> list[str]:  # fmt: skip
     """`count` strings from `draw` that do not occur in the haystack and are
     not part of one another or of `taken` (nor contain one): each then
@@ -213,7 +231,7 @@ def _distinct(rng: random.Random, draw: Callable[[random.Random], str], count: i
             raise RuntimeError(f"could not draw {count} distinct values")
         value = draw(rng)
         lowered = value.lower()
-        if haystack is not None and haystack.contains(value):
+        if haystack.contains(value):
             continue
         if any(lowered in other.lower() or other.lower() in lowered for other in (*taken, *chosen)):
             continue
@@ -239,6 +257,18 @@ def _variable_name(rng: random.Random) -> str:
 
 def _coded_word(rng: random.Random) -> str:
     return "".join(rng.choice(_CODED_CONSONANTS if i % 2 == 0 else _CODED_VOWELS) for i in range(5))
+
+
+def _coded_words(seed: int) -> Iterator[str]:
+    """Distinct coded words in a seeded order. They all have one length, so
+    none contains another unless equal: a set keeps the draw linear."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    while True:
+        word = _coded_word(rng)
+        if word not in seen:
+            seen.add(word)
+            yield word
 
 
 # -- the tasks -----------------------------------------------------------------------
@@ -362,8 +392,8 @@ def common_words(rng, index, depth, max_entries) -> _Draft:
         random.Random(f"{order_seed}/{entries}").shuffle(items)
         return "\n".join(f"{number}. {word}" for number, word in enumerate(items, start=1))
 
-    question = f"Which {COMMON_WORDS} words appear most often in the list above?"
-    return _Draft(question, list(common), context, min(max_entries, most_entries), {"answer_count": COMMON_WORDS})
+    return _Draft(_COMMON_QUESTION, list(common), context, min(max_entries, most_entries),
+                  {"answer_count": COMMON_WORDS})  # fmt: skip
 
 
 def frequent_words(rng, index, depth, max_words) -> _Draft:
@@ -382,8 +412,15 @@ def frequent_words(rng, index, depth, max_words) -> _Draft:
             ranked.append(count)
         return ranked + [1] * max(0, words - sum(ranked))
 
+    # The words by rank, drawn once for the sample: each probe of the fit
+    # takes a prefix, extended when a probe needs more words than drawn yet
+    # (the number of distinct words grows about as the root of the stream's).
+    draw = _coded_words(coded_seed)
+    drawn: list[str] = []
+
     def coded(count: int) -> list[str]:
-        return _distinct(random.Random(coded_seed), _coded_word, count, None)
+        drawn.extend(itertools.islice(draw, max(0, count - len(drawn))))
+        return drawn[:count]
 
     top = coded(FREQUENT_WORDS)
 
@@ -480,7 +517,7 @@ def generate_samples(task: str, tokenizer, target_tokens: int, samples: int, see
 
         units, tokens = _fit(lambda n: _token_count(tokenizer, task, with_filler(n)), target_tokens, draft.max_units)
         if units == draft.max_units and tokens < target_tokens:
-            raise ValueError(f"{task}: not enough filler for {target_tokens} tokens (it reaches {tokens})")
+            raise ValueError(f"{task}: not enough filler for {target_tokens} tokens (all of it reaches {tokens})")
         records.append({**with_filler(units), "fitted_tokens": tokens})
     return records
 
@@ -546,8 +583,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     if unknown or not tasks:
         parser.error(f"unknown task(s) {', '.join(unknown)}; the suite has {', '.join(RULER_TASKS)}")
     started = time.perf_counter()
-    paths = generate_suite(args.output_dir, load_tokenizer(args.model), args.lengths, args.samples, args.seed,
-                           tasks, args.depths)  # fmt: skip
+    try:
+        paths = generate_suite(args.output_dir, load_tokenizer(args.model), args.lengths, args.samples, args.seed,
+                               tasks, args.depths)  # fmt: skip
+    except ValueError as error:  # a bad --samples or --depths, or a length too short or too long for a task
+        parser.error(str(error))
     for (length, task), path in paths.items():
         print(f"{length:>7} {task:<18} {args.samples} samples -> {path}")
     print(f"{len(paths)} files in {time.perf_counter() - started:.1f} s")

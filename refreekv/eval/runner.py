@@ -15,7 +15,6 @@ takes the samples whose index in the task file is r modulo WORLD_SIZE;
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ from refreekv.eval.errors import ConfigMismatch, UsageError
 from refreekv.eval.generation import predict
 from refreekv.eval.models import BUNDLED_MODEL, check_model, load_model, resolve_device, resolve_dtype
 from refreekv.eval.options import jsonable, method_defaults, parse_options
-from refreekv.eval.records import completed_ids, repair_tail, shard_info, write_record
+from refreekv.eval.records import completed_ids, repair_tail, shard_info, write_json_atomic, write_record
 from refreekv.eval.tasks import TASKS, resolve_tasks
 
 __all__ = [
@@ -173,9 +172,7 @@ def _save_report(plan: _Plan) -> None:
     report = plan.report
     report["samples_done"] = sum(t["done"] for t in report["tasks"].values())
     report["samples_done_now"] = sum(t["done_now"] for t in report["tasks"].values())
-    temporary = plan.report_path.with_name(plan.report_path.name + ".tmp")
-    temporary.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, plan.report_path)
+    write_json_atomic(plan.report_path, report)
 
 
 def run(request: RunRequest, *, after_sample: Optional[Callable[[str, dict[str, Any]], None]] = None) -> dict[str, Any]:

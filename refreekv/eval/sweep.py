@@ -22,7 +22,11 @@ per point, to measure the difference.
 Resuming: a restarted sweep skips every (point, length, task, sample) with
 a record; a last line cut short by a crash is removed first. Points,
 lengths, tasks and samples may be added; what changes the records (model,
-dtype, attention, chat template, suite seed, input cut) may not.
+dtype, attention, chat template, suite seed, input cut, a point's options
+under the same label) may not. The batch size may change: a sequence's
+tokens do not depend on its batch (SPEC 5). The suite is regenerated from
+its seed with the model's tokenizer, so a resumed sweep should run with the
+same transformers version (sweep.json records the versions).
 """
 
 from __future__ import annotations
@@ -32,27 +36,29 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from refreekv.eval.config import environment, flatten_config
-from refreekv.eval.data import Sample, read_jsonl, read_samples, needs_classes
+from refreekv.eval.config import config_mismatch, environment
+from refreekv.eval.data import BadLine, Sample, needs_classes, read_jsonl, read_samples
 from refreekv.eval.errors import ConfigMismatch, UsageError
-from refreekv.eval.generation import eos_ids, sample_record
+from refreekv.eval.generation import eos_ids, pad_id, sample_record
 from refreekv.eval.grid import GridPoint, load_grid
 from refreekv.eval.models import check_model, load_model, resolve_device, resolve_dtype
 from refreekv.eval.prompting import ModelInput, build_input
-from refreekv.eval.records import repair_tail, write_record
+from refreekv.eval.records import repair_tail, write_json_atomic, write_record
 from refreekv.eval.tasks import RULER_TASKS, TASKS, resolve_tasks
 
 __all__ = ["SweepRequest", "read_records", "run_sweep"]
 
 SWEEP_FILE = "sweep.json"
 RECORDS_FILE = "records.jsonl"
+RECORD_FIELDS = ("point", "method", "length", "task", "_id", "pred", "answers")
 SUITES = ("ruler",)
+ATTENTION = ("sdpa", "eager")
 
 
 @dataclass
@@ -65,7 +71,7 @@ class SweepRequest:
     output_dir: str
     grid: str | list[GridPoint]
     lengths: list[int]
-    suite: Optional[str] = "ruler"
+    suite: Optional[str] = None
     data_dir: Optional[str] = None
     tasks: Optional[list[str]] = None  # None: every task of the suite
     samples: int = 10  # per task and length
@@ -88,7 +94,6 @@ class _Plan:
     tasks: list[str]
     output_dir: Path
     config: dict[str, Any]
-    report: dict[str, Any] = field(default_factory=dict)
 
 
 def _check(request: SweepRequest) -> _Plan:
@@ -124,6 +129,14 @@ def _check_request(request: SweepRequest) -> _Plan:
         raise UsageError(f"--batch-size must be >= 1, got {request.batch_size}")
     if request.max_input_length is not None and request.max_input_length < 2:
         raise UsageError(f"--max-input-length must be >= 2, got {request.max_input_length}")
+    if request.attn_implementation not in ATTENTION:
+        raise UsageError(f"--attn-implementation must be one of {', '.join(ATTENTION)}, got {request.attn_implementation!r}")
+    if request.threads is not None and request.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {request.threads}")
+    try:
+        torch.device(resolve_device(request.device, 0, 1))
+    except RuntimeError as error:
+        raise UsageError(f"--device {request.device!r} is not a device (cpu, cuda, cuda:N, auto): {error}") from None
     if request.data_dir is not None:
         for length in request.lengths:
             for task in tasks:
@@ -148,29 +161,29 @@ def _check_request(request: SweepRequest) -> _Plan:
     output_dir = Path(request.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output-dir {output_dir} is a file, not a directory")
-    _check_stored_config(output_dir, config)
+    _check_stored_config(output_dir, config, points)
     return _Plan(request, points, tasks, output_dir, config)
 
 
-def _check_stored_config(output_dir: Path, config: dict[str, Any]) -> None:
+def _check_stored_config(output_dir: Path, config: dict[str, Any], points: list[GridPoint]) -> None:
     path = output_dir / SWEEP_FILE
     if not path.exists():
         return
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))["config"]
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        stored_config, stored_points = stored["config"], stored["points"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ConfigMismatch(f"{path} is unreadable ({error}); use another --output-dir") from None
-    if stored != config:
-        there, now = flatten_config(stored), flatten_config(config)
-        lines = [
-            f"  {key}: {json.dumps(there.get(key))} there, {json.dumps(now.get(key))} now"
-            for key in sorted(set(there) | set(now))
-            if there.get(key) != now.get(key)
-        ]
-        raise ConfigMismatch(
-            f"{output_dir} holds a sweep made with a different configuration:\n" + "\n".join(lines)
-            + "\nuse another --output-dir (or the same settings to resume it)"
-        )  # fmt: skip
+    if stored_config != config:
+        raise config_mismatch(output_dir, "a sweep", stored_config, config)
+    # Records are keyed by label; a label must keep meaning the same options
+    # (a method default that changed between versions would otherwise pass).
+    before = {p["label"]: p for p in stored_points}
+    for point in points:
+        if point.label in before and before[point.label]["options"] != point.all_options:
+            raise config_mismatch(
+                output_dir, f"the point {point.label}", {"options": before[point.label]["options"]}, {"options": point.all_options}
+            )
 
 
 def _write_sweep_file(plan: _Plan) -> None:
@@ -191,7 +204,7 @@ def _write_sweep_file(plan: _Plan) -> None:
         "model": plan.config["model"],
         "environment": {**environment(), "machine": _machine()},
     }
-    _atomic_write(path, document)
+    write_json_atomic(path, document)
 
 
 def _machine() -> dict[str, Any]:
@@ -210,19 +223,23 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def _atomic_write(path: Path, document: dict[str, Any]) -> None:
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
-
-
-def read_records(output_dir: str | Path) -> list[dict[str, Any]]:
-    """The complete records of a sweep (a last line still being written, or
-    cut short by a crash, is not one)."""
+def read_records(output_dir: str | Path) -> tuple[list[dict[str, Any]], list[BadLine]]:
+    """(the complete records of a sweep, its malformed lines). A last line
+    still being written, or cut short by a crash, is neither."""
     path = Path(output_dir) / RECORDS_FILE
+    records: list[dict[str, Any]] = []
+    bad: list[BadLine] = []
     if not path.exists():
-        return []
-    return [record for _, record, _ in read_jsonl(path, terminated_only=True) if record is not None]
+        return records, bad
+    for number, record, problem in read_jsonl(path, terminated_only=True):
+        missing = [name for name in RECORD_FIELDS if problem is None and name not in record]
+        if missing:
+            problem = BadLine(str(path), number, f"not a sweep record (missing {', '.join(missing)})")
+        if problem is None:
+            records.append(record)
+        else:
+            bad.append(problem)
+    return records, bad
 
 
 def _record_key(point: str, length: int, task: str, sample_id: str) -> tuple[str, int, str, str]:
@@ -248,12 +265,18 @@ def _task_files(plan: _Plan) -> dict[tuple[int, str], Path]:
 
 
 def _load_samples(path: Path, task: str, limit: int) -> list[Sample]:
+    """The first `limit` samples of a task file; a file without a single
+    valid sample is an error (its cells would silently be missing)."""
     try:
         samples, bad = read_samples(path, limit, classes_required=needs_classes(TASKS[task]))
     except ValueError as error:
         raise UsageError(str(error)) from None
     for line in bad:
         print(f"warning: skipped {line}", file=sys.stderr)
+    if not samples:
+        raise UsageError(f"{path} has no valid sample ({len(bad)} malformed line(s)); expected up to {limit}")
+    if len(samples) < limit:
+        print(f"warning: {path} has {len(samples)} valid sample(s), fewer than the {limit} asked for", file=sys.stderr)
     return samples
 
 
@@ -318,8 +341,6 @@ def run_sweep(
     plan = _check(request)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     work = {key: _load_samples(path, key[1], request.samples) for key, path in _task_files(plan).items()}
-    if not any(work.values()):
-        raise UsageError("the suite has no sample")
     device = resolve_device(request.device, 0, 1)
     if request.threads:
         torch.set_num_threads(request.threads)
@@ -328,7 +349,10 @@ def run_sweep(
 
     records_path = plan.output_dir / RECORDS_FILE
     repair_tail(records_path)
-    done = {_record_key(r["point"], r["length"], r["task"], r["_id"]) for r in read_records(plan.output_dir)}
+    records, bad = read_records(plan.output_dir)
+    for line in bad:
+        print(f"warning: {line} (it will be redone if it was a record)", file=sys.stderr)
+    done = {_record_key(r["point"], r["length"], r["task"], r["_id"]) for r in records}
     total = sum(len(samples) for samples in work.values()) * len(plan.points)
     todo = sum(
         1
@@ -344,7 +368,6 @@ def run_sweep(
         "plain": request.plain,
         "batch_size": request.batch_size,
         "seconds": 0.0,
-        "prefill_seconds": 0.0,
         "finished": False,
     }
     from tqdm.auto import tqdm
@@ -352,13 +375,13 @@ def run_sweep(
     bar = tqdm(total=total, initial=total - todo, unit="point", desc="sweep", disable=not request.progress,
                file=sys.stderr, dynamic_ncols=True)  # fmt: skip
     decoder = _Decoder(model, request.plain)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     start = time.perf_counter()
     try:
         with open(records_path, "a", encoding="utf-8") as out, torch.no_grad():
             for (length, task_name), samples in work.items():
                 task = TASKS[task_name]
                 eos = eos_ids(model, tokenizer, task.stop_at_newline)
+                pad = pad_id(tokenizer, eos)
                 options = {"eos_token_id": eos, "pad_token_id": pad, "min_new_tokens": 1 if task.stop_at_newline else 0}
                 pending = [s for s in samples if any(_record_key(p.label, length, task_name, s.id) not in done for p in plan.points)]
                 for first in range(0, len(pending), request.batch_size):
@@ -397,7 +420,7 @@ def run_sweep(
         bar.close()
         report["seconds"] = round(time.perf_counter() - start, 3)
         report["sample_points_per_second"] = round(report["done_now"] / report["seconds"], 4) if report["seconds"] else None
-        _atomic_write(plan.output_dir / "report.json", report)
+        write_json_atomic(plan.output_dir / "report.json", report)
     write_sweep_report(plan.output_dir)
     return report
 
@@ -408,4 +431,4 @@ def write_sweep_report(output_dir: str | Path) -> list[Path]:
 
     output_dir = Path(output_dir)
     sweep = json.loads((output_dir / SWEEP_FILE).read_text(encoding="utf-8"))
-    return write_report(summarize(read_records(output_dir), sweep["points"]), output_dir)
+    return write_report(summarize(read_records(output_dir)[0], sweep["points"]), output_dir)

@@ -184,7 +184,7 @@ def resolve_tasks(spec: str | list[str] | None, longbench_e: bool = False) -> li
         raise ValueError("no task given")
     unknown = [name for name in names if name not in TASKS]
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known: {', '.join(ALL_TASKS)}")
+        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known: {', '.join(TASKS)}")
     if longbench_e:
         missing = [name for name in names if name not in LONGBENCH_E_TASKS]
         if missing:

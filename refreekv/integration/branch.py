@@ -101,13 +101,15 @@ class Prefill:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         first = self.first_tokens[:, None]
-        if max_new_tokens == 1:
-            return first
+        options = {**self.generate_options, **options}
+        options.pop("min_new_tokens", None)  # it bound the first token only
+        ends = options.get("eos_token_id")
+        ends = [] if ends is None else [ends] if isinstance(ends, int) else list(ends)
+        if max_new_tokens == 1 or (ends and bool(torch.isin(first, torch.tensor(ends, device=first.device)).all())):
+            return first  # as generate: a batch whose rows have all ended stops
         model = self.model
         if getattr(model, "_refreekv_handle", None) is None:
             raise RuntimeError("decoding from a branched cache needs the model patched (refreekv.patch) for its masks")
-        options = {**self.generate_options, **options}
-        options.pop("min_new_tokens", None)  # it bound the first token only
         output = model.generate(
             input_ids=self.input_ids,
             attention_mask=self.attention_mask,
