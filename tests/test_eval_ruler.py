@@ -109,6 +109,11 @@ class TestFiles:
         with pytest.raises(SystemExit):
             main(["--output-dir", str(tmp_path / "bad"), "--tasks", "hotpotqa"])
         assert "unknown task(s) hotpotqa" in capsys.readouterr().err
+        for option, value, message in (("--samples", "0", "samples must be >= 1"), ("--depths", "1.5", "depths must be"),
+                                       ("--lengths", "64", "without filler already has")):  # fmt: skip
+            with pytest.raises(SystemExit):
+                main(["--output-dir", str(tmp_path / "bad"), "--model", str(model_dir), option, value])
+            assert message in capsys.readouterr().err, option
 
 
 class TestLength:
@@ -190,11 +195,35 @@ class TestPlantedValues:
             assert counts[common[0]] >= 3 and max(counts[w] for w in counts if w not in common) <= 2
             assert abs(5 * counts[common[0]] / len(entries) - 0.3) < 0.05
 
+    def test_list_words_occur_only_as_their_entries(self, records, tokenizer):
+        """string_match_all credits an answer word found anywhere in the
+        prediction, so no list word may be in the instructions (an echo of
+        them would score) or inside another list word (naming it would)."""
+        task = TASKS["common_words"]
+        longer = generate_samples("common_words", tokenizer, 4096, 1)  # a list of about a thousand entries
+        for record in of_task(records, "common_words") + longer:
+            sample = Sample(0, record["_id"], record["input"], record["context"], record["answers"], None, None, raw=record)
+            text = build_input(tokenizer, task, sample, max_length=1 << 40).text.lower()
+            instructions = text.replace(record["context"], "")
+            counts = Counter(line.split(". ", 1)[1] for line in record["context"].split("\n"))
+            for word, count in counts.items():
+                assert text.count(word) == count, word
+            assert not any(word in instructions for word in record["answers"])
+
     def test_frequent_words(self, records):
         for record in of_task(records, "frequent_words"):
             counts = Counter(record["context"].split(" ")).most_common()
             assert [word for word, _ in counts[:3]] == record["answers"]
             assert counts[0][1] > counts[1][1] > counts[2][1] > counts[3][1]
+
+    def test_frequent_words_at_a_long_length(self, tokenizer):
+        """The coded words are drawn once per sample, so a long stream is
+        generated in a moment, and still ranks its top words strictly."""
+        for record in generate_samples("frequent_words", tokenizer, 8192, 2):
+            counts = Counter(record["context"].split(" ")).most_common()
+            assert [word for word, _ in counts[:3]] == record["answers"]
+            assert counts[0][1] > counts[1][1] > counts[2][1] > counts[3][1]
+            assert 0.98 * 8192 <= record["fitted_tokens"] <= 8192
 
     def test_qa_answer_occurs_once(self, records):
         for record in of_task(records, "qa_planted"):

@@ -164,7 +164,8 @@ def _list_vocabulary() -> tuple[str, ...]:
     words, _ = _essay_words()
     plain = {word for word in words if re.fullmatch(r"[a-z]{5,9}", word) and word not in instructions}
     # Every proper part of 5+ letters of every word: a word among them is inside another.
-    parts = {word[i:j] for word in plain for i in range(len(word)) for j in range(i + 5, len(word) + 1) if j - i < len(word)}
+    parts = {word[i:j] for word in plain
+             for i in range(len(word)) for j in range(i + 5, len(word) + 1) if j - i < len(word)}  # fmt: skip
     return tuple(sorted(plain - parts))
 
 

@@ -211,29 +211,32 @@ _RULER_NIAH = (
 )
 _RULER_SPECS = [
     # name, max_new_tokens, metric, category, prompt, answer prefix
-    # (a uuid value is about one token per character: 36 tokens)
+    # Generation lengths leave room for the longest answer of each task in
+    # SmolLM2's tokens, written as a numbered list (a uuid value is about a
+    # token per character: 36 tokens; four 7-digit numbers about 44 as a
+    # list), and not much more: rambling past the answer costs decode time.
     ("niah_single", 48, "string_match_all", "RULER retrieval", _RULER_NIAH,
      "The secret {value_kind} for {query} is"),
     ("niah_multikey", 48, "string_match_all", "RULER retrieval", _RULER_NIAH,
      "The secret {value_kind} for {query} is"),
-    ("niah_multivalue", 64, "string_match_all", "RULER retrieval", _RULER_NIAH,
+    ("niah_multivalue", 48, "string_match_all", "RULER retrieval", _RULER_NIAH,
      "The {answer_count} secret {value_kind}s for {query} are"),
-    ("niah_multiquery", 64, "string_match_all", "RULER retrieval", _RULER_NIAH,
+    ("niah_multiquery", 48, "string_match_all", "RULER retrieval", _RULER_NIAH,
      "The secret {value_kind}s for {query} are"),
-    ("variable_tracking", 48, "string_match_all", "RULER multi-hop tracing",
+    ("variable_tracking", 40, "string_match_all", "RULER multi-hop tracing",
      'Memorize the variable assignments hidden in the long text below: each line "VAR <name> = ..." assigns a '
      "number or another variable's value to a variable. Follow every chain of assignments.\n\n{context}\n\n"
      "Question: {input} Reply with the variable names only.",
      "The {answer_count} variables that hold the value {query} are:"),
-    ("common_words", 48, "string_match_all", "RULER aggregation",
+    ("common_words", 32, "string_match_all", "RULER aggregation",
      "Below is a numbered list of words. A few words appear many times in it; every other word appears only once "
      "or twice.\n\n{context}\n\nQuestion: {input} Reply with the words only.",
      "The {answer_count} words that appear most often in the list are:"),
-    ("frequent_words", 32, "string_match_all", "RULER aggregation",
+    ("frequent_words", 24, "string_match_all", "RULER aggregation",
      "Below is a coded text: a stream of made-up words. Some coded words occur far more often than others; keep "
      "count as you read.\n\n{context}\n\nQuestion: {input} Reply with the coded words only.",
      "The {answer_count} coded words that occur most often are:"),
-    ("qa_planted", 32, "string_match_part", "RULER QA",
+    ("qa_planted", 24, "string_match_part", "RULER QA",
      "Read the text below and answer the question after it. The answer is stated in the text.\n\n{context}\n\n"
      "Question: {input} Answer in a few words.",
      "Answer:"),
