@@ -17,6 +17,16 @@ def dtype(request):
     return request.param
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run far faster on one thread; every run a module compares
+    uses the same count, so float reductions are the same too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(1234)

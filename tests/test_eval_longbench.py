@@ -32,16 +32,6 @@ PER_TASK = 3
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # Tiny models run far faster on one thread; every run compared here uses
-    # the same count, so float reductions are the same too.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def assets(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("longbench")
     model = save_tiny_model(root / "model")

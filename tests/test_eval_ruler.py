@@ -304,3 +304,25 @@ def test_lengths_with_the_real_tokenizer():
             for record in generate_samples(task, tokenizer, length, 2, seed=0):
                 tokens = input_tokens(tokenizer, record)
                 assert tokens == record["fitted_tokens"] and 0.98 * length <= tokens <= length, (task, length, tokens)
+
+
+def test_score_and_compare_find_ruler_tasks_in_a_run_directory(tmp_path):
+    """A `run` over the suite is scored like a LongBench run: RULER tasks are
+    in the task registry that `score` and `compare` walk."""
+    from refreekv.eval.compare import compare_runs
+    from refreekv.eval.scoring import score_run
+
+    run_dir = tmp_path / "run"
+    (run_dir / "niah_multivalue").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"config": {"method": "fullkv"}}), encoding="utf-8")
+    predictions = [
+        {"_id": "a", "index": 0, "pred": "1234567 and 7654321", "answers": ["1234567", "7654321", "1111111", "2222222"], "budget": 1.0},
+        {"_id": "b", "index": 1, "pred": "none", "answers": ["3333333"], "budget": 1.0},
+    ]
+    (run_dir / "niah_multivalue" / "predictions.rank0.jsonl").write_text(
+        "".join(json.dumps(p) + "\n" for p in predictions), encoding="utf-8"
+    )
+    result = score_run(run_dir)
+    assert result["tasks"]["niah_multivalue"]["score"] == 25.0  # (2/4 + 0) / 2
+    table = compare_runs([run_dir], tmp_path / "table", names=["full"])
+    assert table["rows"][0] == ["niah_multivalue", "25.00 (100.0%)"]

@@ -43,14 +43,6 @@ COMPARED = ("pred", "new_tokens", "input_tokens", "budget", "kept_per_layer", "d
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def assets(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("sweep")
     grid = root / "grid.toml"

@@ -31,6 +31,29 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser, threads_help: str) -> None:
+    """How the model runs: the same options for `run` and `sweep`."""
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")  # fmt: skip
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
+    parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--no-chat-template", action="store_true", help="never apply the tokenizer's chat template")
+    parser.add_argument("--threads", type=int, default=None, help=threads_help)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _model_options(args: argparse.Namespace) -> dict:
+    """The request fields `_add_model_arguments` fills."""
+    return {
+        "dtype": args.dtype,
+        "device": args.device,
+        "attn_implementation": args.attn_implementation,
+        "chat_template": not args.no_chat_template,
+        "threads": args.threads,
+        "progress": not args.no_progress,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="refreekv-longbench",
@@ -60,14 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-input-length", type=int, required=True, help="prompt tokens kept (middle truncation beyond)")
     run.add_argument("--output-dir", required=True, help="run directory (created; an existing one is resumed)")
     run.add_argument("--limit", type=int, default=None, help="first N samples of each task")
-    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                     help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")  # fmt: skip
-    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
     run.add_argument("--device-map", default=None, choices=["auto"], help="spread one model over all GPUs")
-    run.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
-    run.add_argument("--no-chat-template", action="store_true", help="never apply the tokenizer's chat template")
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; split between local ranks)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_arguments(run, threads_help="torch CPU threads (default: torch's; split between local ranks)")
 
     sweep = commands.add_parser(
         "sweep",
@@ -88,13 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="samples prefilled and decoded together, left-padded (default 8)")  # fmt: skip
     sweep.add_argument("--max-input-length", type=int, default=None, help="cut longer inputs in the middle (default: never)")
     sweep.add_argument("--output-dir", required=True, help="sweep directory (created; an existing one is resumed)")
-    sweep.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    sweep.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
-    sweep.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
-    sweep.add_argument("--no-chat-template", action="store_true", help="never apply the tokenizer's chat template")
-    sweep.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     sweep.add_argument("--plain", action="store_true", help="one prefill per point (slow; to measure the branching)")
-    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_arguments(sweep, threads_help="torch CPU threads (default: torch's)")
 
     score = commands.add_parser("score", help="score a run directory (writes scores.json)")
     score.add_argument("run_dir")
@@ -125,13 +137,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 tasks=args.tasks,
                 longbench_e=args.longbench_e,
                 limit=args.limit,
-                dtype=args.dtype,
-                device=args.device,
                 device_map=args.device_map,
-                attn_implementation=args.attn_implementation,
-                chat_template=not args.no_chat_template,
-                threads=args.threads,
-                progress=not args.no_progress,
+                **_model_options(args),
             )
             report = run(request)
             rank = f" (rank {report['rank']} of {report['world_size']})" if report["world_size"] > 1 else ""
@@ -155,13 +162,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     seed=args.seed,
                     batch_size=args.batch_size,
                     max_input_length=args.max_input_length,
-                    dtype=args.dtype,
-                    device=args.device,
-                    attn_implementation=args.attn_implementation,
-                    chat_template=not args.no_chat_template,
-                    threads=args.threads,
-                    progress=not args.no_progress,
                     plain=args.plain,
+                    **_model_options(args),
                 )
             )
             print((Path(args.output_dir) / "quality.md").read_text(encoding="utf-8"))
