@@ -53,7 +53,7 @@ def assets(tmp_path_factory, one_thread):
 def request(assets, output: Path, **overrides) -> SweepRequest:
     _, model, grid = assets
     values = dict(model=str(model), output_dir=str(output), grid=str(grid), lengths=LENGTHS, tasks=TASKS, suite="ruler",
-                  samples=SAMPLES, batch_size=3, stack_points=3, threads=1, progress=False)  # fmt: skip
+                  samples=SAMPLES, batch_size=3, threads=1, progress=False)  # fmt: skip
     values.update(overrides)
     return SweepRequest(**values)
 
@@ -83,10 +83,8 @@ def test_branched_points_equal_plain_patched_runs(assets, branched):
 
 
 def test_a_batch_of_one_gives_what_batches_give(assets, branched):
-    """One sample and one point per decode: the same records as batches of
-    samples with stacked points (the fixture decodes 3 points together)."""
     single = assets[0] / "single"
-    run_sweep(request(assets, single, batch_size=1, stack_points=1, tasks=TASKS[:2], lengths=LENGTHS[:1]))
+    run_sweep(request(assets, single, batch_size=1, tasks=TASKS[:2], lengths=LENGTHS[:1]))
     batched = keyed(read_records(branched)[0])
     for key, record in keyed(read_records(single)[0]).items():
         assert {f: record.get(f) for f in COMPARED} == {f: batched[key].get(f) for f in COMPARED}, key
@@ -192,7 +190,6 @@ def no_model(monkeypatch):
         ({"lengths": [512, 512]}, "names a length twice"),
         ({"samples": 0}, "--samples must be >= 1, got 0"),
         ({"batch_size": 0}, "--batch-size must be >= 1, got 0"),
-        ({"stack_points": 0}, "--stack-points must be >= 1, got 0"),
         ({"suite": None}, "give either --suite"),
         ({"data_dir": "/tmp"}, "give either --suite"),
         ({"attn_implementation": "flash_attention_2"}, "--attn-implementation must be one of sdpa, eager"),

@@ -82,29 +82,3 @@ def test_the_first_token_is_the_prefill_s_and_decoding_needs_the_patch(model, ba
         prefilled.generate(cache, NEW_TOKENS)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
         prefilled.generate(cache, 0)
-
-
-def test_stacked_branches_decode_as_each_alone(model, batch, prefilled):
-    """Several methods' caches stacked along the batch (one decode for all)
-    give every row the tokens it gets alone, i.e. those of a plain run."""
-    cases = ["refreekv", "fullkv", "snapkv", "h2o-all", "streamingllm", "pyramidkv"]
-    methods = [make_method(*method_args(case)[:1], **method_args(case)[1]) for case in cases]
-    caches = [prefilled.branch(method)[0] for method in methods]
-    with refreekv.patch(model, "fullkv"):
-        stacked = prefilled.generate(prefilled.stack(caches), NEW_TOKENS)
-    rows = batch[0].shape[0]
-    assert stacked.shape == (len(cases) * rows, NEW_TOKENS)
-    for index, case in enumerate(cases):
-        method, options = method_args(case)
-        tokens, _ = plain_run(model, batch, method, options)
-        assert torch.equal(stacked[index * rows : (index + 1) * rows], tokens), case
-
-
-def test_stack_refuses_what_it_cannot_decode(model, batch, prefilled):
-    with pytest.raises(ValueError, match="stack needs at least one cache"):
-        prefilled.stack([])
-    cache, _ = prefilled.branch(make_method("snapkv", budget=0.4))
-    cache.layers[0].keys = cache.layers[0].keys[:1].repeat(batch[0].shape[0] + 1, 1, 1, 1)
-    if batch[0].shape[0] > 1:
-        with refreekv.patch(model, "fullkv"), pytest.raises(ValueError, match="expected a multiple of this prefill's 3"):
-            prefilled.generate(cache, NEW_TOKENS)

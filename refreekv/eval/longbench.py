@@ -103,8 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seed", type=int, default=0, help="seed of the generated suite (default 0)")
     sweep.add_argument("--batch-size", type=int, default=8,
                        help="samples prefilled and decoded together, left-padded (default 8)")  # fmt: skip
-    sweep.add_argument("--stack-points", type=int, default=4,
-                       help="grid points decoded together, stacked along the batch (default 4; 1: each alone)")  # fmt: skip
     sweep.add_argument("--max-input-length", type=int, default=None, help="cut longer inputs in the middle (default: never)")
     sweep.add_argument("--output-dir", required=True, help="sweep directory (created; an existing one is resumed)")
     sweep.add_argument("--plain", action="store_true", help="one prefill per point (slow; to measure the branching)")
@@ -163,7 +161,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                     samples=args.samples,
                     seed=args.seed,
                     batch_size=args.batch_size,
-                    stack_points=args.stack_points,
                     max_input_length=args.max_input_length,
                     plain=args.plain,
                     **_model_options(args),

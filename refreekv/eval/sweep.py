@@ -14,9 +14,7 @@ Output directory:
 
 How it runs: samples of a task are batched (left-padded); each batch is
 prefilled once (`refreekv.integration.branch`), every grid point branches
-that prefill into its own compressed cache, and `stack_points` points at a
-time are decoded together, stacked along the batch (a decoding step then
-reads the weights once for all of them). A branched
+that prefill into its own compressed cache and decodes from it. A branched
 point gives exactly the tokens and kept counts of a plain `refreekv.patch`
 run (tests prove it), and `plain=True` runs that way instead, one prefill
 per point, to measure the difference.
@@ -79,7 +77,6 @@ class SweepRequest:
     samples: int = 10  # per task and length
     seed: int = 0
     batch_size: int = 8
-    stack_points: int = 4  # grid points decoded together (branched sweeps)
     max_input_length: Optional[int] = None  # None: never cut the input
     dtype: str = "auto"
     device: str = "auto"
@@ -130,8 +127,6 @@ def _check_request(request: SweepRequest) -> _Plan:
         raise UsageError(f"--samples must be >= 1, got {request.samples}")
     if request.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {request.batch_size}")
-    if request.stack_points < 1:
-        raise UsageError(f"--stack-points must be >= 1, got {request.stack_points}")
     if request.max_input_length is not None and request.max_input_length < 2:
         raise UsageError(f"--max-input-length must be >= 2, got {request.max_input_length}")
     if request.attn_implementation not in ATTENTION:
@@ -308,18 +303,15 @@ def _until_end(tokens: torch.Tensor, eos: list[int]) -> list[int]:
 
 class _Decoder:
     """Decodes every grid point for one batch: branched from one prefill,
-    `stack_points` points decoded together, or (plain) one patched
-    `generate` per point."""
+    or (plain) one patched `generate` per point."""
 
-    def __init__(self, model, plain: bool, stack_points: int):
+    def __init__(self, model, plain: bool):
         self.model = model
         self.plain = plain
-        self.stack_points = stack_points
 
     def points(self, points: list[GridPoint], input_ids, attention_mask, max_new_tokens: int, options: dict[str, Any]):
         """Yields (point, tokens [b, <= max_new_tokens], stats) per point."""
         import refreekv
-        from refreekv.compression import FullKV
         from refreekv.integration.branch import prefill
 
         if self.plain:
@@ -332,18 +324,13 @@ class _Decoder:
                 yield point, output[:, input_ids.shape[1] :], handle.stats
             return
         prefilled = prefill(self.model, input_ids, attention_mask, **options)
-        rows = input_ids.shape[0]
-        for first in range(0, len(points), self.stack_points):
-            group = points[first : first + self.stack_points]
-            caches, stats = zip(*(prefilled.branch(point.make()) for point in group))
-            cache = caches[0] if len(group) == 1 else prefilled.stack(caches)
-            del caches  # the stacked copy is all that decoding needs
-            # Decoding only needs a patched model for the masks of compressed layers.
-            with refreekv.patch(self.model, FullKV()):
+        for point in points:
+            method = point.make()
+            cache, stats = prefilled.branch(method)
+            with refreekv.patch(self.model, method):
                 tokens = prefilled.generate(cache, max_new_tokens)
+            yield point, tokens, stats
             del cache
-            for index, point in enumerate(group):
-                yield point, tokens[index * rows : (index + 1) * rows], stats[index]
 
 
 def run_sweep(
@@ -380,7 +367,6 @@ def run_sweep(
         "done_now": 0,
         "plain": request.plain,
         "batch_size": request.batch_size,
-        "stack_points": request.stack_points,
         "seconds": 0.0,
         "finished": False,
     }
@@ -388,7 +374,7 @@ def run_sweep(
 
     bar = tqdm(total=total, initial=total - todo, unit="point", desc="sweep", disable=not request.progress,
                file=sys.stderr, dynamic_ncols=True)  # fmt: skip
-    decoder = _Decoder(model, request.plain, request.stack_points)
+    decoder = _Decoder(model, request.plain)
     start = time.perf_counter()
     try:
         with open(records_path, "a", encoding="utf-8") as out, torch.no_grad():

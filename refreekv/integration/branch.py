@@ -22,14 +22,13 @@ cache, because methods such as H2O over every prompt query need all of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from refreekv.compression import CompressionMethod, LayerInputs
 from refreekv.integration import compat
-from refreekv.integration.cache import CompressedLayer, compress_layer
+from refreekv.integration.cache import compress_layer
 from refreekv.integration.stats import CompressionStats
 
 __all__ = ["Prefill", "prefill"]
@@ -92,42 +91,16 @@ class Prefill:
         stats = CompressionStats.from_cache(cache_layers, first.real_len, self.stats.kv_bytes_before, evict=evict)
         return cache, stats
 
-    def stack(self, caches: Sequence[Any]) -> Any:
-        """One cache holding several branches of this prefill one after the
-        other along the batch, so that `generate` decodes them together: a
-        decoding step reads the weights once for all of them. Each layer
-        becomes a compressed layer whose rows are each branch's held rows,
-        padded at the end and masked out where a branch holds fewer; a
-        layer a branch did not cut keeps its left padding masked the same
-        way. Rows attend to what they attended to alone."""
-        if not caches:
-            raise ValueError("stack needs at least one cache")
-        prompt_valid = self.layers[0].prompt_valid
-        stacked = [
-            _stack_layers([cache.layers[i] for cache in caches], prompt_valid) for i in range(len(self.layers))
-        ]
-        return compat.cache_from_layers(self.model, stacked)
-
     @torch.no_grad()
     def generate(self, cache, max_new_tokens: int, **options: Any) -> torch.Tensor:
         """[b, max_new_tokens] greedy tokens from a branched cache, the first
-        one included, as `model.generate` under `refreekv.patch` gives them
-        (`[k * b, ...]`, branch after branch, from a cache that `stack`
-        made of k branches). Rows are not cut at an end-of-sequence token:
-        generation stops when every row has produced one (later tokens of a
-        finished row are padding in a plain run, and whatever the model says
-        here)."""
+        one included, as `model.generate` under `refreekv.patch` gives them.
+        Rows are not cut at an end-of-sequence token: generation stops when
+        every row has produced one (later tokens of a finished row are
+        padding in a plain run, and whatever the model says here)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        rows = self.input_ids.shape[0]
-        branches, remainder = divmod(cache.layers[0].keys.shape[0], rows)
-        if remainder or branches < 1:
-            raise ValueError(
-                f"the cache holds {cache.layers[0].keys.shape[0]} rows; expected a multiple of this prefill's {rows}"
-            )
-        input_ids = self.input_ids.repeat(branches, 1)
-        attention_mask = self.attention_mask.repeat(branches, 1)
-        first = input_ids[:, -1:]
+        first = self.first_tokens[:, None]
         options = {**self.generate_options, **options}
         options.pop("min_new_tokens", None)  # it bound the first token only
         ends = options.get("eos_token_id")
@@ -138,37 +111,15 @@ class Prefill:
         if getattr(model, "_refreekv_handle", None) is None:
             raise RuntimeError("decoding from a branched cache needs the model patched (refreekv.patch) for its masks")
         output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
+            input_ids=self.input_ids,
+            attention_mask=self.attention_mask,
             past_key_values=cache,
             max_new_tokens=max_new_tokens - 1,
             do_sample=False,
             num_beams=1,
             **options,
         )
-        return torch.cat([first, output[:, input_ids.shape[1] :]], dim=1)
-
-
-def _stack_layers(layers: list, prompt_valid: torch.Tensor) -> CompressedLayer:
-    """Several branches' cache layers of one prompt batch as one compressed
-    layer (see `Prefill.stack`)."""
-    length = prompt_valid.shape[1]
-    rows = max(layer.keys.shape[2] for layer in layers)
-    keys, values, valid = [], [], []
-    for layer in layers:
-        held = layer.keys.shape[2]
-        if isinstance(layer, CompressedLayer):
-            layer_valid = layer.prompt_valid
-            if layer_valid is None:
-                layer_valid = torch.ones(held, dtype=torch.bool, device=layer.keys.device).expand(layer.keys.shape[0], 1, held)
-        else:
-            layer_valid = prompt_valid[:, None, :]  # the whole prompt, left padding masked
-        keys.append(F.pad(layer.keys, (0, 0, 0, rows - held)))
-        values.append(F.pad(layer.values, (0, 0, 0, rows - held)))
-        valid.append(layer_valid)
-    heads = max(v.shape[1] for v in valid)
-    valid = [F.pad(v.expand(-1, heads, -1), (0, rows - v.shape[2]), value=False) for v in valid]
-    return CompressedLayer(torch.cat(keys), torch.cat(values), torch.cat(valid), length - rows)
+        return torch.cat([first, output[:, self.input_ids.shape[1] :]], dim=1)
 
 
 def _full_layer(key: torch.Tensor, value: torch.Tensor):
