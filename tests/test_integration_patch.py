@@ -218,3 +218,23 @@ def test_compression_happens_on_prefill_only_and_each_call_starts_fresh(model, b
         step_mask = torch.cat([attention_mask, torch.ones(3, 1, dtype=attention_mask.dtype)], dim=1)
         out = model(input_ids=input_ids[:, -1:], attention_mask=step_mask, past_key_values=out.past_key_values, use_cache=True)
         assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [r + 1 for r in rows]
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_masked_sdpa_shares_kv_heads_with_the_same_result(groups):
+    """Decoding a compressed cache always passes a mask; refreekv then lets
+    SDPA share each KV head with its query group instead of repeating the
+    heads as transformers does. The output is the same, bit for bit."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from refreekv.integration.compat import masked_sdpa_attention
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(5, 3 * groups, 2, 16, generator=generator)
+    key, value = (torch.randn(5, 3, 70, 16, generator=generator) for _ in range(2))
+    mask = torch.rand(5, 1, 2, 70, generator=generator) > 0.3
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = groups, True, False
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3, dropout=0.0)
+    output, weights = masked_sdpa_attention(module, query, key, value, mask, scaling=0.3, dropout=0.0)
+    assert weights is None and torch.equal(output, expected)

@@ -24,6 +24,7 @@ __all__ = [
     "cache_from_layers",
     "check_cache",
     "check_supported",
+    "masked_sdpa_attention",
     "new_cache",
     "register_attention",
     "unregister_attention",
@@ -78,6 +79,19 @@ def base_attention_function(model: PreTrainedModel, implementation: str) -> Call
         attention_class = type(attention_layers(model)[0])
         return sys.modules[attention_class.__module__].eager_attention_forward
     return AttentionInterface._global_mapping[implementation]
+
+
+def masked_sdpa_attention(module, query, key, value, attention_mask: torch.Tensor, *, scaling=None, dropout=0.0, **kwargs):
+    """transformers' sdpa attention for a boolean mask, with each KV head
+    shared by its query group inside SDPA (`enable_gqa`). transformers
+    repeats the KV heads whenever a mask is given, a copy of the whole
+    cache per layer and step that dominates decoding a compressed (always
+    masked) cache; the result is the same (tested bitwise)."""
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )  # fmt: skip
+    return output.transpose(1, 2).contiguous(), None
 
 
 def register_attention(name: str, function: Callable, base_implementation: str) -> None:
