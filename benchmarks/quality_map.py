@@ -87,6 +87,8 @@ def main() -> None:
     speed = harness_speed(work, Path(args.grid), lengths[0], ["qa_planted"], args.speed_samples, args.batch_size)
 
     output.mkdir(parents=True, exist_ok=True)
+    for stale in output.glob("*.png"):  # a figure this run does not draw must not linger
+        stale.unlink()
     for path in (work / "sweep").iterdir():
         if path.suffix in (".md", ".csv", ".json", ".png") and path.name not in ("report.json",):
             shutil.copy2(path, output / path.name)
