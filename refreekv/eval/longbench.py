@@ -19,16 +19,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from refreekv.eval.options import comma_separated
 from refreekv.eval.tasks import ALL_TASKS, ENGLISH_TASKS, LONGBENCH_E_TASKS
 
 __all__ = ["build_parser", "main"]
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, threads_help: str) -> None:
@@ -95,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--model", required=True, help="a local transformers model folder, or 'bundled:smollm2'")
     sweep.add_argument("--grid", required=True, help="TOML file: one table of options per method, lists are swept")
-    sweep.add_argument("--lengths", required=True, type=_int_list, help="context lengths in model tokens, e.g. 1024,2048")
+    sweep.add_argument("--lengths", required=True, type=comma_separated(int), help="context lengths in model tokens, e.g. 1024,2048")
     sweep.add_argument("--suite", default=None, choices=["ruler"], help="generate this suite into OUTPUT_DIR/data")
     sweep.add_argument("--data-dir", default=None, help="instead of --suite: a folder of <length>/<task>.jsonl")
     sweep.add_argument("--tasks", default=None, help="comma-separated tasks (default: every task of the suite)")

@@ -8,6 +8,8 @@ protected_layers=0,1` and `protected_layers = [0, 1]` give the same value.
 
 from __future__ import annotations
 
+import argparse
+
 from typing import Any, Callable, Iterable
 
 from refreekv.eval.errors import UsageError
@@ -169,3 +171,17 @@ def method_label(method: str, options: dict[str, Any], always: Iterable[str] = (
     always = set(always)
     shown = [f"{k}={format_value(v)}" for k, v in options.items() if k in always or defaults.get(k) != v]
     return f"{method}({', '.join(shown)})" if shown else method
+
+
+def comma_separated(kind: Callable[[str], Any]) -> Callable[[str], list]:
+    """An argparse type for a comma-separated list of `kind` values
+    (e.g. `--lengths 1024,2048`); bad text is a usage error that says what
+    was expected."""
+
+    def convert(text: str) -> list:
+        try:
+            return [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+
+    return convert

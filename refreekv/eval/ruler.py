@@ -89,8 +89,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from refreekv.eval.data import Sample
 from refreekv.eval.models import BUNDLED_MODEL
+from refreekv.eval.options import comma_separated
 from refreekv.eval.prompting import build_input
-from refreekv.eval.synthetic import _FACT_TEMPLATES, _FILL, _id
+from refreekv.eval.synthetic import _FACT_TEMPLATES, _id, fact_values
 from refreekv.eval.tasks import RULER_TASKS, TASKS
 
 __all__ = [
@@ -360,9 +361,7 @@ def qa_planted(rng, index, depth, max_words) -> _Draft:
     haystack = _Haystack(rng, max_words)
     statement, question, answer = _FACT_TEMPLATES[index % len(_FACT_TEMPLATES)]
     for _ in range(1000):
-        values = {key: rng.choice(options) for key, options in _FILL.items()}
-        values["number"] = str(rng.randint(1000, 9999))
-        values["Color"] = values["color"].capitalize()
+        values = fact_values(rng)
         if not haystack.contains(answer.format(**values)):
             break
     else:
@@ -559,22 +558,14 @@ def load_tokenizer(model: str):
     return AutoTokenizer.from_pretrained(model)
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
-
-
-def _float_list(text: str) -> list[float]:
-    return [float(part) for part in text.split(",") if part.strip()]
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Write a RULER-style synthetic suite in LongBench's format.")
     parser.add_argument("--output-dir", required=True, help="writes OUTPUT_DIR/<length>/<task>.jsonl")
-    parser.add_argument("--lengths", type=_int_list, default=[1024, 2048], help="input tokens, e.g. 1024,2048")
+    parser.add_argument("--lengths", type=comma_separated(int), default=[1024, 2048], help="input tokens, e.g. 1024,2048")
     parser.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", default=",".join(RULER_TASKS), help="comma-separated (default: all 8)")
-    parser.add_argument("--depths", type=_float_list, default=list(DEFAULT_DEPTHS),
+    parser.add_argument("--depths", type=comma_separated(float), default=list(DEFAULT_DEPTHS),
                         help="needle depths, cycled over the samples (default 0,0.25,0.5,0.75,1)")  # fmt: skip
     parser.add_argument("--model", default=BUNDLED_MODEL, help="whose tokenizer counts the tokens: "
                         f"{BUNDLED_MODEL} or a local model folder")  # fmt: skip

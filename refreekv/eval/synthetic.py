@@ -106,11 +106,17 @@ def passage_count(words, rng, index, seed, total_words) -> dict:
     return _record("passage_count", index, seed, context, "", str(unique))
 
 
-def planted_fact(words, rng, index, seed, total_words) -> dict:
-    statement, question, answer = _FACT_TEMPLATES[index % len(_FACT_TEMPLATES)]
+def fact_values(rng: random.Random) -> dict[str, str]:
+    """One random filling of every field the fact templates use."""
     values = {key: rng.choice(options) for key, options in _FILL.items()}
     values["number"] = str(rng.randint(1000, 9999))
     values["Color"] = values["color"].capitalize()
+    return values
+
+
+def planted_fact(words, rng, index, seed, total_words) -> dict:
+    statement, question, answer = _FACT_TEMPLATES[index % len(_FACT_TEMPLATES)]
+    values = fact_values(rng)
     start = rng.randrange(0, len(words) - total_words)
     haystack = words[start : start + total_words]
     cut = int(len(haystack) * rng.uniform(0.1, 0.9))
