@@ -28,7 +28,7 @@ import torch
 
 from refreekv.compression import CompressionMethod, LayerInputs
 from refreekv.integration import compat
-from refreekv.integration.cache import compress_layer
+from refreekv.integration.cache import GrowingLayer, compress_layer
 from refreekv.integration.stats import CompressionStats
 
 __all__ = ["Prefill", "prefill"]
@@ -86,7 +86,7 @@ class Prefill:
             compressed = None
             if not method.is_protected(inputs.layer_idx, inputs.num_layers):
                 compressed = compress_layer(method, inputs, value, evict=evict)
-            cache_layers.append(compressed if compressed is not None else _full_layer(inputs.key, value))
+            cache_layers.append(compressed if compressed is not None else GrowingLayer(inputs.key, value))
         cache = compat.cache_from_layers(self.model, cache_layers)
         stats = CompressionStats.from_cache(cache_layers, first.real_len, self.stats.kv_bytes_before, evict=evict)
         return cache, stats
@@ -120,13 +120,6 @@ class Prefill:
             **options,
         )
         return torch.cat([first, output[:, self.input_ids.shape[1] :]], dim=1)
-
-
-def _full_layer(key: torch.Tensor, value: torch.Tensor):
-    layer = compat.DynamicLayer()
-    layer.lazy_initialization(key, value)
-    layer.keys, layer.values = key, value
-    return layer
 
 
 @torch.no_grad()

@@ -17,10 +17,76 @@ from refreekv.compression import CompressionMethod, KeepPlan, LayerInputs
 from refreekv.integration.compat import DynamicLayer
 from refreekv.ops import compact_kv
 
-__all__ = ["CompressedLayer", "compress_layer"]
+__all__ = ["CompressedLayer", "GrowingLayer", "compress_layer"]
 
 
-class CompressedLayer(DynamicLayer):
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer that appends decoded tokens into spare capacity.
+
+    transformers' layer concatenates on every update, a fresh copy of the
+    whole cache per layer and decoded token that costs more than the
+    attention itself. This one writes into a buffer with headroom and holds
+    views of its filled part; it reallocates (one copy) when the headroom
+    runs out, growing by an eighth, at least `MIN_HEADROOM` rows. The tensors
+    it starts from are never written to: they may be shared (a branched
+    prefill hands the same prompt to many caches). Neither are tensors that
+    transformers assigns (cropping, beam reordering, batch selection): an
+    update after such an assignment adopts them and appends by reallocating.
+    """
+
+    MIN_HEADROOM = 256
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+        self._adopt()
+
+    def _adopt(self) -> None:
+        # The held tensors become the buffers, not ours to write into, so the
+        # next append reallocates.
+        self._key_buffer, self._value_buffer = self.keys, self.values
+        self._owns_buffers = False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self._holds_buffer_views():
+            self._adopt()
+        length = self.keys.shape[-2]
+        needed = length + key_states.shape[-2]
+        if not self._owns_buffers or needed > self._key_buffer.shape[-2]:
+            capacity = needed + max(self.MIN_HEADROOM, needed // 8)
+            self._key_buffer = _with_capacity(self.keys, capacity)
+            self._value_buffer = _with_capacity(self.values, capacity)
+            self._owns_buffers = True
+        self._key_buffer[..., length:needed, :] = key_states
+        self._value_buffer[..., length:needed, :] = value_states
+        self.keys = self._key_buffer[..., :needed, :]
+        self.values = self._value_buffer[..., :needed, :]
+        return self.keys, self.values
+
+    def _holds_buffer_views(self) -> bool:
+        return _starts_at(self.keys, self._key_buffer) and _starts_at(self.values, self._value_buffer)
+
+
+def _starts_at(view: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether `view` is the first rows of `buffer`, as `update` and
+    cropping leave it."""
+    return (
+        view.data_ptr() == buffer.data_ptr()
+        and view.stride() == buffer.stride()
+        and view.shape[:-2] == buffer.shape[:-2]
+        and view.shape[-1] == buffer.shape[-1]
+    )
+
+
+def _with_capacity(rows: torch.Tensor, capacity: int) -> torch.Tensor:
+    """A new [..., capacity, d] buffer whose first rows are a copy of `rows`."""
+    buffer = rows.new_empty(*rows.shape[:-2], capacity, rows.shape[-1])
+    buffer[..., : rows.shape[-2], :] = rows
+    return buffer
+
+
+class CompressedLayer(GrowingLayer):
     """A DynamicLayer whose first `prompt_rows` rows are a compressed prompt.
 
     prompt_valid: [b, heads, prompt_rows] bool with heads 1 or Hkv, False on
@@ -34,9 +100,7 @@ class CompressedLayer(DynamicLayer):
     is_croppable = False
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, prompt_valid: Optional[torch.Tensor], evicted: int):
-        super().__init__()
-        self.lazy_initialization(keys, values)
-        self.keys, self.values = keys, values
+        super().__init__(keys, values)
         self.prompt_rows = keys.shape[-2]
         self.prompt_valid = prompt_valid
         self.evicted = evicted

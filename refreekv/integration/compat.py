@@ -24,6 +24,7 @@ __all__ = [
     "cache_from_layers",
     "check_cache",
     "check_supported",
+    "masked_sdpa_applies",
     "masked_sdpa_attention",
     "new_cache",
     "register_attention",
@@ -81,12 +82,21 @@ def base_attention_function(model: PreTrainedModel, implementation: str) -> Call
     return AttentionInterface._global_mapping[implementation]
 
 
+def masked_sdpa_applies(implementation: str, query: torch.Tensor, attention_mask) -> bool:
+    """Whether `masked_sdpa_attention` replaces the model's attention for a
+    decoding step: sdpa with a mask, on the CPU. On CUDA, SDPA with both a
+    mask and `enable_gqa` falls back to its math kernel (transformers avoids
+    it for that reason), so the model's own path stays."""
+    return implementation == "sdpa" and attention_mask is not None and query.device.type == "cpu"
+
+
 def masked_sdpa_attention(module, query, key, value, attention_mask: torch.Tensor, *, scaling=None, dropout=0.0, **kwargs):
     """transformers' sdpa attention for a boolean mask, with each KV head
     shared by its query group inside SDPA (`enable_gqa`). transformers
     repeats the KV heads whenever a mask is given, a copy of the whole
-    cache per layer and step that dominates decoding a compressed (always
-    masked) cache; the result is the same (tested bitwise)."""
+    cache per layer and step that dominates decoding a padded batch or a
+    compressed (always masked) cache; the result is the same (tested
+    bitwise)."""
     output = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1],

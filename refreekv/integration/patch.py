@@ -181,8 +181,8 @@ class PatchHandle:
         layer = self._cache.layers[layer_idx] if self._cache is not None else None
         if isinstance(layer, CompressedLayer):
             attention_mask = self._held_rows_mask(layer, attention_mask, query, key.shape[2])
-            if self._base_implementation == "sdpa" and attention_mask is not None:
-                return compat.masked_sdpa_attention(module, query, key, value, attention_mask, **kwargs)
+        if compat.masked_sdpa_applies(self._base_implementation, query, attention_mask):
+            return compat.masked_sdpa_attention(module, query, key, value, attention_mask, **kwargs)
         return self._base_attention(module, query, key, value, attention_mask, **kwargs)
 
     def _compress(self, layer_idx: int, query, key, value, scaling: float) -> None:
