@@ -7,7 +7,7 @@ DEPS   := $(VENV)/.deps-installed
 EXT    := $(VENV)/.extension-built
 NATIVE_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
 
-.PHONY: setup build test demo bench bench-ops needle-sweep quality cuda-build clean
+.PHONY: setup build test demo bench bench-ops needle-sweep quality stopping-rules cuda-build clean
 
 setup: $(DEPS)
 
@@ -50,6 +50,15 @@ needle-sweep: build
 # tables, figures and run.json go to benchmarks/results/quality/.
 quality: build
 	$(PY) benchmarks/quality_map.py
+
+# The stopping-rule study (docs/coverage.md): Coverage's axes one at a time
+# with the quality grid at 1k and 2k tokens (sweeps/stopping_rules.toml), then
+# the chosen settings with the baselines at 4k (sweeps/stopping_rules_long.toml);
+# tables and frontier in benchmarks/results/stopping_rules/. About 1.5 hours on
+# 2 cores from nothing; STUDY_ARGS="--reuse build/quality/sweep" starts from a
+# finished `make quality` and only adds the study's points.
+stopping-rules: build
+	$(PY) benchmarks/stopping_rules.py $(STUDY_ARGS)
 
 # CUDA build check, on any machine with nvcc (no GPU needed): a second venv
 # with torch built for CUDA 13.0, the extension compiled out of tree with the

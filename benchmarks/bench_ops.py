@@ -19,6 +19,10 @@ and asserts nothing about time.
                         Reference: the vectorized search of the authors'
                         released code (cumulative sum of squares, square root,
                         mean over heads, where, max).
+  mass_keep_count       c in {1024, 4096, 16384}, H=32, tolerance 0.01.
+                        Reference: plain PyTorch in float64 (cumulative sum,
+                        dropped mass M - P(r) for every r, count of the r
+                        that miss the rule).
   compact_kv            n in {1024, 4096, 16384}, half the positions kept
                         (4 sinks + the most recent); reference: torch.gather.
 
@@ -70,6 +74,7 @@ KV_HEADS = 2
 HEAD_DIM = 128
 KEEP_COUNT_HEADS = 32
 THRESHOLD = 0.01
+TOLERANCE = 0.01  # mass_keep_count's delta
 NUM_SINKS = 4
 SEED = 0
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -107,6 +112,17 @@ def reference_compact_kv(
     key_out = key.gather(2, keep_index[..., None].expand(-1, -1, -1, key.shape[3]))
     value_out = value.gather(2, keep_index[..., None].expand(-1, -1, -1, value.shape[3]))
     return key_out, value_out, valid
+
+
+def reference_mass_keep_count(ranked_scores: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """The first r with M - P(r) <= delta M, vectorized: float64 cumulative
+    sums P(r), and the count of the r that miss the rule (the dropped mass
+    never grows with r, so they are exactly the r before the first that
+    meets it). The cases have positive scores, so M > 0 and no special case
+    applies."""
+    prefix = ranked_scores.double().cumsum(-1)  # P(r), r = 1..c: [b, H, c]
+    total = prefix[..., -1:]  # M
+    return (total - prefix > tolerance * total).sum(-1) + 1
 
 
 # ----------------------------------------------------------------------------
@@ -147,6 +163,14 @@ def keep_count_inputs(case: dict, dtype: torch.dtype) -> tuple:
 
 def keep_count_reference_bytes(case: dict, dtype: torch.dtype) -> int:
     return 3 * BATCH * KEEP_COUNT_HEADS * case["c"] * 4  # squares, cumsum, sqrt
+
+
+def mass_keep_count_inputs(case: dict, dtype: torch.dtype) -> tuple:
+    return keep_count_inputs(case, dtype)[0], TOLERANCE
+
+
+def mass_keep_count_reference_bytes(case: dict, dtype: torch.dtype) -> int:
+    return BATCH * KEEP_COUNT_HEADS * case["c"] * (3 * 8 + 1)  # float64 copy, cumsum, difference; bool
 
 
 def keep_count_check(ours: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> dict:
@@ -222,6 +246,17 @@ OPERATORS = {
             {"c": 64},
         ),
         Operator(
+            "mass_keep_count",
+            f"b={BATCH}, H={KEEP_COUNT_HEADS}, tolerance {TOLERANCE}",
+            "c",
+            mass_keep_count_inputs,
+            refreekv.mass_keep_count,
+            reference_mass_keep_count,
+            mass_keep_count_reference_bytes,
+            keep_count_check,
+            {"c": 64},
+        ),
+        Operator(
             "compact_kv",
             f"b={BATCH}, Hkv={KV_HEADS}, d={HEAD_DIM}, keeps n/2",
             "n",
@@ -241,7 +276,7 @@ def cases(operator: str, quick: bool) -> list[dict]:
     if operator == "attention_importance":
         windows = [1, 64] if quick else [1, 8, 64]
         return [{"n": n, "w": w} for n in sizes for w in [*windows, n]]
-    if operator == "adaptive_keep_count":
+    if operator in ("adaptive_keep_count", "mass_keep_count"):
         return [{"c": c} for c in sizes]
     return [{"n": n} for n in sizes]
 
@@ -459,7 +494,7 @@ def main() -> None:
     print(f"machine: {host['cpu']}, torch.get_num_threads() = {host['threads']}, torch {host['torch']}, MemAvailable {host['mem_available_gib']:.1f} GiB")
     print("ms: median per call; MiB: peak resident growth of one call (fresh process each); speedup = ref / ours;")
     print("others: CPU share other processes took during the case (high = unreliable times)")
-    results: dict = {"machine": host, "dtype": args.dtype, "quick": args.quick, "threshold": THRESHOLD}
+    results: dict = {"machine": host, "dtype": args.dtype, "quick": args.quick, "threshold": THRESHOLD, "tolerance": TOLERANCE}
     mismatches = []
     for operator in OPERATORS.values():
         print_header(operator, args.dtype)

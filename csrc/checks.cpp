@@ -47,6 +47,28 @@ GroupReduce parse_group_reduce(std::string_view s) {
               std::string(s), "'");
 }
 
+// What adaptive_keep_count and mass_keep_count share: ranked scores
+// [b, H, c], a fraction in [0, 1) named `fraction_name`, optional lengths [b].
+KeepCountParams check_ranked_inputs(const char* op, const at::Tensor& ranked_scores,
+                                    const char* fraction_name, double fraction,
+                                    const std::optional<at::Tensor>& valid_len) {
+  check_rank(op, "ranked_scores", ranked_scores, 3, "[batch, heads, candidates]");
+  check_float_input(op, "ranked_scores", ranked_scores);
+  TORCH_CHECK(fraction >= 0.0 && fraction < 1.0, op, ": expected ",
+              fraction_name, " in [0, 1), got ", fraction);
+  const KeepCountParams p{ranked_scores.size(0), ranked_scores.size(1),
+                          ranked_scores.size(2)};
+  if (valid_len.has_value()) {
+    const at::Tensor& len = *valid_len;
+    check_rank(op, "valid_len", len, 1, "[batch]");
+    TORCH_CHECK(len.scalar_type() == at::kLong, op,
+                ": expected valid_len of dtype int64, got ", len.scalar_type());
+    check_same_device(op, "valid_len", len, "ranked_scores", ranked_scores);
+    check_dim(op, "valid_len", len, 0, p.batch, "batch size of ranked_scores");
+  }
+  return p;
+}
+
 }  // namespace
 
 ImportanceParams check_importance_inputs(const at::Tensor& query,
@@ -105,23 +127,35 @@ KeepCountParams check_keep_count_inputs(const at::Tensor& ranked_scores,
                                         double threshold,
                                         const std::optional<at::Tensor>& valid_len) {
   constexpr const char* op = "adaptive_keep_count";
-  check_rank(op, "ranked_scores", ranked_scores, 3, "[batch, heads, candidates]");
-  check_float_input(op, "ranked_scores", ranked_scores);
-  TORCH_CHECK(threshold >= 0.0 && threshold < 1.0, op,
-              ": expected threshold in [0, 1), got ", threshold);
-  KeepCountParams p{ranked_scores.size(0), ranked_scores.size(1),
-                    ranked_scores.size(2)};
+  const KeepCountParams p =
+      check_ranked_inputs(op, ranked_scores, "threshold", threshold, valid_len);
+  // B is a mean over heads.
   TORCH_CHECK(p.heads >= 1, op, ": expected at least one head, got shape ",
               ranked_scores.sizes());
-  if (valid_len.has_value()) {
-    const at::Tensor& len = *valid_len;
-    check_rank(op, "valid_len", len, 1, "[batch]");
-    TORCH_CHECK(len.scalar_type() == at::kLong, op,
-                ": expected valid_len of dtype int64, got ", len.scalar_type());
-    check_same_device(op, "valid_len", len, "ranked_scores", ranked_scores);
-    check_dim(op, "valid_len", len, 0, p.batch, "batch size of ranked_scores");
-  }
   return p;
+}
+
+KeepCountParams check_mass_keep_count_inputs(const at::Tensor& ranked_scores,
+                                             double tolerance,
+                                             const std::optional<at::Tensor>& valid_len) {
+  return check_ranked_inputs("mass_keep_count", ranked_scores, "tolerance",
+                             tolerance, valid_len);
+}
+
+std::vector<int64_t> valid_lengths(const char* op,
+                                   const std::optional<at::Tensor>& valid_len,
+                                   const KeepCountParams& p) {
+  std::vector<int64_t> valid(p.batch, p.candidates);
+  if (!valid_len.has_value()) return valid;
+  const at::Tensor lens = valid_len->contiguous();
+  const int64_t* len_data = lens.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < p.batch; ++b) {
+    TORCH_CHECK(len_data[b] >= 0 && len_data[b] <= p.candidates, op,
+                ": expected valid_len[", b, "] in [0, ", p.candidates,
+                "] (the number of candidates), got ", len_data[b]);
+    valid[b] = len_data[b];
+  }
+  return valid;
 }
 
 CompactParams check_compact_inputs(const at::Tensor& key, const at::Tensor& value,

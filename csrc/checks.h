@@ -8,6 +8,7 @@
 
 #include <optional>
 #include <string_view>
+#include <vector>
 
 namespace refreekv {
 
@@ -30,18 +31,29 @@ ImportanceParams check_importance_inputs(const at::Tensor& query,
                                          const std::optional<at::Tensor>& kv_valid,
                                          std::string_view group_reduce);
 
-// Sizes of one adaptive_keep_count call.
+// Sizes of one adaptive_keep_count or mass_keep_count call.
 struct KeepCountParams {
   int64_t batch;       // b
   int64_t heads;       // H
   int64_t candidates;  // c
 };
 
-// Checks shapes, dtypes, devices and the threshold range. The values of
-// valid_len are range-checked by the kernels, which read them anyway.
+// Checks shapes, dtypes, devices and the threshold (tolerance) range. The
+// values of valid_len are range-checked by the kernels, which read them
+// anyway.
 KeepCountParams check_keep_count_inputs(const at::Tensor& ranked_scores,
                                         double threshold,
                                         const std::optional<at::Tensor>& valid_len);
+KeepCountParams check_mass_keep_count_inputs(const at::Tensor& ranked_scores,
+                                             double tolerance,
+                                             const std::optional<at::Tensor>& valid_len);
+
+// CPU kernels only (it reads the tensor on the host): each sequence's number
+// of valid candidates, c where valid_len is absent, each checked to lie in
+// [0, c]. `op` names the operator in the message.
+std::vector<int64_t> valid_lengths(const char* op,
+                                   const std::optional<at::Tensor>& valid_len,
+                                   const KeepCountParams& p);
 
 // Sizes of one compact_kv call.
 struct CompactParams {

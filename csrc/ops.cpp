@@ -14,6 +14,9 @@ TORCH_LIBRARY(refreekv, m) {
       "adaptive_keep_count(Tensor ranked_scores, float threshold, "
       "Tensor? valid_len=None) -> Tensor");
   m.def(
+      "mass_keep_count(Tensor ranked_scores, float tolerance, "
+      "Tensor? valid_len=None) -> Tensor");
+  m.def(
       "compact_kv(Tensor key, Tensor value, Tensor keep_index, Tensor keep_len) "
       "-> (Tensor, Tensor, Tensor)");
 }

@@ -8,7 +8,7 @@ prefill; `refreekv.methods()` lists the methods and their options.
 from typing import Any
 
 from refreekv._native import built_with_cuda
-from refreekv.ops import adaptive_keep_count, attention_importance, compact_kv
+from refreekv.ops import adaptive_keep_count, attention_importance, compact_kv, mass_keep_count
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "attention_importance",
     "built_with_cuda",
     "compact_kv",
+    "mass_keep_count",
     "methods",
     "patch",
 ]

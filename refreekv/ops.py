@@ -14,7 +14,7 @@ import torch
 
 from refreekv import _native  # noqa: F401  (registers torch.ops.refreekv)
 
-__all__ = ["attention_importance", "adaptive_keep_count", "compact_kv"]
+__all__ = ["attention_importance", "adaptive_keep_count", "mass_keep_count", "compact_kv"]
 
 GroupReduce = Optional[Literal["mean", "max"]]
 
@@ -93,6 +93,41 @@ def adaptive_keep_count(
     return torch.ops.refreekv.adaptive_keep_count.default(ranked_scores, float(threshold), valid_len)
 
 
+def mass_keep_count(
+    ranked_scores: torch.Tensor,
+    tolerance: float,
+    *,
+    valid_len: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""How many candidates each head keeps so that the dropped score mass
+    stays within a tolerance.
+
+    Args:
+        ranked_scores: ``[b, H, c]`` float32/float16/bfloat16 non-negative
+            scores, each head's already in rank order, most important first.
+        tolerance: ``delta`` in ``[0, 1)``, the tolerated share of the mass.
+        valid_len: optional int64 ``[b]``, the number of leading candidates
+            that are real for each sequence (the rest are ignored, whatever
+            they hold).
+
+    Returns:
+        int64 ``[b, H]``: for each sequence and head, with ``V`` valid
+        candidates ``a[0:V]``,
+
+        .. math::
+            M = \sum_{j < V} a[j], \qquad
+            r^* = \min \{ r \in [1, V] : \textstyle\sum_{r \le j < V} a[j]
+                   \le \delta M \}
+
+        ``V`` when ``M == 0`` (nothing to tell candidates apart), ``0`` when
+        ``V == 0``. With ``delta = 0`` the count reaches the last non-zero
+        score exactly, however small, so no mass at all is dropped. Sums are
+        in float64. Negative or non-finite scores are an error (on CUDA a
+        device-side assertion, which needs no host synchronization).
+    """
+    return torch.ops.refreekv.mass_keep_count.default(ranked_scores, float(tolerance), valid_len)
+
+
 def compact_kv(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -126,6 +161,11 @@ def _attention_importance_fake(query, key, scale, kv_valid=None, normalize=True,
 @torch.library.register_fake("refreekv::adaptive_keep_count")
 def _adaptive_keep_count_fake(ranked_scores, threshold, valid_len=None):
     return ranked_scores.new_empty((ranked_scores.shape[0],), dtype=torch.int64)
+
+
+@torch.library.register_fake("refreekv::mass_keep_count")
+def _mass_keep_count_fake(ranked_scores, tolerance, valid_len=None):
+    return ranked_scores.new_empty(ranked_scores.shape[:2], dtype=torch.int64)
 
 
 @torch.library.register_fake("refreekv::compact_kv")

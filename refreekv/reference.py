@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["attention_importance", "adaptive_keep_count", "compact_kv", "released_code_keep_count"]
+__all__ = ["attention_importance", "adaptive_keep_count", "mass_keep_count", "compact_kv", "released_code_keep_count"]
 
 
 def attention_importance(
@@ -77,6 +77,33 @@ def adaptive_keep_count(
             meets = (total - norms) / total <= threshold
             counts.append(int(meets.nonzero()[0]) + 1)
     return torch.tensor(counts, dtype=torch.int64, device=ranked_scores.device)
+
+
+def mass_keep_count(
+    ranked_scores: torch.Tensor,
+    tolerance: float,
+    *,
+    valid_len: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The rule of :func:`refreekv.ops.mass_keep_count` evaluated literally in
+    float64, one sequence at a time. Every dropped mass is its own sum (a
+    reversed cumulative sum) rather than ``M - P(r)``, so it is exactly zero
+    only past the last non-zero score and ``tolerance = 0`` needs no special
+    case."""
+    batch, heads, candidates = ranked_scores.shape
+    counts = torch.zeros(batch, heads, dtype=torch.int64, device=ranked_scores.device)
+    for b in range(batch):
+        valid = candidates if valid_len is None else int(valid_len[b])
+        if valid == 0:
+            continue
+        scores = ranked_scores[b, :, :valid].double()
+        total = scores.sum(dim=-1, keepdim=True)  # M
+        from_r = scores.flip(-1).cumsum(-1).flip(-1)  # sum a[r:V] for r = 0..V-1
+        dropped = torch.cat([from_r[:, 1:], scores.new_zeros(heads, 1)], dim=-1)  # r = 1..V
+        meets = dropped <= tolerance * total
+        first = meets.byte().argmax(dim=-1) + 1  # argmax gives the first maximum; r = V always meets
+        counts[b] = torch.where(total[:, 0] == 0, valid, first)
+    return counts
 
 
 def released_code_keep_count(ranked_scores: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -137,7 +137,8 @@ def test_pyramidkv_budgets_shrink_with_depth_around_the_mean():
 
 def test_methods_listing():
     listing = refreekv.methods()
-    assert list(listing) == ["refreekv", "fullkv", "streamingllm", "h2o", "snapkv", "pyramidkv"]
+    assert list(listing) == ["refreekv", "coverage", "fullkv", "streamingllm", "h2o", "snapkv", "pyramidkv"]
     assert listing["refreekv"]["threshold"] == 0.01 and listing["refreekv"]["protected_layers"] == (0, 1)
     assert listing["snapkv"] == {"budget": 0.5, "window": 8, "kernel": 7, "pooling": "max", "protected_layers": ()}
     assert listing["fullkv"] == {}
+    assert listing["coverage"]["stop"] == "mass" and listing["coverage"]["protected_layers"] == ()

@@ -16,7 +16,7 @@ def model():
 
 
 BAD_OPTIONS = {
-    "unknown method": (("kivi",), {}, ValueError, r"unknown method 'kivi'; available: refreekv, fullkv, streamingllm, h2o, snapkv, pyramidkv"),
+    "unknown method": (("kivi",), {}, ValueError, r"unknown method 'kivi'; available: refreekv, coverage, fullkv, streamingllm, h2o, snapkv, pyramidkv"),
     "unknown option": (("snapkv",), {"treshold": 0.1}, TypeError, r"method 'snapkv' has no option 'treshold'; its options: budget, window, kernel, pooling, protected_layers"),
     "negative threshold": (("refreekv",), {"threshold": -0.01}, ValueError, r"threshold must be in \[0, 1\), got -0.01"),
     "threshold one": (("refreekv",), {"threshold": 1.0}, ValueError, r"threshold must be in \[0, 1\), got 1.0"),
@@ -33,6 +33,8 @@ BAD_OPTIONS = {
     "window": (("snapkv",), {"window": 0}, ValueError, r"window must be an integer >= 1, got 0"),
     "beta": (("pyramidkv",), {"beta": 0.5}, ValueError, r"beta must be a number >= 1, got 0.5"),
     "window rows": (("refreekv",), {"window_rows": 0}, ValueError, r"budget as a token count must be >= 1, got 0"),
+    "tolerance": (("coverage",), {"tolerance": 1.5}, ValueError, r"tolerance must be in \[0, 1\), got 1.5"),
+    "stop": (("coverage",), {"stop": "entropy"}, ValueError, r"stop must be one of 'mass', 'norm', 'output'; got 'entropy'"),
 }
 
 

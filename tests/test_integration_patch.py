@@ -14,6 +14,9 @@ METHODS = {
     "refreekv": {},
     "refreekv-attention-ranking": {"method": "refreekv", "ranking": "attention", "threshold": 0.05},
     "refreekv-sinks-in-norm": {"method": "refreekv", "include_sinks_in_norm": True, "window_rows": 4},
+    "coverage": {"tolerance": 0.2},
+    "coverage-layer-position": {"method": "coverage", "ranking": "position", "granularity": "layer", "tolerance": 0.3},
+    "coverage-output": {"method": "coverage", "stop": "output", "tolerance": 0.2},
     "fullkv": {},
     "streamingllm": {"budget": 0.5},
     "h2o-window": {"method": "h2o", "budget": 0.5},
@@ -67,7 +70,7 @@ def test_first_token_never_changes(model, batch, unpatched, case):
     assert torch.equal(logits[:, 0], unpatched[1][:, 0]), "prefill must attend over the full prompt"
 
 
-@pytest.mark.parametrize("method,options", [("refreekv", {"threshold": 0.0}), ("fullkv", {})])
+@pytest.mark.parametrize("method,options", [("refreekv", {"threshold": 0.0}), ("coverage", {"tolerance": 0.0}), ("fullkv", {})])
 def test_lossless_settings_are_identical_to_the_unpatched_model(model, batch, unpatched, method, options):
     with refreekv.patch(model, method, **options) as kv:
         tokens, logits = greedy(model, *batch)
@@ -85,7 +88,7 @@ def test_patch_remove_round_trip_is_bitwise(model, batch, unpatched):
     assert torch.equal(tokens, unpatched[0]) and torch.equal(logits, unpatched[1])
 
 
-@pytest.mark.parametrize("case", ["refreekv", "snapkv", "streamingllm"])
+@pytest.mark.parametrize("case", ["refreekv", "coverage", "coverage-output", "snapkv", "streamingllm"])
 def test_batching_is_transparent(model, batch, case):
     method, options = method_args(case)
     input_ids, attention_mask = batch
@@ -116,7 +119,7 @@ def test_keep_counts_follow_the_stopping_rule(model, batch):
             continue
         newest_first = weights[:, :, -1, :].flip(-1)  # [b, H, n]
         recent = reference.adaptive_keep_count(newest_first, 0.01, valid_len=real_len - sinks)
-        assert torch.equal(kv.stats.kept[layer], recent + sinks), f"layer {layer}"
+        assert torch.equal(kv.stats.kept[layer], (recent + sinks).double()), f"layer {layer}"
 
 
 def test_stats_match_the_cache_held(model, batch):
@@ -133,13 +136,14 @@ def test_stats_match_the_cache_held(model, batch):
     assert torch.equal(kv.stats.prompt_tokens, real_len)
     for layer_idx, layer in enumerate(cache.layers):
         assert isinstance(layer, CompressedLayer)
-        assert torch.equal(kv.stats.kept[layer_idx], torch.round(real_len * 0.5).long())
+        assert torch.equal(kv.stats.kept[layer_idx], torch.round(real_len * 0.5).double())
         assert layer.keys.shape[1] == model.config.num_key_value_heads, "GQA caches stay at Hkv heads"
         assert layer.keys.shape[2] == int(kv.stats.kept[layer_idx].max())
     # Only end-padding of shorter sequences is held beyond what is kept.
     kept_bytes = int(kv.stats.kept.sum()) * row_bytes
     assert kv.stats.kv_bytes_after == kept_bytes + kv.stats.kv_padding_bytes
     assert abs(kv.stats.budget - 0.5) < 0.01
+    assert torch.equal(kv.stats.held, kv.stats.kept.long()), "every head keeps as many rows"
 
 
 def test_hand_written_loop_matches_generate(model, batch):

@@ -18,6 +18,7 @@ import refreekv
 from refreekv import reference
 from test_ops_adaptive_keep_count import assert_no_near_tie, attention_like_scores
 from test_ops_attention_importance import make_inputs
+from test_ops_mass_keep_count import assert_no_near_tie as assert_no_mass_near_tie
 
 # Runs on CUDA; REFREEKV_PARITY_DEVICE=cpu runs the same checks CPU against
 # CPU, which tests this module's own logic on a machine without a GPU.
@@ -180,6 +181,8 @@ def test_rejects_like_cpu():
         refreekv.attention_importance(torch.randn(2, 4, 3, 8, device=DEVICE), torch.randn(2, 2, 2, 8, device=DEVICE), 0.5)
     with pytest.raises(RuntimeError, match=r"expected threshold in \[0, 1\), got 1"):
         refreekv.adaptive_keep_count(torch.rand(1, 2, 10, device=DEVICE), 1.0)
+    with pytest.raises(RuntimeError, match=r"expected tolerance in \[0, 1\), got -0.5"):
+        refreekv.mass_keep_count(torch.rand(1, 2, 10, device=DEVICE), -0.5)
 
 
 # --------------------------------------------------------------------------
@@ -230,6 +233,67 @@ def test_keep_count_randomized_sweep():
             assert_keep_count_parity(scores, threshold, valid_len)
         except AssertionError as failure:
             raise AssertionError(f"case {case}: {tuple(scores.shape)} T={threshold} valid_len={valid_len}") from failure
+
+
+# --------------------------------------------------------------------------
+# mass_keep_count: integers, so CUDA == CPU == float64 reference exactly
+# --------------------------------------------------------------------------
+
+
+def assert_mass_parity(scores, tolerance, valid_len=None):
+    assert_no_mass_near_tie(scores, tolerance, valid_len)
+    expected = reference.mass_keep_count(scores, tolerance, valid_len=valid_len)
+    cpu = refreekv.mass_keep_count(scores, tolerance, valid_len=valid_len)
+    s, lens = on_device(scores, valid_len)
+    ours = refreekv.mass_keep_count(s, tolerance, valid_len=lens)
+    assert ours.device.type == DEVICE and ours.dtype == torch.int64
+    assert torch.equal(ours.cpu(), cpu), (ours, cpu)
+    assert torch.equal(ours.cpu(), expected), (ours, expected)
+
+
+@pytest.mark.parametrize("heads", [1, 5, 32])
+@pytest.mark.parametrize("candidates", [1, 1023, 1024, 1025, 9000])
+@pytest.mark.parametrize("tolerance", [0.0, 0.001, 0.01, 0.3, 0.999])
+def test_mass_keep_count_chunks(heads, candidates, tolerance, generator):
+    # Candidates around the CUDA chunk (256 threads x 4 items = 1024).
+    scores = attention_like_scores(3, heads, candidates, generator)
+    assert_mass_parity(scores, tolerance)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_mass_keep_count_valid_len_and_dtypes(dtype, generator):
+    scores = attention_like_scores(5, 4, 5000, generator).to(dtype)
+    scores[:, :, 4000:] = 0  # trailing zeros: delta = 0 stops at the last non-zero
+    scores[3, 1, 3500] = 1e-30  # a tail no sum notices
+    scores[4] = 0  # a degenerate sequence keeps everything
+    scores[2, :, 1:] = float("nan")  # past valid_len: never read
+    valid_len = torch.tensor([5000, 0, 1, 3001, 4500])
+    for tolerance in (0.0, 0.01, 0.2):
+        assert_mass_parity(scores, tolerance, valid_len)
+    scores[2] = attention_like_scores(1, 4, 5000, generator)[0].to(dtype)
+    assert_mass_parity(scores, 0.05)
+
+
+def test_mass_keep_count_randomized_sweep():
+    rng = random.Random(57)
+    generator = torch.Generator().manual_seed(21)
+    for case in range(150):
+        batch, heads, candidates = rng.randint(1, 4), rng.randint(1, 40), rng.randint(0, 6000)
+        scores = attention_like_scores(batch, heads, candidates, generator, decay=rng.uniform(0, 8))
+        if rng.random() < 0.3:
+            scores[..., rng.randint(0, candidates) :] = 0
+        valid_len = torch.tensor([rng.randint(0, candidates) for _ in range(batch)]) if rng.random() < 0.5 else None
+        tolerance = rng.choice([0.0, rng.uniform(0, 0.05), rng.uniform(0, 0.999)])
+        try:
+            assert_mass_parity(scores, tolerance, valid_len)
+        except AssertionError as failure:
+            raise AssertionError(f"case {case}: {tuple(scores.shape)} delta={tolerance} valid_len={valid_len}") from failure
+
+
+def test_mass_keep_count_is_deterministic(generator):
+    scores = on_device(attention_like_scores(4, 32, 7000, generator, decay=0.5))[0]
+    first = refreekv.mass_keep_count(scores, 0.003)
+    assert torch.equal(first, refreekv.mass_keep_count(scores, 0.003))
 
 
 # --------------------------------------------------------------------------

@@ -69,6 +69,41 @@ def test_adaptive_keep_count_rejects(case):
         refreekv.adaptive_keep_count(scores, threshold, valid_len=valid_len)
 
 
+MASS_KEEP_COUNT_CASES = {
+    "rank": (torch.rand(2, 10), 0.01, None, r"mass_keep_count: expected ranked_scores of shape \[batch, heads, candidates\] \(3-D\), got a 2-D"),
+    "integer scores": (torch.ones(1, 2, 10, dtype=torch.int64), 0.01, None, r"expected ranked_scores to be float32, float16 or bfloat16, got Long"),
+    "negative tolerance": (torch.rand(1, 2, 10), -0.1, None, r"mass_keep_count: expected tolerance in \[0, 1\), got -0.1"),
+    "tolerance one": (torch.rand(1, 2, 10), 1.0, None, r"expected tolerance in \[0, 1\), got 1"),
+    "nan tolerance": (torch.rand(1, 2, 10), float("nan"), None, r"expected tolerance in \[0, 1\), got nan"),
+    "valid_len dtype": (torch.rand(1, 2, 10), 0.01, torch.tensor([3], dtype=torch.int32), r"expected valid_len of dtype int64, got Int"),
+    "valid_len rank": (torch.rand(1, 2, 10), 0.01, torch.tensor([[3]]), r"expected valid_len of shape \[batch\] \(1-D\), got a 2-D"),
+    "valid_len shape": (torch.rand(2, 2, 10), 0.01, torch.tensor([3]), r"expected valid_len.size\(0\) == 2 \(batch size of ranked_scores\), got 1"),
+    "valid_len too large": (torch.rand(2, 2, 10), 0.01, torch.tensor([3, 11]), r"mass_keep_count: expected valid_len\[1\] in \[0, 10\] \(the number of candidates\), got 11"),
+    "valid_len negative": (torch.rand(1, 2, 10), 0.01, torch.tensor([-1]), r"expected valid_len\[0\] in \[0, 10\] .* got -1"),
+    "nan score": (torch.tensor([[[1.0, float("nan")]]]), 0.01, None, r"expected finite, non-negative ranked_scores, got ranked_scores\[0, 0, 1\] = nan"),
+    "inf score": (torch.tensor([[[1.0, 2.0], [float("inf"), 1.0]]]), 0.01, None, r"expected finite, non-negative ranked_scores, got ranked_scores\[0, 1, 0\] = inf"),
+    "negative score": (torch.tensor([[[1.0, 2.0]], [[0.5, -0.25]]]), 0.0, None, r"expected finite, non-negative ranked_scores, got ranked_scores\[1, 0, 1\] = -0.25"),
+    # The first bad score in row-major order is named, whatever the threads did.
+    "first of many": (torch.full((4, 8, 100), -1.0), 0.5, None, r"got ranked_scores\[0, 0, 0\] = -1"),
+}
+
+
+@pytest.mark.parametrize("case", MASS_KEEP_COUNT_CASES, ids=list(MASS_KEEP_COUNT_CASES))
+def test_mass_keep_count_rejects(case):
+    scores, tolerance, valid_len, message = MASS_KEEP_COUNT_CASES[case]
+    with pytest.raises(RuntimeError, match=message):
+        refreekv.mass_keep_count(scores, tolerance, valid_len=valid_len)
+
+
+def test_mass_keep_count_checks_bad_scores_at_any_tolerance():
+    # Validation does not depend on which path (lossless or searched) runs.
+    scores = torch.rand(2, 3, 70)
+    scores[1, 2, 65] = -1e-3
+    for tolerance in (0.0, 0.3):
+        with pytest.raises(RuntimeError, match=r"ranked_scores\[1, 2, 65\] = -0.001"):
+            refreekv.mass_keep_count(scores, tolerance)
+
+
 def compact_inputs(**changes):
     inputs = dict(
         key=torch.randn(2, 2, 10, 4),
@@ -129,6 +164,8 @@ def test_device_mismatch_is_rejected():
     meta_lengths = torch.tensor([5, 3], device="meta")
     with pytest.raises(RuntimeError, match=r"expected valid_len on the same device as ranked_scores \(cpu\), got meta"):
         call_cpu_kernel(torch.ops.refreekv.adaptive_keep_count.default, torch.rand(2, 2, 10), 0.01, meta_lengths)
+    with pytest.raises(RuntimeError, match=r"mass_keep_count: expected valid_len on the same device as ranked_scores \(cpu\), got meta"):
+        call_cpu_kernel(torch.ops.refreekv.mass_keep_count.default, torch.rand(2, 2, 10), 0.01, meta_lengths)
     inputs = compact_inputs(keep_len=meta_lengths)
     with pytest.raises(RuntimeError, match=r"expected keep_len on the same device as key \(cpu\), got meta"):
         call_cpu_kernel(torch.ops.refreekv.compact_kv.default, *inputs.values())

@@ -131,18 +131,8 @@ at::Tensor adaptive_keep_count_cpu(const at::Tensor& ranked_scores,
   const at::Tensor scores = ranked_scores.to(at::kFloat).contiguous();
   at::Tensor result = at::empty({p.batch}, scores.options().dtype(at::kLong));
 
-  std::vector<int64_t> valid(p.batch, p.candidates);
-  if (valid_len.has_value()) {
-    const at::Tensor lens = valid_len->contiguous();
-    const int64_t* len_data = lens.const_data_ptr<int64_t>();
-    for (int64_t b = 0; b < p.batch; ++b) {
-      TORCH_CHECK(len_data[b] >= 0 && len_data[b] <= p.candidates,
-                  "adaptive_keep_count: expected valid_len[", b, "] in [0, ",
-                  p.candidates, "] (the number of candidates), got ",
-                  len_data[b]);
-      valid[b] = len_data[b];
-    }
-  }
+  const std::vector<int64_t> valid =
+      valid_lengths("adaptive_keep_count", valid_len, p);
 
   const int64_t blocks = (p.candidates + kBlock - 1) / kBlock;
   std::vector<double> block_sums(p.batch * p.heads * blocks);

@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "block_reduce.cuh"
 #include "common.cuh"
 
 namespace refreekv {
@@ -32,7 +33,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
 constexpr int kItems = 4;  // consecutive candidates per thread in phase 2
 constexpr int kChunk = kThreads * kItems;
 
@@ -45,64 +45,10 @@ struct KeepCountKernelParams {
   double threshold;
 };
 
-struct BlockScratch {
-  double warp_values[kWarps];
-  double total;
-  unsigned long long first;
-};
-
-// Sum over the block in a fixed order (warp trees, then warp 0 over the
-// warps); every thread gets the result.
-__device__ double block_sum(double v, BlockScratch& s) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if (lane == 0) s.warp_values[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    double t = lane < kWarps ? s.warp_values[lane] : 0.0;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-    if (lane == 0) s.total = t;
-  }
-  __syncthreads();
-  const double total = s.total;
-  __syncthreads();  // s is reused by the next call
-  return total;
-}
-
-// Exclusive prefix sum over the block in thread order; `total` gets the sum
-// of all values.
-__device__ double block_exclusive_scan(double v, double& total, BlockScratch& s) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  double inclusive = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const double up = __shfl_up_sync(0xffffffffu, inclusive, o);
-    if (lane >= o) inclusive += up;
-  }
-  if (lane == 31) s.warp_values[warp] = inclusive;
-  __syncthreads();
-  if (warp == 0) {
-    double w = lane < kWarps ? s.warp_values[lane] : 0.0;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const double up = __shfl_up_sync(0xffffffffu, w, o);
-      if (lane >= o) w += up;
-    }
-    if (lane < kWarps) s.warp_values[lane] = w;  // inclusive over warps
-  }
-  __syncthreads();
-  const double before_warp = warp == 0 ? 0.0 : s.warp_values[warp - 1];
-  total = s.warp_values[kWarps - 1];
-  __syncthreads();  // s is reused by the next call
-  return before_warp + inclusive - v;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     keep_count_kernel(const KeepCountKernelParams p) {
-  __shared__ BlockScratch scratch;
+  __shared__ BlockScratch<kThreads> scratch;
   const int64_t b = blockIdx.x;
   const int64_t c = p.candidates;
   int64_t valid = c;
@@ -141,14 +87,9 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   if (p.threshold == 0.0) {
-    // Exactly lossless: stop only where every remaining score is zero. The
-    // maximum is exact whatever the order, so a sum-free max reduction
-    // through shared memory is deterministic.
-    if (threadIdx.x == 0) scratch.first = 0;
-    __syncthreads();
-    if (extent > 0) atomicMax(&scratch.first, static_cast<unsigned long long>(extent));
-    __syncthreads();
-    if (threadIdx.x == 0) p.out[b] = static_cast<int64_t>(scratch.first);
+    // Exactly lossless: stop only where every remaining score is zero.
+    const unsigned long long last = block_max(static_cast<unsigned long long>(extent), scratch);
+    if (threadIdx.x == 0) p.out[b] = static_cast<int64_t>(last);
     return;
   }
 
@@ -185,12 +126,7 @@ __global__ void __launch_bounds__(kThreads)
         first = static_cast<unsigned long long>(j + 1);
       }
     }
-    if (threadIdx.x == 0) scratch.first = ~0ull;
-    __syncthreads();
-    if (first != ~0ull) atomicMin(&scratch.first, first);  // min: order-free
-    __syncthreads();
-    const unsigned long long found = scratch.first;
-    __syncthreads();
+    const unsigned long long found = block_min(first, scratch);
     if (found != ~0ull) {
       if (threadIdx.x == 0) p.out[b] = static_cast<int64_t>(found);
       return;

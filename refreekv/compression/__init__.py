@@ -1,15 +1,18 @@
-"""Compression methods: ReFreeKV and the fixed-budget baselines (SPEC 2, 3)."""
+"""Compression methods: ReFreeKV, Coverage and the fixed-budget baselines
+(SPEC 2, 3; docs/coverage.md)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from refreekv.compression.base import CompressionMethod, KeepPlan, LayerInputs, PositionalMethod, ScoredMethod
+from refreekv.compression.coverage import Coverage
 from refreekv.compression.positional import ReFreeKV, StreamingLLM
 from refreekv.compression.scored import H2O, PyramidKV, SnapKV
 
 __all__ = [
     "CompressionMethod",
+    "Coverage",
     "FullKV",
     "H2O",
     "KeepPlan",
@@ -38,7 +41,7 @@ class FullKV(CompressionMethod):
 
 
 _METHODS: dict[str, type[CompressionMethod]] = {
-    cls.name: cls for cls in (ReFreeKV, FullKV, StreamingLLM, H2O, SnapKV, PyramidKV)
+    cls.name: cls for cls in (ReFreeKV, Coverage, FullKV, StreamingLLM, H2O, SnapKV, PyramidKV)
 }
 
 

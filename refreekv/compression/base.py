@@ -40,6 +40,8 @@ class LayerInputs:
     prompt_valid: [b, n] bool, False on left padding.
     real_len: [b] int64, real tokens per sequence; they occupy positions
         [n - real_len, n) because padding is on the left.
+    value: [b, Hkv, n, dv] the cached values, for methods that weigh what
+        dropping a key changes in the output (None where not supplied).
     """
 
     query: torch.Tensor
@@ -49,6 +51,7 @@ class LayerInputs:
     num_layers: int
     prompt_valid: torch.Tensor
     real_len: torch.Tensor
+    value: Optional[torch.Tensor] = None
 
     @property
     def prompt_len(self) -> int:
@@ -70,11 +73,24 @@ class KeepPlan:
 
     keep_index: [b, Hkv, r_max] int64 positions, ascending within each head
         for the first keep_len[b] entries; entries after them are ignored.
-    keep_len: [b] int64 rows kept per sequence (the same for every head).
+    keep_len: [b] int64 rows held per sequence: what every head keeps, or
+        the most any head keeps when `head_len` is given.
+    head_len: [b, Hkv] int64 rows each KV head keeps (the first ones of its
+        keep_index), for methods whose budget differs between heads; None
+        when every head keeps keep_len. The cache is then padded to
+        keep_len and each head's extra rows are masked out.
     """
 
     keep_index: torch.Tensor
     keep_len: torch.Tensor
+    head_len: Optional[torch.Tensor] = None
+
+    def kept_lengths(self) -> torch.Tensor:
+        """[b, Hkv] or [b, 1]: rows each head keeps."""
+        return self.keep_len[:, None] if self.head_len is None else self.head_len
+
+    def keeps_everything(self, real_len: torch.Tensor) -> bool:
+        return bool((self.kept_lengths() == real_len[:, None]).all())
 
 
 def check_budget(budget: Any) -> None:
@@ -190,22 +206,27 @@ class ScoredMethod(CompressionMethod):
     def keep_top(
         scores: torch.Tensor, counts: torch.Tensor, candidates: torch.Tensor, forced: torch.Tensor
     ) -> KeepPlan:
-        """Per KV head, the top counts[b] candidates by score, plus forced.
+        """Per KV head, the top counts candidates by score, plus forced.
 
-        scores: [b, Hkv, n] float; counts: [b] int64, at most the number of
-        candidates of each sequence; candidates, forced: [b, n] bool, disjoint.
+        scores: [b, Hkv, n] float; counts: [b] int64 (one count for every
+        head) or [b, Hkv] (a count per head, giving a plan with head_len),
+        at most the number of candidates of each sequence; candidates,
+        forced: [b, n] bool, disjoint.
         """
         batch, kv_heads, n = scores.shape
+        per_head = counts.dim() == 2
+        head_counts = counts if per_head else counts[:, None]
         ranked = scores.masked_fill(~candidates[:, None, :], float("-inf"))
         k_max = int(counts.max())
         # A stable sort breaks ties (frequent after max pooling) by position,
         # so a sequence keeps the same tokens whatever padding precedes it.
         top = ranked.sort(dim=-1, descending=True, stable=True).indices[..., :k_max]
-        take = torch.arange(k_max, device=scores.device)[None, None, :] < counts[:, None, None]
+        take = torch.arange(k_max, device=scores.device)[None, None, :] < head_counts[:, :, None]
         chosen = torch.zeros(batch, kv_heads, n, dtype=torch.bool, device=scores.device)
         chosen.scatter_(-1, top, take.expand_as(top))
         chosen |= forced[:, None, :]
-        keep_len = counts + forced.sum(-1)
+        head_len = head_counts + forced.sum(-1)[:, None]
+        keep_len = head_len.amax(dim=1)
         positions = torch.arange(n, device=scores.device).expand(batch, kv_heads, n)
         ordered = positions.masked_fill(~chosen, n).sort(dim=-1).values[..., : int(keep_len.max())]
-        return KeepPlan(ordered.masked_fill(ordered == n, 0), keep_len)
+        return KeepPlan(ordered.masked_fill(ordered == n, 0), keep_len, head_len if per_head else None)

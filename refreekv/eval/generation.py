@@ -51,7 +51,9 @@ def sample_record(
         "chat_template": built.chat,
         "new_tokens": len(new_token_ids),
         "budget": float(stats.per_sequence[row]),
-        "kept_per_layer": [int(k) for k in stats.kept[:, row].tolist()],
+        "held_budget": float(stats.held_per_sequence[row]),
+        # Whole numbers, unless a method keeps a different count per KV head.
+        "kept_per_layer": [int(k) if k.is_integer() else round(k, 3) for k in stats.kept[:, row].tolist()],
     }
     # Synthetic needle tasks plant their fact at a depth; scores per depth need it.
     if "depth" in sample.raw:

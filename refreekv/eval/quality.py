@@ -58,7 +58,9 @@ def summarize(records: Iterable[dict[str, Any]], points: Optional[Sequence[dict[
 
     * cells: point x length x task (and task "overall": the mean over the
       tasks present, each weighted equally) -> score (x100), kept_budget
-      (mean measured kept fraction), samples, complete (as many samples as
+      (mean measured kept fraction), held_budget (mean fraction held in
+      memory; above kept_budget when heads keep different counts; None for
+      records without it), samples, complete (as many samples as
       the best-covered point at that length and task; an overall cell also
       needs every task of its length);
     * needle: point x length x task x depth -> score, samples (records with
@@ -158,6 +160,7 @@ def _cells(scored, point_list, lengths, tasks) -> list[dict[str, Any]]:
                         _row(point, length, task,
                              score=_mean(score for _, score in members),
                              kept_budget=_mean(record.get("budget") for record, _ in members),
+                             held_budget=_mean(record.get("held_budget") for record, _ in members),
                              samples=len(members),
                              complete=len(members) == most_samples[length, task])
                     )  # fmt: skip
@@ -165,6 +168,7 @@ def _cells(scored, point_list, lengths, tasks) -> list[dict[str, Any]]:
                 overall = _row(point, length, OVERALL,
                                score=_mean(cell["score"] for cell in task_cells),
                                kept_budget=_mean(cell["kept_budget"] for cell in task_cells),
+                               held_budget=_mean(cell["held_budget"] for cell in task_cells),
                                samples=sum(cell["samples"] for cell in task_cells),
                                complete=all(cell["complete"] for cell in task_cells)
                                and len(task_cells) == tasks_per_length[length])  # fmt: skip
@@ -273,7 +277,7 @@ def write_report(summary: dict[str, Any], output_dir: str | Path, title: Optiona
     return [json_path, csv_path, md_path] + _write_figures(summary, output_dir)
 
 
-CSV_COLUMNS = ("point", "method", "options", "length", "task", "score", "kept_budget", "samples", "complete")
+CSV_COLUMNS = ("point", "method", "options", "length", "task", "score", "kept_budget", "held_budget", "samples", "complete")
 
 
 def _write_csv(summary: dict[str, Any], path: Path) -> None:
@@ -284,7 +288,8 @@ def _write_csv(summary: dict[str, Any], path: Path) -> None:
         for cell in summary["cells"]:
             writer.writerow([
                 cell["point"], cell["method"], options[cell["point"]], cell["length"], cell["task"],
-                _csv_number(cell["score"], 4), _csv_number(cell["kept_budget"], 6), cell["samples"], cell["complete"],
+                _csv_number(cell["score"], 4), _csv_number(cell["kept_budget"], 6), _csv_number(cell["held_budget"], 6),
+                cell["samples"], cell["complete"],
             ])  # fmt: skip
 
 

@@ -112,10 +112,18 @@ class CompressedLayer(GrowingLayer):
         return self.get_seq_length() + query_length, 0
 
     def kept_per_sequence(self) -> torch.Tensor:
-        """[b] prompt rows that are attended to, per sequence."""
+        """[b] float64 prompt rows that are attended to, per sequence,
+        averaged over the KV heads (whole numbers unless the method keeps
+        a different count per head)."""
+        if self.prompt_valid is None:
+            return torch.full((self.keys.shape[0],), float(self.prompt_rows), dtype=torch.float64)
+        return self.prompt_valid.sum(-1).double().mean(dim=1).cpu()
+
+    def held_per_sequence(self) -> torch.Tensor:
+        """[b] int64 prompt rows held that some head attends to."""
         if self.prompt_valid is None:
             return torch.full((self.keys.shape[0],), self.prompt_rows, dtype=torch.int64)
-        return self.prompt_valid[:, 0].sum(-1).cpu()
+        return self.prompt_valid.any(dim=1).sum(-1).cpu()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
@@ -142,12 +150,15 @@ def compress_layer(
     layer stays as it is. With `evict=False` every row stays held and the
     evicted ones are masked out instead."""
     plan = method.plan(inputs)
-    if plan is None or bool((plan.keep_len == inputs.real_len).all()):
+    if plan is None or plan.keeps_everything(inputs.real_len):
         return None
     key = inputs.key
     if evict:
         keys, values, row_valid = compact_kv(key, value, plan.keep_index, plan.keep_len)
-        prompt_valid = None if bool(row_valid.all()) else row_valid[:, None, :]
+        prompt_valid = row_valid[:, None, :]
+        if plan.head_len is not None:
+            prompt_valid = prompt_valid & (torch.arange(keys.shape[2], device=keys.device) < plan.head_len[..., None])
+        prompt_valid = None if bool(prompt_valid.all()) else prompt_valid
     else:
         keys, values = key, value
         prompt_valid = _kept_positions(plan, key.shape[2])
@@ -157,8 +168,8 @@ def compress_layer(
 def _kept_positions(plan: KeepPlan, length: int) -> torch.Tensor:
     """[b, Hkv, n] bool: True where the plan keeps the position."""
     batch, kv_heads, rows = plan.keep_index.shape
-    in_plan = torch.arange(rows, device=plan.keep_index.device) < plan.keep_len[:, None]
-    # Entries past keep_len go to a spare column, dropped afterwards.
-    index = plan.keep_index.masked_fill(~in_plan[:, None, :], length)
+    in_plan = torch.arange(rows, device=plan.keep_index.device) < plan.kept_lengths()[..., None]
+    # Entries past a head's kept length go to a spare column, dropped afterwards.
+    index = plan.keep_index.masked_fill(~in_plan, length)
     kept = torch.zeros(batch, kv_heads, length + 1, dtype=torch.bool, device=index.device)
     return kept.scatter_(-1, index, True)[..., :length]

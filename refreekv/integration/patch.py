@@ -198,6 +198,7 @@ class PatchHandle:
             num_layers=self.num_layers,
             prompt_valid=prefill.prompt_valid,
             real_len=prefill.real_len,
+            value=value,
         )
         compressed = compress_layer(self.method, inputs, value, evict=self.evict)
         if compressed is not None:

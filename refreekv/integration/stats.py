@@ -13,7 +13,12 @@ __all__ = ["CompressionStats"]
 class CompressionStats:
     """Per layer and per sequence, after the prefill of the last call.
 
-    kept: [layers, b] int64, prompt tokens each layer attends to afterwards.
+    kept: [layers, b] float64, prompt tokens each layer attends to
+        afterwards, averaged over its KV heads (whole numbers unless a
+        method keeps a different count per head).
+    held: [layers, b] int64, prompt rows each layer holds in memory for
+        the sequence: a row some head attends to (a per-head cut pads every
+        head to the largest), every real row when evicted rows are masked.
     prompt_tokens: [b] int64, real (non-padding) prompt tokens.
     kv_bytes_before: bytes the full prompt cache held right after prefill.
     kv_bytes_after: bytes held after compression (padding rows included).
@@ -22,6 +27,7 @@ class CompressionStats:
     """
 
     kept: torch.Tensor
+    held: torch.Tensor
     prompt_tokens: torch.Tensor
     kv_bytes_before: int
     kv_bytes_after: int
@@ -43,6 +49,12 @@ class CompressionStats:
         return float(self.per_sequence.mean())
 
     @property
+    def held_per_sequence(self) -> torch.Tensor:
+        """[b] held fraction of each sequence's prompt, averaged over layers
+        (the budget in memory; equal to `per_sequence` unless heads differ)."""
+        return (self.held.double() / self.prompt_tokens.double()).mean(dim=0)
+
+    @property
     def kv_bytes_ratio(self) -> float:
         return self.kv_bytes_after / self.kv_bytes_before
 
@@ -53,21 +65,25 @@ class CompressionStats:
         from refreekv.integration.cache import CompressedLayer
 
         real_len = real_len.cpu()
-        kept, held_bytes, padding_bytes = [], 0, 0
+        kept, held, held_bytes, padding_bytes = [], [], 0, 0
         for layer in layers:
             row_bytes = (layer.keys.nbytes + layer.values.nbytes) // (layer.keys.shape[0] * layer.keys.shape[2])
             held_bytes += layer.keys.nbytes + layer.values.nbytes
             if isinstance(layer, CompressedLayer):
                 layer_kept = layer.kept_per_sequence()
+                held.append(layer.held_per_sequence() if evict else real_len)
                 # In masking mode every prompt row stays held; the padding is what precedes the real tokens.
                 padding_rows = layer.prompt_rows - (layer_kept if evict else real_len)
             else:
-                layer_kept = real_len
+                layer_kept = real_len.double()
+                held.append(real_len)
                 padding_rows = layer.keys.shape[2] - real_len
-            padding_bytes += int(padding_rows.sum()) * row_bytes
+            # Rows masked out in some heads only count as that share of a row.
+            padding_bytes += round(float(padding_rows.sum()) * row_bytes)
             kept.append(layer_kept)
         return cls(
             kept=torch.stack(kept),
+            held=torch.stack(held),
             prompt_tokens=real_len,
             kv_bytes_before=kv_bytes_before,
             kv_bytes_after=held_bytes,

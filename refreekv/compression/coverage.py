@@ -1,0 +1,155 @@
+"""Coverage: keep the fewest tokens that cover the prompt's attention.
+
+A threshold-free method in the paper's sense (one tolerance, chosen once,
+budgets that adapt to each layer, head and input), built from the axes the
+stopping-rule study (benchmarks/stopping_rules.py, docs/coverage.md)
+compares. Its defaults are the study's choice; the other values of each
+option exist to reproduce the study.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from refreekv.compression.base import CompressionMethod, KeepPlan, LayerInputs, ScoredMethod, _check_window
+from refreekv.ops import adaptive_keep_count, attention_importance, mass_keep_count
+
+__all__ = ["Coverage"]
+
+STOPS = ("mass", "norm", "output")
+RANKINGS = ("score", "position")
+GRANULARITIES = ("head", "layer")
+
+
+class Coverage(CompressionMethod):
+    """Per KV head, rank the candidates and keep the fewest whose dropped
+    rest stays within `tolerance` (docs/coverage.md).
+
+    The signal is the attention of the prompt's last `window` queries (each
+    key averaged over the rows that see it, then over the query heads that
+    share its KV head), max-pooled along the keys with `kernel`. The first
+    `num_sinks` real tokens and the last `window` are always kept; the
+    others are candidates.
+
+    Options:
+        tolerance: delta in [0, 1), the share the cut may lose.
+        stop: what the share is measured on, over the candidates:
+            "mass": the signal's sum (attention probability);
+            "norm": the signal's L2 norm (the paper's quantity, per head);
+            "output": the value-weighted output the dropped keys carry,
+            ||sum_dropped p_j v_j|| / ||sum_all p_j v_j||.
+        ranking: "score" (highest signal first) or "position" (newest
+            first, the paper's order).
+        granularity: "head" (each KV head keeps its own count; the cache is
+            padded to the largest and masked) or "layer" (every head keeps
+            the largest count).
+        window: query rows of the signal, and recent tokens always kept.
+        kernel: odd max-pooling width along the keys (1: no pooling), so
+            the neighbours of an attended token rank with it.
+        num_sinks: first real tokens always kept.
+        protected_layers: layers never compressed.
+    """
+
+    name = "coverage"
+
+    def __init__(
+        self,
+        *,
+        tolerance: float = 0.05,
+        stop: str = "mass",
+        ranking: str = "score",
+        granularity: str = "head",
+        window: int = 8,
+        kernel: int = 7,
+        num_sinks: int = 4,
+        protected_layers: Optional[Sequence[int]] = None,
+    ):
+        super().__init__(protected_layers)
+        if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not 0.0 <= tolerance < 1.0:
+            raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
+        for option, value, choices in (("stop", stop, STOPS), ("ranking", ranking, RANKINGS), ("granularity", granularity, GRANULARITIES)):
+            if value not in choices:
+                raise ValueError(f"{option} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        _check_window("window", window)
+        if isinstance(kernel, bool) or not isinstance(kernel, numbers.Integral) or kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"kernel must be an odd integer >= 1, got {kernel!r}")
+        if isinstance(num_sinks, bool) or not isinstance(num_sinks, numbers.Integral) or num_sinks < 0:
+            raise ValueError(f"num_sinks must be an integer >= 0, got {num_sinks!r}")
+        self.tolerance = float(tolerance)
+        self.stop = stop
+        self.ranking = ranking
+        self.granularity = granularity
+        self.window = int(window)
+        self.kernel = int(kernel)
+        self.num_sinks = int(num_sinks)
+
+    def plan(self, inputs: LayerInputs) -> KeepPlan:
+        if self.stop == "output" and inputs.value is None:
+            raise ValueError("coverage with stop='output' needs the layer's values (LayerInputs.value)")
+        rows = min(self.window, inputs.prompt_len)
+        signal = attention_importance(
+            inputs.query[:, :, inputs.prompt_len - rows :], inputs.key, inputs.scaling,
+            kv_valid=inputs.prompt_valid, group_reduce="mean",
+        )  # fmt: skip
+        if self.kernel > 1:
+            signal = F.max_pool1d(signal, self.kernel, stride=1, padding=self.kernel // 2)
+            signal = signal.masked_fill(~inputs.prompt_valid[:, None, :], 0.0)  # pooling spills into padding
+        positions = inputs.positions()[None, :]
+        sinks = inputs.real_len.clamp(max=self.num_sinks)
+        recent = (inputs.real_len - sinks).clamp(max=self.window)
+        forced = inputs.prompt_valid & (
+            (positions < (inputs.first_real + sinks)[:, None]) | (positions >= (inputs.prompt_len - recent)[:, None])
+        )
+        candidates = inputs.prompt_valid & ~forced
+        if self.ranking == "score":
+            rank_key = signal
+        else:
+            rank_key = positions.to(signal.dtype).expand_as(signal)
+        order = rank_key.masked_fill(~candidates[:, None, :], float("-inf")).sort(dim=-1, descending=True, stable=True).indices
+        valid_len = candidates.sum(-1)
+        counts = self._counts(signal, order, valid_len, inputs)  # [b, Hkv]
+        if self.granularity == "layer":
+            counts = counts.amax(dim=1)
+        return ScoredMethod.keep_top(rank_key, counts, candidates, forced)
+
+    def _counts(self, signal: torch.Tensor, order: torch.Tensor, valid_len: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+        """[b, Hkv] candidates each head keeps under the stopping rule."""
+        ranked = signal.gather(-1, order)
+        in_range = torch.arange(ranked.shape[-1], device=ranked.device) < valid_len[:, None, None]
+        ranked = ranked.masked_fill(~in_range, 0.0)
+        if self.stop == "mass":
+            return mass_keep_count(ranked, self.tolerance, valid_len=valid_len)
+        batch, kv_heads, n = ranked.shape
+        if self.stop == "norm":
+            # One head per row: the paper's norm ratio, measured per KV head.
+            per_head = adaptive_keep_count(
+                ranked.reshape(batch * kv_heads, 1, n), self.tolerance, valid_len=valid_len.repeat_interleave(kv_heads)
+            )
+            return per_head.view(batch, kv_heads)
+        return _output_keep_count(signal, order, ranked, valid_len, inputs, self.tolerance)
+
+
+def _output_keep_count(signal, order, ranked, valid_len, inputs: LayerInputs, tolerance: float) -> torch.Tensor:
+    """The smallest r >= 1 per head whose dropped candidates (ranks r and
+    after) carry at most `tolerance` of the head's attention output,
+    ||sum_dropped p_j v_j|| / ||sum_all p_j v_j||, with p the signal
+    normalized over the real tokens (sinks and window included)."""
+    value = inputs.value.float()
+    probs = signal / signal.sum(-1, keepdim=True).clamp(min=torch.finfo(signal.dtype).tiny)
+    output = torch.einsum("bhn,bhnd->bhd", probs, value).norm(dim=-1)  # [b, Hkv]
+    ranked_probs = ranked / signal.sum(-1, keepdim=True).clamp(min=torch.finfo(signal.dtype).tiny)
+    ranked_values = value.gather(2, order[..., None].expand(-1, -1, -1, value.shape[-1]))
+    carried = ranked_probs[..., None] * ranked_values  # [b, Hkv, n, d], zero past valid_len
+    # dropped(r) = sum over ranks >= r: the total minus the prefix before r.
+    prefix = carried.cumsum(dim=2)
+    dropped = (prefix[:, :, -1:, :] - prefix).norm(dim=-1)  # keeping r + 1 candidates drops this
+    meets = dropped <= tolerance * output[..., None]
+    ranks = torch.arange(ranked.shape[-1], device=ranked.device)
+    meets &= ranks < valid_len[:, None, None]
+    first = torch.where(meets, ranks, ranked.shape[-1]).amin(dim=-1) + 1
+    counts = torch.minimum(first, valid_len[:, None])
+    return torch.where(output > 0, counts, valid_len[:, None].expand_as(counts))

@@ -1,0 +1,78 @@
+"""Judging one grid point of a quality map (SPEC 9): against the full cache,
+task family by task family, and against the fixed-budget baselines' curves
+at the budget the point actually reached.
+
+Works on `refreekv.eval.quality.summarize` output; used by the
+stopping-rule study (benchmarks/stopping_rules.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from refreekv.eval.quality import OVERALL
+
+__all__ = ["FIXED_BUDGET_METHODS", "LOSSLESS_POINTS", "baseline_score_at", "judge_point"]
+
+# SPEC 9: "keeps full-cache quality" = within this many points on every family.
+LOSSLESS_POINTS = 2.0
+FIXED_BUDGET_METHODS = ("streamingllm", "h2o", "snapkv", "pyramidkv")
+
+
+def baseline_score_at(curve: Sequence[tuple[float, float]], budget: float, full_score: float) -> Optional[float]:
+    """A fixed-budget method's score at `budget`, linearly interpolated
+    between its measured (kept budget, score) points. The full cache is its
+    point at budget 1 (every fixed-budget method is the full cache there).
+    None below its lowest measured budget: nothing to interpolate from."""
+    points = sorted({(b, s) for b, s in curve if b < 1.0} | {(1.0, full_score)})
+    if budget < points[0][0]:
+        return None
+    for (b0, s0), (b1, s1) in zip(points, points[1:]):
+        if b0 <= budget <= b1:
+            return s0 if b1 == b0 else s0 + (s1 - s0) * (budget - b0) / (b1 - b0)
+    return points[-1][1]
+
+
+def judge_point(summary: dict[str, Any], point: str, length: int) -> Optional[dict[str, Any]]:
+    """How `point` does at `length`, or None if it has no complete cells there.
+
+    Returns budget, held budget and score (overall), per-family score, budget and drop
+    below the full cache, the worst family, `lossless` (every family within
+    LOSSLESS_POINTS of the full cache), each fixed-budget baseline's score
+    interpolated at the point's budget, and `on_frontier` (at or above
+    every baseline that could be interpolated; None if none could)."""
+    cells = {c["task"]: c for c in summary["cells"] if (c["point"], c["length"]) == (point, length)}
+    overall = cells.pop(OVERALL, None)
+    if overall is None or not overall["complete"]:
+        return None
+    reference = {r["task"]: r["score"] for r in summary["reference"] if r["length"] == length}
+    families = {
+        task: {"score": cell["score"], "budget": cell["kept_budget"], "drop": reference[task] - cell["score"]}
+        for task, cell in cells.items()
+    }
+    worst = max(families, key=lambda task: families[task]["drop"])
+    baselines = {}
+    for method in FIXED_BUDGET_METHODS:
+        curve = [
+            (c["kept_budget"], c["score"])
+            for c in summary["cells"]
+            if (c["method"], c["length"], c["task"]) == (method, length, OVERALL) and c["complete"]
+        ]
+        if curve:
+            baselines[method] = baseline_score_at(curve, overall["kept_budget"], reference[OVERALL])
+    compared = [score for score in baselines.values() if score is not None]
+    return {
+        "point": point,
+        "length": length,
+        "budget": overall["kept_budget"],
+        "held_budget": overall.get("held_budget"),
+        "score": overall["score"],
+        "full_score": reference[OVERALL],
+        "families": families,
+        "worst_family": worst,
+        "worst_drop": families[worst]["drop"],
+        "lossless": all(f["drop"] <= LOSSLESS_POINTS for f in families.values()),
+        "baselines": baselines,
+        "on_frontier": None if not compared else overall["score"] >= max(compared),
+    }
+

@@ -1,0 +1,52 @@
+"""Judging a grid point against the full cache and the baselines (SPEC 9)."""
+
+import pytest
+
+from refreekv.eval.frontier import baseline_score_at, judge_point
+
+
+def test_baseline_interpolates_linearly_and_ends_at_the_full_cache():
+    curve = [(0.25, 20.0), (0.5, 40.0), (0.75, 50.0)]
+    assert baseline_score_at(curve, 0.5, 60.0) == 40.0
+    assert baseline_score_at(curve, 0.625, 60.0) == pytest.approx(45.0)
+    assert baseline_score_at(curve, 0.875, 60.0) == pytest.approx(55.0)  # between 0.75 and the full cache at 1.0
+    assert baseline_score_at(curve, 1.0, 60.0) == 60.0
+    assert baseline_score_at(curve, 0.2, 60.0) is None  # below anything measured
+
+
+def cell(point, method, task, score, budget, length=1024, complete=True):
+    return {"point": point, "method": method, "length": length, "task": task, "score": score,
+            "kept_budget": budget, "samples": 10, "complete": complete}  # fmt: skip
+
+
+def summary_with(point_cells):
+    full = [cell("fullkv", "fullkv", t, s, 1.0) for t, s in (("a", 80.0), ("b", 40.0), ("overall", 60.0))]
+    snap = [cell(f"snapkv({b})", "snapkv", "overall", s, b) for b, s in ((0.5, 30.0), (0.75, 50.0))]
+    cells = full + snap + point_cells
+    reference = [{"length": 1024, "task": c["task"], "score": c["score"], "points": ["fullkv"]} for c in full]
+    return {"cells": cells, "reference": reference, "lengths": [1024]}
+
+
+def test_lossless_needs_every_family_within_two_points():
+    within = summary_with([cell("p", "coverage", "a", 78.5, 0.6), cell("p", "coverage", "b", 41.0, 0.8),
+                           cell("p", "coverage", "overall", 59.75, 0.7)])  # fmt: skip
+    judged = judge_point(within, "p", 1024)
+    assert judged["lossless"] and judged["worst_family"] == "a" and judged["worst_drop"] == pytest.approx(1.5)
+    assert judged["families"]["b"] == {"score": 41.0, "budget": 0.8, "drop": -1.0}
+    # snapkv at 0.7: 30 + (50 - 30) * 0.2 / 0.25 = 46; 59.75 is above it.
+    assert judged["baselines"]["snapkv"] == pytest.approx(46.0) and judged["on_frontier"] is True
+    assert "h2o" not in judged["baselines"]
+
+    one_family_drops = summary_with([cell("p", "coverage", "a", 77.9, 0.6), cell("p", "coverage", "b", 45.0, 0.8),
+                                     cell("p", "coverage", "overall", 61.45, 0.7)])  # fmt: skip
+    judged = judge_point(one_family_drops, "p", 1024)
+    assert not judged["lossless"] and judged["worst_drop"] == pytest.approx(2.1)
+
+
+def test_below_the_frontier_and_incomplete_cells():
+    below = summary_with([cell("p", "coverage", "a", 40.0, 0.7), cell("p", "coverage", "b", 10.0, 0.7),
+                          cell("p", "coverage", "overall", 25.0, 0.7)])  # fmt: skip
+    assert judge_point(below, "p", 1024)["on_frontier"] is False
+    incomplete = summary_with([cell("p", "coverage", "a", 80.0, 0.7), cell("p", "coverage", "overall", 80.0, 0.7, complete=False)])
+    assert judge_point(incomplete, "p", 1024) is None
+    assert judge_point(below, "p", 2048) is None
