@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="1024,2048")
     parser.add_argument("--samples", type=int, default=10, help="samples per task and length")
     parser.add_argument("--grid", default=str(ROOT / "sweeps" / "quality.toml"))
-    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=40, help="the four needle tasks (10 samples each) decode as one batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", default=str(ROOT / "build" / "quality"), help="sweep directories (not kept in git)")
     parser.add_argument("--output", default=str(RESULTS))

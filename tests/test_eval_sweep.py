@@ -90,6 +90,27 @@ def test_a_batch_of_one_gives_what_batches_give(assets, branched):
         assert {f: record.get(f) for f in COMPARED} == {f: batched[key].get(f) for f in COMPARED}, key
 
 
+def test_tasks_that_decode_alike_share_batches():
+    """The needle tasks generate with the same length and end tokens, so
+    their samples are batched together (test_a_batch_of_one_gives_what_batches_give
+    then proves the tokens do not change); samsum stops at a newline too."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=2))
+    tokenizer = SimpleNamespace(eos_token_id=2, pad_token_id=0, encode=lambda text, add_special_tokens: [13])
+    work = {(512, task): [f"{task}-{i}" for i in range(2)] for task in ("niah_single", "variable_tracking", "niah_multikey", "samsum")}
+    work[768, "niah_single"] = ["long-0"]
+    groups = sweep_module._decode_groups(work, model, tokenizer)
+    summary = [(length, settings.max_new_tokens, settings.eos, [task for task, _ in items]) for length, settings, items in groups]
+    assert summary == [
+        (512, 48, (2,), ["niah_single", "niah_single", "niah_multikey", "niah_multikey"]),
+        (512, 40, (2,), ["variable_tracking", "variable_tracking"]),
+        (512, 128, (2, 13), ["samsum", "samsum"]),
+        (768, 48, (2,), ["niah_single"]),
+    ]
+    assert groups[2][1].options == {"eos_token_id": [2, 13], "pad_token_id": 0, "min_new_tokens": 1}
+
+
 def test_records_and_report(branched):
     records = read_records(branched)[0]
     sweep = json.loads((branched / "sweep.json").read_text())

@@ -12,7 +12,8 @@ Output directory:
     report.json       progress and throughput of the last session
     quality.{md,csv,json}, *.png  the report (also: `refreekv-longbench compare DIR`)
 
-How it runs: samples of a task are batched (left-padded); each batch is
+How it runs: samples are batched (left-padded), across the tasks that
+generate alike (same answer length and end tokens); each batch is
 prefilled once (`refreekv.integration.branch`), every grid point branches
 that prefill into its own compressed cache and decodes from it. A branched
 point gives exactly the tokens and kept counts of a plain `refreekv.patch`
@@ -291,6 +292,35 @@ def _left_pad(inputs: list[ModelInput], pad: int, device) -> tuple[torch.Tensor,
     return input_ids.to(device), attention_mask.to(device)
 
 
+@dataclass(frozen=True)
+class _DecodeSettings:
+    """How a task's answers are generated; tasks that share them share batches."""
+
+    max_new_tokens: int
+    eos: tuple[int, ...]
+    pad: int
+    min_new_tokens: int
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"eos_token_id": list(self.eos), "pad_token_id": self.pad, "min_new_tokens": self.min_new_tokens}
+
+
+def _decode_groups(work: dict[tuple[int, str], list[Sample]], model, tokenizer):
+    """(length, settings, [(task, sample), ...]) per context length and
+    decode settings, tasks in sweep order. Batching across the tasks of a
+    group (the needle tasks share theirs) reads the model's weights once per
+    decoding step for more sequences, which is most of a step's cost on a
+    CPU; a sequence's tokens do not depend on its batch (SPEC 5)."""
+    groups: dict[tuple[int, _DecodeSettings], list[tuple[str, Sample]]] = {}
+    for (length, task_name), samples in work.items():
+        task = TASKS[task_name]
+        eos = eos_ids(model, tokenizer, task.stop_at_newline)
+        settings = _DecodeSettings(task.max_new_tokens, tuple(eos), pad_id(tokenizer, eos), 1 if task.stop_at_newline else 0)
+        groups.setdefault((length, settings), []).extend((task_name, s) for s in samples)
+    return [(length, settings, items) for (length, settings), items in groups.items()]
+
+
 def _until_end(tokens: torch.Tensor, eos: list[int]) -> list[int]:
     """A row's generated tokens up to and including its first end token
     (what a batch-of-one `generate` returns for it)."""
@@ -378,30 +408,28 @@ def run_sweep(
     start = time.perf_counter()
     try:
         with open(records_path, "a", encoding="utf-8") as out, torch.no_grad():
-            for (length, task_name), samples in work.items():
-                task = TASKS[task_name]
-                eos = eos_ids(model, tokenizer, task.stop_at_newline)
-                pad = pad_id(tokenizer, eos)
-                options = {"eos_token_id": eos, "pad_token_id": pad, "min_new_tokens": 1 if task.stop_at_newline else 0}
-                pending = [s for s in samples if any(_record_key(p.label, length, task_name, s.id) not in done for p in plan.points)]
+            for length, settings, items in _decode_groups(work, model, tokenizer):
+                pending = [(t, s) for t, s in items if any(_record_key(p.label, length, t, s.id) not in done for p in plan.points)]
                 for first in range(0, len(pending), request.batch_size):
                     batch = pending[first : first + request.batch_size]
                     inputs = [
-                        build_input(tokenizer, task, s, request.max_input_length or sys.maxsize, request.chat_template)
-                        for s in batch
+                        build_input(tokenizer, TASKS[t], s, request.max_input_length or sys.maxsize, request.chat_template)
+                        for t, s in batch
                     ]
-                    input_ids, attention_mask = _left_pad(inputs, pad, device)
+                    input_ids, attention_mask = _left_pad(inputs, settings.pad, device)
                     missing = [
                         p for p in plan.points
-                        if any(_record_key(p.label, length, task_name, s.id) not in done for s in batch)
+                        if any(_record_key(p.label, length, t, s.id) not in done for t, s in batch)
                     ]  # fmt: skip
-                    for point, tokens, stats in decoder.points(missing, input_ids, attention_mask, task.max_new_tokens, options):
-                        for row, sample in enumerate(batch):
+                    decoded = decoder.points(missing, input_ids, attention_mask, settings.max_new_tokens, settings.options)
+                    for point, tokens, stats in decoded:
+                        for row, (task_name, sample) in enumerate(batch):
                             key = _record_key(point.label, length, task_name, sample.id)
                             if key in done:
                                 continue
+                            new_tokens = _until_end(tokens[row], settings.eos)
                             record = {
-                                **sample_record(sample, inputs[row], _until_end(tokens[row], eos), tokenizer, stats, row),
+                                **sample_record(sample, inputs[row], new_tokens, tokenizer, stats, row),
                                 # the suite's length in tokens, not the sample's words
                                 "length": int(length),
                                 "point": point.label,
