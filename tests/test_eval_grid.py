@@ -65,7 +65,7 @@ protected_layers = [[], [0]]
     "text, message",
     [
         ("[snapkv\nbudget = 0.5", "not valid TOML"),
-        ("[snapkvv]\nbudget = 0.5", "unknown method 'snapkvv'; available: refreekv, fullkv"),
+        ("[snapkvv]\nbudget = 0.5", "unknown method 'snapkvv'; available: refreekv, coverage, fullkv"),
         ("[snapkv]\nbudgets = 0.5", "no option 'budgets'; its options: budget, window"),
         ("[snapkv]\nbudget = [0.5, 1.5]", r"budget=1.5: budget as a fraction of the prompt must be in \(0, 1\], got 1.5"),
         ("[snapkv]\nbudget = []", "budget is an empty list"),

@@ -108,7 +108,7 @@ def test_sample_record_carries_a_planted_depth_only_when_the_data_has_one():
             return " ".join(map(str, ids))
 
     stats = CompressionStats(
-        kept=torch.tensor([[6, 6], [3, 5]]), prompt_tokens=torch.tensor([6, 8]),
+        kept=torch.tensor([[6.0, 6.0], [3.0, 4.5]]), held=torch.tensor([[6, 6], [3, 5]]), prompt_tokens=torch.tensor([6, 8]),
         kv_bytes_before=0, kv_bytes_after=0, kv_padding_bytes=0,
     )  # fmt: skip
     built = ModelInput(torch.zeros(1, 8, dtype=torch.long), "text", truncated=False, chat=True)
@@ -116,7 +116,9 @@ def test_sample_record_carries_a_planted_depth_only_when_the_data_has_one():
     sample = Sample(4, "n1", "q", "c", ["a"], None, 12, raw)
     record = sample_record(sample, built, [7, 9], Decoder(), stats, row=1)
     assert record["depth"] == 0.25 and record["pred"] == "7 9" and record["new_tokens"] == 2
-    assert record["input_tokens"] == 8 and record["kept_per_layer"] == [6, 5] and record["budget"] == pytest.approx((6 / 8 + 5 / 8) / 2)
+    # Per-head cuts make fractional kept counts; memory holds the largest head's rows.
+    assert record["input_tokens"] == 8 and record["kept_per_layer"] == [6, 4.5] and record["budget"] == pytest.approx((6 / 8 + 4.5 / 8) / 2)
+    assert record["held_budget"] == pytest.approx((6 / 8 + 5 / 8) / 2)
     without = Sample(4, "n1", "q", "c", ["a"], None, 12, {k: v for k, v in raw.items() if k != "depth"})
     assert "depth" not in sample_record(without, built, [7, 9], Decoder(), stats, row=1)
 
