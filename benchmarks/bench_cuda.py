@@ -20,7 +20,8 @@ Prints, and asserts nothing about time:
       diagonal, once per pass (2 passes); SDPA: QK^T and PV over the causal
       half, 4 * d * n (n + 1) / 2 per head.
   adaptive_keep_count   [b, 32, c] float32, T = 0.01, against
-      refreekv.reference.adaptive_keep_count (plain PyTorch, float64).
+      refreekv.reference.adaptive_keep_count (plain PyTorch, float64);
+      mass_keep_count the same way, delta = 0.01.
   compact_kv            [1, 8, n, 128] bfloat16 keys and values, half the
       positions kept, against refreekv.reference.compact_kv (torch.gather).
 
@@ -153,11 +154,13 @@ def bench_keep_count(candidates: int, batch: int, generator) -> None:
     heads = 32
     ranks = torch.arange(candidates, device="cuda") / candidates
     scores = torch.rand(batch, heads, candidates, device="cuda", generator=generator) * torch.exp(-3 * ranks)
-    t_ours = cuda_time(lambda: refreekv.adaptive_keep_count(scores, 0.01), repeats=20)
-    t_ref = cuda_time(lambda: reference.adaptive_keep_count(scores, 0.01), repeats=5, warmup=1)
-    same = torch.equal(refreekv.adaptive_keep_count(scores, 0.01), reference.adaptive_keep_count(scores, 0.01))
-    print(f"  adaptive_keep_count b={batch} H={heads} c={candidates}: ours {t_ours * 1e6:8.1f} us, "
-          f"plain PyTorch {t_ref * 1e6:9.1f} us ({t_ref / t_ours:.1f}x), equal: {same}")
+    for name in ("adaptive_keep_count", "mass_keep_count"):
+        ours, plain = getattr(refreekv, name), getattr(reference, name)
+        t_ours = cuda_time(lambda: ours(scores, 0.01), repeats=20)
+        t_ref = cuda_time(lambda: plain(scores, 0.01), repeats=5, warmup=1)
+        same = torch.equal(ours(scores, 0.01), plain(scores, 0.01))
+        print(f"  {name} b={batch} H={heads} c={candidates}: ours {t_ours * 1e6:8.1f} us, "
+              f"plain PyTorch {t_ref * 1e6:9.1f} us ({t_ref / t_ours:.1f}x), equal: {same}")
 
 
 def bench_compact(keys: int, generator) -> None:
@@ -195,7 +198,7 @@ def main() -> None:
     generator = torch.Generator(device="cuda").manual_seed(0)
     bench_window_one(64 * 1024 if args.quick else 512 * 1024, peak_bw, generator)
     bench_window_n(2048 if args.quick else 16384, peak_flops, generator)
-    print("\nadaptive_keep_count and compact_kv against plain PyTorch:")
+    print("\nadaptive_keep_count, mass_keep_count and compact_kv against plain PyTorch:")
     for candidates, batch in ((4096, 1), (16384, 1), (16384, 8)):
         bench_keep_count(candidates, batch, generator)
     for keys in (16384, 131072):

@@ -84,7 +84,7 @@ def summary(results: dict) -> str:
         f"| released-code way / ours, peak memory @ {ref['tokens']} tokens | {ref['peak_memory_ratio']:.2f}x | |",
         f"| released-code way / ours, KV bytes @ {ref['tokens']} tokens | {ref['kv_bytes_ratio']:.2f}x | |",
     ]
-    for operator in ("attention_importance", "adaptive_keep_count", "compact_kv"):
+    for operator in ("attention_importance", "adaptive_keep_count", "mass_keep_count", "compact_kv"):
         for row in results["ops"][operator]:
             case = ", ".join(f"{k}={v}" for k, v in row["case"].items())
             ours = row["ours"]
