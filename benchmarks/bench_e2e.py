@@ -9,7 +9,7 @@ process-wide high-water mark).
     python benchmarks/bench_e2e.py [--quick] [--json out.json]
 
 Figures (keys of the JSON):
-  prefill_overhead   prefill time with ReFreeKV patched / unpatched
+  prefill_overhead   prefill time with ReFreeKV (and Coverage) patched / unpatched
   kv_bytes           per method, KV bytes held after prefill / full cache,
                      next to the budget the patch reports
   decode_speedup     decode tokens/s with the compressed cache / full cache,
@@ -71,6 +71,24 @@ def time_prefill(model, ids, repeats: int, method=None, **options) -> float:
         return median_seconds(lambda: prefill(model, ids), repeats)
     with refreekv.patch(model, method, **options):
         return median_seconds(lambda: prefill(model, ids), repeats)
+
+
+def measure_prefill_overhead(model, tokenizer, sizes: list[int], repeats: int) -> dict:
+    """Per prompt size, prefill time patched with ReFreeKV and with Coverage
+    (their defaults) against unpatched, the three timed in turn."""
+    print("prefill_overhead: patched / unpatched prefill time (median of %d)" % repeats)
+    results = {}
+    for tokens in sizes:
+        ids = prompt_ids(tokenizer, tokens)
+        prefill(model, ids[:, :64])
+        base = time_prefill(model, ids, repeats)
+        ours = time_prefill(model, ids, repeats, "refreekv")
+        coverage = time_prefill(model, ids, repeats, "coverage")
+        results[str(tokens)] = {"unpatched_s": base, "refreekv_s": ours, "ratio": ours / base,
+                                "coverage_s": coverage, "coverage_ratio": coverage / base}  # fmt: skip
+        print(f"  {tokens:>6} tokens  unpatched {base:7.2f} s  refreekv {ours:7.2f} s  ratio {ours / base:.3f}  "
+              f"coverage {coverage:7.2f} s  ratio {coverage / base:.3f}")
+    return results
 
 
 @torch.no_grad()
@@ -199,19 +217,11 @@ def main() -> None:
     model, tokenizer = load_bundled_model()
     results: dict = {"model": "SmolLM2-135M-Instruct (float32, sdpa)", "threads": torch.get_num_threads()}
 
-    print("prefill_overhead: ReFreeKV patched / unpatched prefill time (median of %d)" % repeats)
-    results["prefill_overhead"] = {}
-    for tokens in prefill_sizes:
-        ids = prompt_ids(tokenizer, tokens)
-        prefill(model, ids[:, :64])
-        base = time_prefill(model, ids, repeats)
-        ours = time_prefill(model, ids, repeats, "refreekv")
-        results["prefill_overhead"][str(tokens)] = {"unpatched_s": base, "refreekv_s": ours, "ratio": ours / base}
-        print(f"  {tokens:>6} tokens  unpatched {base:7.2f} s  refreekv {ours:7.2f} s  ratio {ours / base:.3f}")
+    results["prefill_overhead"] = measure_prefill_overhead(model, tokenizer, prefill_sizes, repeats)
 
     tokens = prefill_sizes[-1] if args.quick else 4096
     ids = prompt_ids(tokenizer, tokens)
-    methods = {"refreekv": {}, "streamingllm": {"budget": 0.5}, "h2o": {"budget": 0.5}, "snapkv": {"budget": 0.5}, "pyramidkv": {"budget": 0.5}}
+    methods = {"refreekv": {}, "coverage": {}, "streamingllm": {"budget": 0.5}, "h2o": {"budget": 0.5}, "snapkv": {"budget": 0.5}, "pyramidkv": {"budget": 0.5}}
     results["kv_bytes"] = kv_bytes(model, ids, methods)
     print(f"kv_bytes at {tokens} tokens: held / full-cache bytes vs the reported budget")
     for name, row in results["kv_bytes"].items():

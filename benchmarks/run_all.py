@@ -66,6 +66,8 @@ def summary(results: dict) -> str:
     ]
     for tokens, row in results["prefill_overhead"].items():
         lines.append(f"| prefill_overhead @ {tokens} tokens (patched / unpatched) | {row['ratio']:.3f} | <= 1.03 |")
+        if "coverage_ratio" in row:
+            lines.append(f"| prefill_overhead coverage @ {tokens} tokens | {row['coverage_ratio']:.3f} | <= 1.03 |")
     for name, row in results["kv_bytes"].items():
         lines.append(
             f"| kv_bytes {name} (held / full) | {row['kv_bytes_ratio']:.4f} (reported budget {row['reported_budget']:.4f}) | = budget |"

@@ -57,8 +57,11 @@ def run_stage(output: Path, grids: list[Path], lengths: list[int], samples: int,
 
 
 def stage_summary(output: Path) -> dict[str, Any]:
+    """The summary of the points the grid holds now (a grid narrowed
+    between runs leaves records of its dropped points behind)."""
     sweep = json.loads((output / "sweep.json").read_text(encoding="utf-8"))
-    return summarize(read_records(output)[0], sweep["points"])
+    labels = {point["label"] for point in sweep["points"]}
+    return summarize([r for r in read_records(output)[0] if r["point"] in labels], sweep["points"])
 
 
 def judgements(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -145,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=10, help="samples per task at 1k and 2k tokens")
     parser.add_argument("--long-samples", type=int, default=5, help="samples per task at 4k tokens")
-    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=40, help="the four needle tasks (10 samples each) decode as one batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", help="a finished `make quality` sweep directory to start stage 1 from")
     parser.add_argument("--work-dir", default=str(ROOT / "build" / "stopping_rules"))

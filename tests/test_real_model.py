@@ -67,6 +67,16 @@ def test_refreekv_answers_equal_full_cache_answers(full_answers, refreekv_answer
     assert [r.text for r in refreekv_answers] == [r.text for r in full_answers]
 
 
+def test_coverage_answers_equal_full_cache_answers(bundled, full_answers):
+    """The study's setting (docs/coverage.md) at its defaults keeps the
+    full-cache answers on the prompts where the paper's defaults lose them,
+    while compressing every one of them."""
+    model, tokenizer, tasks = bundled
+    results = [answer(model, tokenizer, task.messages(), "coverage", MAX_NEW_TOKENS) for task in tasks]
+    assert [r.text for r in results] == [r.text for r in full_answers]
+    assert all(r.stats.budget < 1.0 and r.stats.kv_bytes_after < f.stats.kv_bytes_after for r, f in zip(results, full_answers))
+
+
 def test_lossless_threshold_on_the_real_model(bundled, full_answers):
     model, tokenizer, tasks = bundled
     for task, full in list(zip(tasks, full_answers))[:2]:
