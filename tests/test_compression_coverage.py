@@ -55,7 +55,7 @@ def mass_count(masses, tolerance):
 @pytest.mark.parametrize("window,kernel", [(8, 7), (1, 1), (5, 3)])
 def test_mass_rule_per_head_by_score(window, kernel):
     inputs = layer_inputs([60, 41], n=60, heads=6, kv_heads=2)
-    method = Coverage(tolerance=0.1, window=window, kernel=kernel, num_sinks=3)
+    method = Coverage(tolerance=0.1, ranking="score", window=window, kernel=kernel, num_sinks=3)
     plan = method.plan(inputs)
     signal = signal_of(inputs, window, kernel).double()
     assert plan.head_len is not None and plan.head_len.shape == (2, 2)
@@ -87,7 +87,7 @@ def test_position_ranking_at_layer_granularity_keeps_sinks_and_the_newest():
 
 def test_norm_rule_is_the_papers_ratio_per_head():
     inputs = layer_inputs([45], n=45)
-    plan = Coverage(tolerance=0.05, stop="norm", window=1, kernel=1).plan(inputs)
+    plan = Coverage(tolerance=0.05, stop="norm", ranking="score", window=1, kernel=1).plan(inputs)
     signal = signal_of(inputs, 1, 1)
     forced, candidates = forced_and_candidates(inputs, 0, 4, 1)
     for head in range(2):
@@ -99,7 +99,7 @@ def test_norm_rule_is_the_papers_ratio_per_head():
 def test_output_rule_bounds_the_dropped_share_of_the_output():
     inputs = with_values(layer_inputs([40, 29], n=40))
     tolerance = 0.1
-    plan = Coverage(tolerance=tolerance, stop="output", window=4, kernel=1).plan(inputs)
+    plan = Coverage(tolerance=tolerance, stop="output", ranking="score", window=4, kernel=1).plan(inputs)
     signal = signal_of(inputs, 4, 1).double()
     value = inputs.value.double()
     for b in range(2):
@@ -125,9 +125,31 @@ def test_zero_tolerance_keeps_every_real_token():
         assert plan.keeps_everything(inputs.real_len)
 
 
+def test_defaults_are_the_studys_choice():
+    """docs/coverage.md: mass rule, positional ranking, a budget per KV head,
+    the last 32 queries max-pooled with kernel 7, 4 sinks, delta = 5%."""
+    method = Coverage()
+    assert method.options() == {
+        "tolerance": 0.05, "stop": "mass", "ranking": "position", "granularity": "head", "window": 32, "kernel": 7,
+        "num_sinks": 4, "protected_layers": (),
+    }  # fmt: skip
+
+
+def test_default_positional_cut_keeps_the_newest_per_head():
+    inputs = layer_inputs([90, 70], n=90)
+    plan = Coverage().plan(inputs)
+    signal = signal_of(inputs, 32, 7).double()
+    for b in range(2):
+        forced, candidates = forced_and_candidates(inputs, b, 4, 32)
+        newest_first = candidates[::-1]
+        for head in range(2):
+            count = mass_count([float(signal[b, head, p]) for p in newest_first], 0.05)
+            assert kept_positions(plan, b, head)[: int(plan.head_len[b, head])] == sorted(forced + newest_first[:count])
+
+
 def test_per_head_cut_is_padded_and_masked_in_the_cache():
     inputs = layer_inputs([64, 50], n=64, heads=4, kv_heads=2)
-    method = Coverage(tolerance=0.3)
+    method = Coverage(tolerance=0.3, ranking="score")
     value = torch.randn_like(inputs.key)
     plan = method.plan(inputs)
     assert not torch.equal(plan.head_len[:, 0], plan.head_len[:, 1]), "the test needs heads that differ"

@@ -42,8 +42,8 @@ class Coverage(CompressionMethod):
             "norm": the signal's L2 norm (the paper's quantity, per head);
             "output": the value-weighted output the dropped keys carry,
             ||sum_dropped p_j v_j|| / ||sum_all p_j v_j||.
-        ranking: "score" (highest signal first) or "position" (newest
-            first, the paper's order).
+        ranking: "position" (newest first, the paper's order) or
+            "score" (highest signal first, top-p per KV head).
         granularity: "head" (each KV head keeps its own count; the cache is
             padded to the largest and masked) or "layer" (every head keeps
             the largest count).
@@ -61,9 +61,9 @@ class Coverage(CompressionMethod):
         *,
         tolerance: float = 0.05,
         stop: str = "mass",
-        ranking: str = "score",
+        ranking: str = "position",
         granularity: str = "head",
-        window: int = 8,
+        window: int = 32,
         kernel: int = 7,
         num_sinks: int = 4,
         protected_layers: Optional[Sequence[int]] = None,
