@@ -88,15 +88,15 @@ def pick(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def study_table(rows: list[dict[str, Any]]) -> str:
     header = ["point", "length", "kept %", "held %", "score", "full", "worst family (drop)", "lossless",
-              *[f"{m} @ budget" for m in FIXED_BUDGET_METHODS], "on frontier"]  # fmt: skip
+              *[f"{m} @ budget" for m in FIXED_BUDGET_METHODS], "on frontier", "at held"]  # fmt: skip
     body = []
     for r in sorted(rows, key=lambda r: (r["length"], r["budget"])):
         baselines = [("-" if r["baselines"].get(m) is None else f"{r['baselines'][m]:.1f}") for m in FIXED_BUDGET_METHODS]
-        frontier = "-" if r["on_frontier"] is None else ("yes" if r["on_frontier"] else "no")
+        frontier, at_held = ("-" if v is None else ("yes" if v else "no") for v in (r["on_frontier"], r["on_frontier_at_held"]))
         body.append([
             r["point"], str(r["length"]), f"{100 * r['budget']:.1f}",
             "-" if r["held_budget"] is None else f"{100 * r['held_budget']:.1f}", f"{r['score']:.1f}", f"{r['full_score']:.1f}",
-            f"{r['worst_family']} ({r['worst_drop']:+.1f})", "yes" if r["lossless"] else "no", *baselines, frontier,
+            f"{r['worst_family']} ({r['worst_drop']:+.1f})", "yes" if r["lossless"] else "no", *baselines, frontier, at_held,
         ])  # fmt: skip
     return markdown_table(header, body)
 
@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--work-dir", default=str(ROOT / "build" / "stopping_rules"))
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--skip-long", action="store_true", help="stage 1 only")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from the sweeps in --work-dir")
     args = parser.parse_args()
     work, output = Path(args.work_dir), Path(args.output)
     short, long = work / "short", work / "long"
@@ -161,18 +162,21 @@ def main() -> None:
     if args.reuse and not short.exists():
         shutil.copytree(args.reuse, short)
 
-    stages = {"short": run_stage(short, [SWEEPS / "quality.toml", SWEEPS / "stopping_rules.toml"], [1024, 2048],
-                                 args.samples, args.batch_size, args.seed)}  # fmt: skip
-    summaries = [stage_summary(short)]
-    if not args.skip_long:
-        stages["long"] = run_stage(long, [SWEEPS / "stopping_rules_long.toml"], [4096], args.long_samples,
-                                   args.batch_size, args.seed)  # fmt: skip
-        summaries.append(stage_summary(long))
+    stages = {}
+    if args.report_only and (output / "run.json").exists():  # the timings stay those of the runs
+        stages = json.loads((output / "run.json").read_text(encoding="utf-8"))["stages"]
+    if not args.report_only:
+        stages["short"] = run_stage(short, [SWEEPS / "quality.toml", SWEEPS / "stopping_rules.toml"], [1024, 2048],
+                                    args.samples, args.batch_size, args.seed)  # fmt: skip
+        if not args.skip_long:
+            stages["long"] = run_stage(long, [SWEEPS / "stopping_rules_long.toml"], [4096], args.long_samples,
+                                       args.batch_size, args.seed)  # fmt: skip
+    summaries = [stage_summary(short)] + ([stage_summary(long)] if long.exists() and not args.skip_long else [])
     rows = [row for summary in summaries for row in judgements(summary)]
     choice = pick([r for r in rows if r["point"].startswith("coverage")])
 
     output.mkdir(parents=True, exist_ok=True)
-    for stage, summary in zip(stages, summaries):
+    for stage, summary in zip(("short", "long"), summaries):
         write_report(summary, output / stage, title=f"Quality map, stage {stage}")
     plot(summaries, rows, output / "frontier.png")
     markdown = "\n\n".join([
@@ -180,7 +184,8 @@ def main() -> None:
         "Kept % is the measured mean budget (tokens attended, averaged over KV heads); held % the prompt rows "
         "held in memory (a per-head cut pads every head to the largest); worst family is the task family with the largest drop below the "
         "full cache (lossless: every drop <= 2 points); baselines are each fixed-budget method's overall score "
-        "interpolated at the point's budget (- below its lowest measured budget).",
+        "interpolated at the point's budget (- below its lowest measured budget); on frontier: at or above every "
+        "baseline there; at held: the same judged at the held budget.",
         study_table(rows),
         f"Choice: `{choice['point']}` ({'lossless at every length' if choice['lossless_everywhere'] else 'closest to lossless'}, "
         f"mean kept {100 * choice['mean_budget']:.1f}%). Per task family:",

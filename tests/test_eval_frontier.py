@@ -36,11 +36,21 @@ def test_lossless_needs_every_family_within_two_points():
     # snapkv at 0.7: 30 + (50 - 30) * 0.2 / 0.25 = 46; 59.75 is above it.
     assert judged["baselines"]["snapkv"] == pytest.approx(46.0) and judged["on_frontier"] is True
     assert "h2o" not in judged["baselines"]
+    assert judged["baselines_at_held"] is None and judged["on_frontier_at_held"] is None  # no held budget recorded
 
     one_family_drops = summary_with([cell("p", "coverage", "a", 77.9, 0.6), cell("p", "coverage", "b", 45.0, 0.8),
                                      cell("p", "coverage", "overall", 61.45, 0.7)])  # fmt: skip
     judged = judge_point(one_family_drops, "p", 1024)
     assert not judged["lossless"] and judged["worst_drop"] == pytest.approx(2.1)
+
+
+def test_a_per_head_cut_is_judged_again_at_the_memory_it_holds():
+    overall = cell("p", "coverage", "overall", 49.0, 0.6)
+    overall["held_budget"] = 0.9
+    judged = judge_point(summary_with([cell("p", "coverage", "a", 79.0, 0.6), cell("p", "coverage", "b", 19.0, 0.6), overall]), "p", 1024)
+    # snapkv at 0.6: 38; at the 0.9 held: 50 + (60 - 50) * 0.15 / 0.25 = 56.
+    assert judged["on_frontier"] is True and judged["baselines_at_held"]["snapkv"] == pytest.approx(56.0)
+    assert judged["on_frontier_at_held"] is False and judged["held_budget"] == 0.9
 
 
 def test_below_the_frontier_and_incomplete_cells():

@@ -40,7 +40,9 @@ def judge_point(summary: dict[str, Any], point: str, length: int) -> Optional[di
     below the full cache, the worst family, `lossless` (every family within
     LOSSLESS_POINTS of the full cache), each fixed-budget baseline's score
     interpolated at the point's budget, and `on_frontier` (at or above
-    every baseline that could be interpolated; None if none could)."""
+    every baseline that could be interpolated; None if none could); the
+    same at the budget held in memory when the records carry it
+    (`baselines_at_held`, `on_frontier_at_held`)."""
     cells = {c["task"]: c for c in summary["cells"] if (c["point"], c["length"]) == (point, length)}
     overall = cells.pop(OVERALL, None)
     if overall is None or not overall["complete"]:
@@ -51,16 +53,11 @@ def judge_point(summary: dict[str, Any], point: str, length: int) -> Optional[di
         for task, cell in cells.items()
     }
     worst = max(families, key=lambda task: families[task]["drop"])
-    baselines = {}
-    for method in FIXED_BUDGET_METHODS:
-        curve = [
-            (c["kept_budget"], c["score"])
-            for c in summary["cells"]
-            if (c["method"], c["length"], c["task"]) == (method, length, OVERALL) and c["complete"]
-        ]
-        if curve:
-            baselines[method] = baseline_score_at(curve, overall["kept_budget"], reference[OVERALL])
-    compared = [score for score in baselines.values() if score is not None]
+    held = overall.get("held_budget")
+    baselines = _baselines_at(summary, length, overall["kept_budget"], reference[OVERALL])
+    # A per-head cut holds more rows than it attends to: judged again at the
+    # memory it holds, against baselines that hold what they attend to.
+    held_baselines = None if held is None else _baselines_at(summary, length, held, reference[OVERALL])
     return {
         "point": point,
         "length": length,
@@ -73,6 +70,27 @@ def judge_point(summary: dict[str, Any], point: str, length: int) -> Optional[di
         "worst_drop": families[worst]["drop"],
         "lossless": all(f["drop"] <= LOSSLESS_POINTS for f in families.values()),
         "baselines": baselines,
-        "on_frontier": None if not compared else overall["score"] >= max(compared),
+        "on_frontier": _at_or_above(overall["score"], baselines),
+        "baselines_at_held": held_baselines,
+        "on_frontier_at_held": None if held_baselines is None else _at_or_above(overall["score"], held_baselines),
     }
+
+
+def _baselines_at(summary: dict[str, Any], length: int, budget: float, full_score: float) -> dict[str, Optional[float]]:
+    """Each fixed-budget method's overall score interpolated at `budget`."""
+    baselines = {}
+    for method in FIXED_BUDGET_METHODS:
+        curve = [
+            (c["kept_budget"], c["score"])
+            for c in summary["cells"]
+            if (c["method"], c["length"], c["task"]) == (method, length, OVERALL) and c["complete"]
+        ]
+        if curve:
+            baselines[method] = baseline_score_at(curve, budget, full_score)
+    return baselines
+
+
+def _at_or_above(score: float, baselines: dict[str, Optional[float]]) -> Optional[bool]:
+    compared = [value for value in baselines.values() if value is not None]
+    return None if not compared else score >= max(compared)
 
