@@ -61,7 +61,7 @@ def test_branches_do_not_disturb_each_other(model, batch, prefilled):
     """Decoding from one branch appends to its own cache only: the prefill's
     tensors, shared by every branch, stay as they were."""
     keys_before = [layer.key.clone() for layer in prefilled.layers]
-    values_before = [value.clone() for value in prefilled.values]
+    values_before = [value.clone() for value in [inputs.value for inputs in prefilled.layers]]
     first = make_method("snapkv", budget=0.4)
     cache, _ = prefilled.branch(first)
     with refreekv.patch(model, first):
@@ -70,7 +70,7 @@ def test_branches_do_not_disturb_each_other(model, batch, prefilled):
         again = prefilled.generate(cache_again, NEW_TOKENS)
     assert torch.equal(once, again)
     assert all(torch.equal(a.key, b) for a, b in zip(prefilled.layers, keys_before))
-    assert all(torch.equal(a, b) for a, b in zip(prefilled.values, values_before))
+    assert all(torch.equal(a, b) for a, b in zip([inputs.value for inputs in prefilled.layers], values_before))
 
 
 def test_the_first_token_is_the_prefill_s_and_decoding_needs_the_patch(model, batch, prefilled):

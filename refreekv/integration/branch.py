@@ -54,9 +54,8 @@ class Prefill:
 
     input_ids, attention_mask: the left-padded prompt `[b, n]` and the
         first generated token appended, `[b, n + 1]`.
-    layers: per layer, what a method is handed (queries, keys, where the
-        real tokens are).
-    values: per layer, the cached values `[b, Hkv, n, d]`.
+    layers: per layer, what a method is handed (queries, keys, values,
+        where the real tokens are).
     stats: the uncompressed cache's stats (every layer keeps everything).
     generate_options: those the first token was chosen with.
     model: the model that ran the prefill.
@@ -65,7 +64,6 @@ class Prefill:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     layers: list[LayerInputs]
-    values: list[torch.Tensor]
     stats: CompressionStats
     generate_options: dict[str, Any]
     model: torch.nn.Module
@@ -82,11 +80,11 @@ class Prefill:
         first = self.layers[0]
         method.check_model(first.num_layers)
         cache_layers = []
-        for inputs, value in zip(self.layers, self.values):
+        for inputs in self.layers:
             compressed = None
             if not method.is_protected(inputs.layer_idx, inputs.num_layers):
-                compressed = compress_layer(method, inputs, value, evict=evict)
-            cache_layers.append(compressed if compressed is not None else GrowingLayer(inputs.key, value))
+                compressed = compress_layer(method, inputs, inputs.value, evict=evict)
+            cache_layers.append(compressed if compressed is not None else GrowingLayer(inputs.key, inputs.value))
         cache = compat.cache_from_layers(self.model, cache_layers)
         stats = CompressionStats.from_cache(cache_layers, first.real_len, self.stats.kv_bytes_before, evict=evict)
         return cache, stats
@@ -147,6 +145,5 @@ def prefill(
             **generate_options,
         )
         stats = handle.stats
-    values = [layer.values for layer in cache.layers[: len(capture.layers)]]
     mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-    return Prefill(output, mask, capture.layers, values, stats, generate_options, model)
+    return Prefill(output, mask, capture.layers, stats, generate_options, model)
