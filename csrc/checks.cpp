@@ -74,7 +74,9 @@ KeepCountParams check_ranked_inputs(const char* op, const at::Tensor& ranked_sco
 ImportanceParams check_importance_inputs(const at::Tensor& query,
                                          const at::Tensor& key, double scale,
                                          const std::optional<at::Tensor>& kv_valid,
-                                         std::string_view group_reduce) {
+                                         std::string_view group_reduce,
+                                         double softcap,
+                                         const std::optional<at::Tensor>& sinks) {
   constexpr const char* op = "attention_importance";
   check_rank(op, "query", query, 4, "[batch, heads, window, head_dim]");
   check_rank(op, "key", key, 4, "[batch, kv_heads, keys, head_dim]");
@@ -85,6 +87,14 @@ ImportanceParams check_importance_inputs(const at::Tensor& query,
               query.scalar_type(), " and key ", key.scalar_type());
   check_same_device(op, "key", key, "query", query);
   TORCH_CHECK(std::isfinite(scale), op, ": expected a finite scale, got ", scale);
+  // The kernels cap in float32, so a positive softcap must stay positive and
+  // finite there (one that rounds to 0 or inf would turn logits into NaN).
+  const float softcap_f32 = static_cast<float>(softcap);
+  TORCH_CHECK(softcap == 0.0 || (softcap_f32 > 0.0f && std::isfinite(softcap_f32)),
+              op,
+              ": expected softcap to be 0 (no capping) or positive and finite "
+              "in float32, got ",
+              softcap);
 
   ImportanceParams p{};
   p.batch = query.size(0);
@@ -119,8 +129,31 @@ ImportanceParams check_importance_inputs(const at::Tensor& query,
     check_dim(op, "kv_valid", valid, 0, p.batch, "batch size of query");
     check_dim(op, "kv_valid", valid, 1, p.keys, "number of keys");
   }
+  if (sinks.has_value()) {
+    const at::Tensor& sink_logits = *sinks;
+    check_rank(op, "sinks", sink_logits, 1, "[heads]");
+    TORCH_CHECK(c10::isFloatingType(sink_logits.scalar_type()), op,
+                ": expected sinks of a floating dtype, got ",
+                sink_logits.scalar_type());
+    check_same_device(op, "sinks", sink_logits, "query", query);
+    check_dim(op, "sinks", sink_logits, 0, p.heads, "query heads");
+  }
   p.reduce = parse_group_reduce(group_reduce);
   return p;
+}
+
+at::Tensor float_sinks_on_host(const at::Tensor& sinks) {
+  at::Tensor sinks_f32 = sinks.to(at::kFloat).contiguous();
+  const float* values = sinks_f32.const_data_ptr<float>();
+  for (int64_t h = 0; h < sinks_f32.numel(); ++h) {
+    // Checked after the conversion: a float64 sink beyond float32's range
+    // would reach the kernel as inf.
+    TORCH_CHECK(std::isfinite(values[h]),
+                "attention_importance: expected finite sinks (in float32), got "
+                "sinks[",
+                h, "] = ", values[h]);
+  }
+  return sinks_f32;
 }
 
 KeepCountParams check_keep_count_inputs(const at::Tensor& ranked_scores,

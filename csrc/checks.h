@@ -26,10 +26,20 @@ struct ImportanceParams {
   GroupReduce reduce;
 };
 
+// Checks shapes, dtypes and devices, the scale and softcap (0 disables
+// capping, else positive and finite in float32). The values of sinks are checked where they are read, so
+// that a CUDA call never waits for the device: by float_sinks_on_host on the
+// CPU, by a device-side assertion on CUDA.
 ImportanceParams check_importance_inputs(const at::Tensor& query,
                                          const at::Tensor& key, double scale,
                                          const std::optional<at::Tensor>& kv_valid,
-                                         std::string_view group_reduce);
+                                         std::string_view group_reduce,
+                                         double softcap,
+                                         const std::optional<at::Tensor>& sinks);
+
+// CPU kernels only (it reads the tensor on the host): the attention sinks [H]
+// as a contiguous float32 tensor, each value checked to be finite in float32.
+at::Tensor float_sinks_on_host(const at::Tensor& sinks);
 
 // Sizes of one adaptive_keep_count or mass_keep_count call.
 struct KeepCountParams {

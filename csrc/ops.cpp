@@ -8,8 +8,8 @@
 TORCH_LIBRARY(refreekv, m) {
   m.def(
       "attention_importance(Tensor query, Tensor key, float scale, "
-      "Tensor? kv_valid=None, bool normalize=True, str group_reduce='none') "
-      "-> Tensor");
+      "Tensor? kv_valid=None, bool normalize=True, str group_reduce='none', "
+      "float softcap=0.0, Tensor? sinks=None) -> Tensor");
   m.def(
       "adaptive_keep_count(Tensor ranked_scores, float threshold, "
       "Tensor? valid_len=None) -> Tensor");

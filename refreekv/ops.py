@@ -27,6 +27,8 @@ def attention_importance(
     kv_valid: Optional[torch.Tensor] = None,
     normalize: bool = True,
     group_reduce: GroupReduce = None,
+    softcap: Optional[float] = 0.0,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     r"""Per-key attention importance of the last ``w`` query rows.
 
@@ -42,24 +44,41 @@ def attention_importance(
             instead of summing (H2O accumulation).
         group_reduce: ``None`` for per-query-head scores, or ``"mean"`` /
             ``"max"`` over each GQA group.
+        softcap: ``c``, Gemma 2 style logit soft-capping when ``c > 0``; ``0``
+            or ``None`` leaves the logits uncapped. A negative ``c``, or one
+            that is not positive and finite in float32, is an error.
+        sinks: optional ``[H]`` learned attention sinks ``\sigma`` (GPT-OSS
+            style), one logit per query head, of any floating dtype on the
+            device of ``query`` (used in float32): a virtual key that every row
+            sees and that is never scored itself. Non-finite sinks are an
+            error (on CUDA a device-side assertion, which needs no host
+            synchronization).
 
     Returns:
         float32 ``[b, H, n]`` (or ``[b, Hkv, n]`` with ``group_reduce``):
 
         .. math::
-            p_h[i, j] = \mathrm{softmax}_{j \le n - w + i,\ j\ \mathrm{valid}}
-                        (s\, q_{h,i} \cdot k_{h // g, j}), \qquad
+            \ell_h[i, j] = \mathrm{cap}_c(s\, q_{h,i} \cdot k_{h // g, j}),
+            \qquad \mathrm{cap}_c(x) = c \tanh(x / c)
+            \ (\mathrm{cap}_0(x) = x),
+
+            p_h[i, j] = \frac{\exp \ell_h[i, j]}
+                        {e^{\sigma_h} + \sum_{j' \le n - w + i,\ j'\ \mathrm{valid}}
+                         \exp \ell_h[i, j']}
+                        \quad (j \le n - w + i,\ j\ \mathrm{valid}), \qquad
             a_h[j] = \frac{\sum_i p_h[i, j]}{\min(w, n - j)}
 
-        (no division when ``normalize=False``). Padding keys score 0, and a
-        row that sees only padding contributes nothing.
+        where the sink term ``e^{\sigma_h}`` is absent without ``sinks`` (a
+        plain softmax) and the sink logit is neither scaled nor capped. No
+        division when ``normalize=False``. Padding keys score 0, and a row
+        that sees only padding contributes nothing.
 
     Float32, float16 and bfloat16 inputs are accepted; everything is computed
     in float32. Extra memory is ``O(b H n)`` plus a fixed tile per thread,
     whatever ``w``: the ``w x n`` probability matrix is never materialized.
     """
     return torch.ops.refreekv.attention_importance.default(
-        query, key, float(scale), kv_valid, normalize, group_reduce or "none"
+        query, key, float(scale), kv_valid, normalize, group_reduce or "none", float(softcap or 0.0), sinks
     )
 
 
@@ -153,7 +172,9 @@ def compact_kv(
 
 
 @torch.library.register_fake("refreekv::attention_importance")
-def _attention_importance_fake(query, key, scale, kv_valid=None, normalize=True, group_reduce="none"):
+def _attention_importance_fake(
+    query, key, scale, kv_valid=None, normalize=True, group_reduce="none", softcap=0.0, sinks=None
+):
     heads = query.shape[1] if group_reduce == "none" else key.shape[1]
     return query.new_empty((query.shape[0], heads, key.shape[2]), dtype=torch.float32)
 

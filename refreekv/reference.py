@@ -23,22 +23,33 @@ def attention_importance(
     kv_valid: Optional[torch.Tensor] = None,
     normalize: bool = True,
     group_reduce: Optional[str] = None,
+    softcap: Optional[float] = 0.0,
+    sinks: Optional[torch.Tensor] = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Same contract as :func:`refreekv.ops.attention_importance`, computed in
-    ``dtype`` (float32 by default; float64 gives a ground truth)."""
+    ``dtype`` (float32 by default; float64 gives a ground truth). The softcap
+    follows Gemma 2's eager attention and the sinks GPT-OSS's: a sink column
+    joins the masked logits for the softmax and is dropped after it."""
     batch, heads, window, _ = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     group = heads // kv_heads
     q = query.to(dtype)
     k = key.to(dtype).repeat_interleave(group, dim=1)
     logits = (q @ k.transpose(-1, -2)) * scale  # [b, H, w, n]
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
     row_pos = torch.arange(keys - window, keys, device=query.device)
     key_pos = torch.arange(keys, device=query.device)
     hidden = (key_pos[None, :] > row_pos[:, None])[None, None]  # causal
     if kv_valid is not None:
         hidden = hidden | ~kv_valid[:, None, None, :]
-    probs = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)
+    logits = logits.masked_fill(hidden, float("-inf"))
+    if sinks is None:
+        probs = torch.softmax(logits, dim=-1)
+    else:
+        sink_column = sinks.to(dtype)[None, :, None, None].expand(batch, heads, window, 1)
+        probs = torch.softmax(torch.cat([logits, sink_column], dim=-1), dim=-1)[..., :-1]
     probs = probs.nan_to_num(0.0)  # rows that see only padding contribute nothing
     scores = probs.sum(dim=2)
     if normalize:

@@ -1,11 +1,22 @@
 """Bad options and unsupported models fail clearly, before anything runs."""
 
+import copy
+
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaModel
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 import refreekv
-from refreekv.integration.compat import SUPPORTED_FAMILIES
 
 from integration_models import TINY, tiny_model
 
@@ -48,28 +59,64 @@ def test_bad_options_raise_before_patching(model, case):
     assert getattr(model, "_refreekv_handle", None) is None
 
 
-def test_unsupported_architecture(model):
+def test_a_model_outside_the_decoder_layout_is_refused():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32))
-    families = ", ".join(SUPPORTED_FAMILIES.values())
-    with pytest.raises(ValueError, match=rf"refreekv supports the {families} families; got a model of type 'gpt2'"):
+    with pytest.raises(TypeError, match=r"expects a decoder-only causal language model with its decoder layers at `model.model.layers` .* got GPT2LMHeadModel"):
         refreekv.patch(gpt2)
 
 
 def test_not_a_causal_lm():
     base = LlamaModel(tiny_model("llama", "sdpa").config)
-    with pytest.raises(TypeError, match=r"expects a causal language model \(e.g. LlamaForCausalLM\), got LlamaModel"):
+    with pytest.raises(TypeError, match=r"expects a decoder-only causal language model .* got LlamaModel"):
         refreekv.patch(base)
 
 
-def test_not_a_transformers_model():
-    with pytest.raises(TypeError, match=r"expects a transformers PreTrainedModel, got Linear"):
-        refreekv.patch(torch.nn.Linear(2, 2))
+def test_a_non_causal_model_is_refused():
+    bert = BertForMaskedLM(BertConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16, intermediate_size=32, vocab_size=32))
+    with pytest.raises(TypeError, match=r"expects a decoder-only causal language model .* got BertForMaskedLM"):
+        refreekv.patch(bert)
 
 
-def test_sliding_window_model():
+def test_an_encoder_decoder_is_refused():
+    t5 = T5ForConditionalGeneration(T5Config(num_layers=1, d_model=16, d_kv=8, d_ff=32, num_heads=2, vocab_size=32))
+    with pytest.raises(ValueError, match=r"decoder-only causal LMs; T5ForConditionalGeneration is an encoder-decoder model"):
+        refreekv.patch(t5)
+
+
+def test_multi_head_latent_attention_is_refused():
+    config = DeepseekV3Config(
+        vocab_size=32, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"does not support multi-head latent attention \(deepseek_v3, kv_lora_rank=8\)"):
+        refreekv.patch(DeepseekV3ForCausalLM(config))
+
+
+def test_a_model_without_full_attention_layers_is_refused():
     mistral = tiny_model("mistral", "sdpa", sliding_window=16)
-    with pytest.raises(ValueError, match=r"compresses full-attention layers only; .*\(sliding_window=16"):
+    with pytest.raises(ValueError, match=r"no full-attention layer .*\(layer kinds: 4 sliding_attention\); .*\(sliding_window=16\)"):
         refreekv.patch(mistral)
+
+
+def test_an_unknown_cache_layer_is_refused():
+    """Layers whose cache is neither attention nor a recurrent state alone
+    (here DeepSeek-V3.2-style indexed attention) are not classified."""
+    model = tiny_model("llama", "sdpa")
+    model.config.layer_types = ["full_attention", "indexed_attention", "full_attention", "full_attention"]
+    with pytest.raises(ValueError, match=r"does not support layer 1 of this llama model: its cache layer is a DynamicIndexedLayer"):
+        refreekv.patch(model)
+
+
+def test_a_layer_that_bypasses_the_attention_registry_is_caught_at_prefill():
+    model = tiny_model("llama", "sdpa")
+    input_ids = torch.randint(3, TINY["vocab_size"], (1, 12))
+    with refreekv.patch(model):
+        # Layer 2 now calls sdpa directly, never refreekv's registered function.
+        model.model.layers[2].self_attn.config = copy.copy(model.config)
+        model.model.layers[2].self_attn.config._attn_implementation = "sdpa"
+        with pytest.raises(RuntimeError, match=r"the attention of layers \[2\] did not go through transformers' attention-function registry"):
+            model(input_ids=input_ids)
 
 
 def test_unsupported_attention_implementation():

@@ -5,7 +5,8 @@ whatever the input dtype, so its error against a float64 ground truth (on the
 same rounded inputs) must stay within twice the error of a plain float32
 PyTorch run of the reference. A single float32 run can be luckier than
 float32 arithmetic guarantees, so the bound also admits the error that one
-float32 rounding of the largest logit causes in the largest score.
+float32 rounding of the largest logit (or sink, which joins the same
+normalizer) causes in the largest score.
 """
 
 import math
@@ -30,10 +31,13 @@ def make_inputs(batch, heads, kv_heads, window, keys, head_dim, dtype, device, g
     return query, key, kv_valid
 
 
-def largest_logit(query, key, scale):
+def largest_logit(query, key, scale, sinks=None):
+    """The largest uncapped logit or sink in magnitude (a softcap only
+    shrinks logits, so this bounds the capped ones too)."""
     group = query.shape[1] // key.shape[1]
     key = key.double().repeat_interleave(group, dim=1)
-    return abs(scale) * (query.double() @ key.transpose(-1, -2)).abs().max().item()
+    largest = abs(scale) * (query.double() @ key.transpose(-1, -2)).abs().max().item()
+    return largest if sinks is None else max(largest, sinks.double().abs().max().item())
 
 
 def assert_matches_reference(query, key, scale, **options):
@@ -46,7 +50,8 @@ def assert_matches_reference(query, key, scale, **options):
     assert torch.isfinite(ours).all()
     ours_error = (ours.cpu().double() - truth).abs().max().item()
     plain_error = (plain32.double() - truth).abs().max().item()
-    one_logit_ulp = FLOAT32_EPS * max(1.0, largest_logit(query, key, scale)) * truth.abs().max().item()
+    largest = largest_logit(query, key, scale, options.get("sinks"))
+    one_logit_ulp = FLOAT32_EPS * max(1.0, largest) * truth.abs().max().item()
     bound = 2 * plain_error + one_logit_ulp
     assert ours_error <= bound, f"error {ours_error:.3e} exceeds {bound:.3e} (float32 reference: {plain_error:.3e})"
     return ours
@@ -56,13 +61,26 @@ def _cpu(options):
     return {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in options.items()}
 
 
+def make_sinks(heads, keys, logit_std, dtype, device, generator):
+    """Sink logits with the logits' spread, centred on log(keys) where
+    exp(sink) rivals a row's sum over the keys: the sinks take anything from
+    a few percent to nearly all of a row's probability."""
+    sinks = torch.randn(heads, generator=generator) * logit_std + math.log(keys)
+    return sinks.to(dtype=dtype, device=device)
+
+
+# Logits of q . k with d = 16 have standard deviation 4 * scale: 1 uncapped,
+# 4 under a softcap of 5, so that many are squeezed well below their value.
+@pytest.mark.parametrize("scale,softcap", [(0.25, 0.0), (1.0, 5.0)], ids=["uncapped", "softcap"])
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["no-sinks", "sinks"])
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("keys,window", [(37, 1), (37, 5), (37, 37), (131, 1), (131, 17), (131, 131)])
 @pytest.mark.parametrize("padded", [False, True], ids=["dense", "left-padded"])
-def test_matches_reference(device, dtype, generator, group, keys, window, padded):
+def test_matches_reference(device, dtype, generator, group, keys, window, padded, scale, softcap, with_sinks):
     pad = [0, keys // 3] if padded else None
     query, key, kv_valid = make_inputs(2, 2 * group, 2, window, keys, 16, dtype, device, generator, pad)
-    assert_matches_reference(query, key, 0.25, kv_valid=kv_valid)
+    sinks = make_sinks(2 * group, keys, 4 * scale, dtype, device, generator) if with_sinks else None
+    assert_matches_reference(query, key, scale, kv_valid=kv_valid, softcap=softcap, sinks=sinks)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -128,6 +146,44 @@ def test_padding_keys_score_zero_and_blind_rows_contribute_nothing(device, gener
     torch.testing.assert_close(summed.sum(-1).cpu(), torch.tensor([[3.0, 3.0], [6.0, 6.0]]))
 
 
+def test_inert_softcap_and_sinks_give_the_plain_result(device, generator):
+    # A softcap far above every logit leaves c * tanh(x / c) = x to float32
+    # precision, and a sink of -1e4 adds exp(-1e4) = 0 to every normalizer.
+    # Padding blinds the first two window rows of sequence 0: with a sink
+    # they still contribute nothing.
+    query, key, kv_valid = make_inputs(2, 4, 2, 5, 40, 16, torch.float32, device, generator, pad=[37, 0])
+    plain = refreekv.attention_importance(query, key, 0.3, kv_valid=kv_valid)
+    sinks = torch.full((4,), -1e4, device=device)
+    for options in ({"softcap": 1e4}, {"sinks": sinks}, {"softcap": 1e4, "sinks": sinks}):
+        ours = refreekv.attention_importance(query, key, 0.3, kv_valid=kv_valid, **options)
+        torch.testing.assert_close(ours, plain, msg=lambda m: f"{options}: {m}")
+
+
+def test_softcap_none_means_no_capping(device, generator):
+    query, key, _ = make_inputs(1, 2, 1, 3, 10, 8, torch.float32, device, generator)
+    plain = refreekv.attention_importance(query, key, 2.0)
+    assert torch.equal(refreekv.attention_importance(query, key, 2.0, softcap=None), plain)
+
+
+def test_sink_scales_every_probability_of_its_head(device):
+    # d = 1, q = 1, k = (0, ln 2, ln 3), scale 1: exp(logits) = (1, 2, 3).
+    # Window row 0 (position 1) sees keys 0-1, normalizer Z = 3; row 1 sees
+    # all three, Z = 6. A sink with exp(sink) = E turns each probability e / Z
+    # into e / (Z + E): lower by the factor Z / (Z + E). Two query heads share
+    # the key head, each with its own sink; float64 sinks are used in float32.
+    query = torch.ones(1, 2, 2, 1, device=device)
+    key = torch.log(torch.tensor([1.0, 2.0, 3.0], device=device)).view(1, 1, 3, 1)
+    sink_exps = (9.0, 30.0)
+    sinks = torch.log(torch.tensor(sink_exps, dtype=torch.float64, device=device))
+    expected = torch.zeros(1, 2, 3)
+    for head, sink_exp in enumerate(sink_exps):
+        for visible, row_sum in ((2, 3.0), (3, 6.0)):
+            plain_probs = torch.tensor([1.0, 2.0, 3.0])[:visible] / row_sum
+            expected[0, head, :visible] += plain_probs * (row_sum / (row_sum + sink_exp))
+    ours = refreekv.attention_importance(query, key, 1.0, normalize=False, sinks=sinks)
+    torch.testing.assert_close(ours.cpu(), expected)
+
+
 def test_window_of_one_is_the_last_attention_row(device, generator):
     query, key, _ = make_inputs(1, 4, 4, 1, 29, 16, torch.float32, device, generator)
     expected = torch.softmax((query @ key.transpose(-1, -2)).squeeze(2) * 0.125, dim=-1)
@@ -138,10 +194,13 @@ def test_non_contiguous_and_expanded_inputs(device, generator):
     query, key, kv_valid = make_inputs(2, 4, 2, 5, 30, 8, torch.float32, device, generator, pad=[3, 0])
     strided_query = query.transpose(2, 3).contiguous().transpose(2, 3)
     expanded_key = key[:, :1].expand(2, 2, 30, 8)
-    expected = refreekv.attention_importance(query, expanded_key.contiguous(), 0.3, kv_valid=kv_valid)
+    sinks = torch.randn(8, device=device)
+    expected = refreekv.attention_importance(
+        query, expanded_key.contiguous(), 0.3, kv_valid=kv_valid, sinks=sinks[::2].contiguous()
+    )
     strided_valid = kv_valid.t().contiguous().t()
-    ours = refreekv.attention_importance(strided_query, expanded_key, 0.3, kv_valid=strided_valid)
-    assert not any(t.is_contiguous() for t in (strided_query, expanded_key, strided_valid))
+    ours = refreekv.attention_importance(strided_query, expanded_key, 0.3, kv_valid=strided_valid, sinks=sinks[::2])
+    assert not any(t.is_contiguous() for t in (strided_query, expanded_key, strided_valid, sinks[::2]))
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
 
 
@@ -155,8 +214,22 @@ def test_inputs_are_not_modified(device, dtype, generator):
 
 def test_opcheck(device, generator):
     query, key, kv_valid = make_inputs(2, 4, 2, 3, 20, 8, torch.float32, device, generator, pad=[2, 0])
-    for options in ({}, {"kv_valid": kv_valid, "normalize": False, "group_reduce": "max"}):
-        args = (query, key, 0.5, options.get("kv_valid"), options.get("normalize", True), options.get("group_reduce", "none"))
+    sinks = torch.randn(4, generator=generator).to(device)
+    for options in (
+        {},
+        {"kv_valid": kv_valid, "normalize": False, "group_reduce": "max"},
+        {"kv_valid": kv_valid, "group_reduce": "mean", "softcap": 1.5, "sinks": sinks},
+    ):
+        args = (
+            query,
+            key,
+            0.5,
+            options.get("kv_valid"),
+            options.get("normalize", True),
+            options.get("group_reduce", "none"),
+            options.get("softcap", 0.0),
+            options.get("sinks"),
+        )
         torch.library.opcheck(torch.ops.refreekv.attention_importance.default, args)
 
 

@@ -8,6 +8,7 @@ The generic operator suites (tests/test_ops_*.py) already run on CUDA when a
 GPU is present; this module adds what is specific to the CUDA code paths.
 """
 
+import math
 import os
 import random
 
@@ -49,27 +50,44 @@ def assert_importance_parity(query, key, scale, **options):
     error of a plain float32 run of the reference) plus the float32 rounding
     of a length-d dot product, which grows with sqrt(d) for d-term sums: the
     shapes here reach d = 200, where one logit ulp no longer covers it (the
-    CPU kernel needs the extra term too).
+    CPU kernel needs the extra term too). Sinks join the logits in each
+    row's normalizer, so the largest of them counts like the largest logit.
     """
     kv_valid = options.pop("kv_valid", None)
-    q, k, valid = on_device(query, key, kv_valid)
-    ours = refreekv.attention_importance(q, k, scale, kv_valid=valid, **options)
-    truth = reference.attention_importance(query, key, scale, kv_valid=kv_valid, dtype=torch.float64, **options)
-    plain32 = reference.attention_importance(query, key, scale, kv_valid=kv_valid, dtype=torch.float32, **options)
+    sinks = options.pop("sinks", None)
+    q, k, valid, device_sinks = on_device(query, key, kv_valid, sinks)
+    ours = refreekv.attention_importance(q, k, scale, kv_valid=valid, sinks=device_sinks, **options)
+    options.update(kv_valid=kv_valid, sinks=sinks)
+    truth = reference.attention_importance(query, key, scale, dtype=torch.float64, **options)
+    plain32 = reference.attention_importance(query, key, scale, dtype=torch.float32, **options)
     assert ours.dtype == torch.float32 and ours.shape == truth.shape and ours.device.type == DEVICE
     assert torch.isfinite(ours).all()
     group = query.shape[1] // key.shape[1]
     abs_dots = query.double().abs() @ key.double().abs().repeat_interleave(group, dim=1).transpose(-1, -2)
-    dot_rounding = 4 * query.shape[-1] ** 0.5 * FLOAT32_EPS * abs(scale) * max(1.0, abs_dots.max().item())
+    largest = max(abs(scale) * abs_dots.max().item(), 0.0 if sinks is None else sinks.abs().max().item())
+    dot_rounding = 4 * query.shape[-1] ** 0.5 * FLOAT32_EPS * max(1.0, largest)
     bound = 2 * (plain32.double() - truth).abs().max().item() + dot_rounding * truth.abs().max().item()
     error = (ours.cpu().double() - truth).abs().max().item()
     assert error <= bound, f"error {error:.3e} exceeds {bound:.3e}"
-    cpu = refreekv.attention_importance(query, key, scale, kv_valid=kv_valid, **options)
+    cpu = refreekv.attention_importance(query, key, scale, **options)
     # Both devices compute in float32 but sum in different orders (GEMM tiles,
     # tensor-core accumulation); the principled bound is the one above, and
     # this only says the two kernels agree to float32 working precision.
     torch.testing.assert_close(ours.cpu(), cpu, rtol=1e-4, atol=1e-6)
     return ours
+
+
+# Attention variants, each on every shape of both paths: a softcap of 2 caps
+# the logits of these inputs (standard deviation 1) noticeably, and sinks of
+# the same spread around log(keys), where exp(sink) rivals a row's sum over
+# the keys, take anything from a few percent to most of a row's probability.
+VARIANTS = {"plain": (0.0, False), "softcap": (2.0, False), "sinks": (0.0, True), "softcap+sinks": (2.0, True)}
+
+
+def variant_options(variant, heads, keys, generator):
+    softcap, with_sinks = VARIANTS[variant]
+    sinks = torch.randn(heads, generator=generator) + math.log(keys) if with_sinks else None
+    return dict(softcap=softcap, sinks=sinks)
 
 
 # (keys, window, group, head_dim): the small-window path takes w <= 4 with
@@ -89,13 +107,15 @@ SMALL_WINDOW_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("keys,window,group,head_dim", SMALL_WINDOW_SHAPES)
 @pytest.mark.parametrize("padded", [False, True], ids=["dense", "left-padded"])
-def test_small_window_path(dtype, keys, window, group, head_dim, padded, generator):
+def test_small_window_path(dtype, keys, window, group, head_dim, padded, variant, generator):
     pad = [0, (2 * keys) // 3] if padded else None
     query, key, kv_valid = make_inputs(2, 2 * group, 2, window, keys, head_dim, dtype, "cpu", generator, pad)
-    assert_importance_parity(query, key, head_dim**-0.5, kv_valid=kv_valid)
+    options = variant_options(variant, 2 * group, keys, generator)
+    assert_importance_parity(query, key, head_dim**-0.5, kv_valid=kv_valid, **options)
 
 
 TILED_SHAPES = [
@@ -110,15 +130,17 @@ TILED_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("keys,window,group,head_dim", TILED_SHAPES)
 @pytest.mark.parametrize("padded", [False, True], ids=["dense", "left-padded"])
-def test_tiled_path(dtype, keys, window, group, head_dim, padded, generator):
+def test_tiled_path(dtype, keys, window, group, head_dim, padded, variant, generator):
     # Padding that blinds whole query tiles of sequence 1 (rows before its
     # first real key see nothing) and covers whole key tiles.
     pad = [0, keys - window + min(window - 1, 70)] if padded else None
     query, key, kv_valid = make_inputs(2, 2 * group, 2, window, keys, head_dim, dtype, "cpu", generator, pad)
-    assert_importance_parity(query, key, head_dim**-0.5, kv_valid=kv_valid)
+    options = variant_options(variant, 2 * group, keys, generator)
+    assert_importance_parity(query, key, head_dim**-0.5, kv_valid=kv_valid, **options)
 
 
 @pytest.mark.parametrize("window", [1, 3, 150], ids=["w=1", "w=3", "w=150"])
@@ -145,8 +167,9 @@ def test_fully_padded_sequence_scores_zero(generator):
         query, key, _ = make_inputs(2, 2, 1, window, 90, 8, torch.float16, "cpu", generator)
         kv_valid = torch.ones(2, 90, dtype=torch.bool)
         kv_valid[1] = False
-        ours = assert_importance_parity(query, key, 0.5, kv_valid=kv_valid)
-        assert (ours[1] == 0).all()
+        for sinks in (None, torch.tensor([0.5, -3.0])):
+            ours = assert_importance_parity(query, key, 0.5, kv_valid=kv_valid, sinks=sinks)
+            assert (ours[1] == 0).all()
 
 
 def test_attention_importance_is_deterministic(generator):

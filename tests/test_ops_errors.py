@@ -13,6 +13,8 @@ def importance_inputs(**changes):
         scale=0.5,
         kv_valid=None,
         group_reduce=None,
+        softcap=0.0,
+        sinks=None,
     )
     inputs.update(changes)
     return inputs
@@ -34,6 +36,17 @@ IMPORTANCE_CASES = {
     "mask shape": (dict(kv_valid=torch.ones(2, 9, dtype=torch.bool)), r"expected kv_valid.size\(1\) == 10 \(number of keys\), got 9"),
     "mask rank": (dict(kv_valid=torch.ones(10, dtype=torch.bool)), r"expected kv_valid of shape \[batch, keys\] \(2-D\), got a 1-D"),
     "group reduce": (dict(group_reduce="sum"), r"expected group_reduce to be 'none', 'mean' or 'max', got 'sum'"),
+    "negative softcap": (dict(softcap=-1.0), r"expected softcap to be 0 \(no capping\) or positive and finite in float32, got -1"),
+    "nan softcap": (dict(softcap=float("nan")), r"expected softcap to be 0 .* got nan"),
+    "infinite softcap": (dict(softcap=float("inf")), r"expected softcap to be 0 .* got inf"),
+    "softcap beyond float32": (dict(softcap=1e39), r"positive and finite in float32, got 1e\+39"),
+    "softcap zero in float32": (dict(softcap=1e-50), r"positive and finite in float32, got 1e-50"),
+    "sinks rank": (dict(sinks=torch.zeros(4, 1)), r"expected sinks of shape \[heads\] \(1-D\), got a 2-D tensor of shape \[4, 1\]"),
+    "sinks per key head": (dict(sinks=torch.zeros(2)), r"expected sinks.size\(0\) == 4 \(query heads\), got 2"),
+    "integer sinks": (dict(sinks=torch.zeros(4, dtype=torch.int64)), r"expected sinks of a floating dtype, got Long"),
+    "nan sink": (dict(sinks=torch.tensor([0.0, float("nan"), 0.0, 0.0])), r"expected finite sinks \(in float32\), got sinks\[1\] = nan"),
+    "infinite sink": (dict(sinks=torch.tensor([0.0, 0.0, float("-inf"), 0.0])), r"got sinks\[2\] = -inf"),
+    "sink beyond float32": (dict(sinks=torch.tensor([0.0, 0.0, 0.0, 1e39], dtype=torch.float64)), r"got sinks\[3\] = inf"),
 }
 
 
@@ -43,7 +56,13 @@ def test_attention_importance_rejects(case):
     inputs = importance_inputs(**changes)
     with pytest.raises(RuntimeError, match=message):
         refreekv.attention_importance(
-            inputs["query"], inputs["key"], inputs["scale"], kv_valid=inputs["kv_valid"], group_reduce=inputs["group_reduce"]
+            inputs["query"],
+            inputs["key"],
+            inputs["scale"],
+            kv_valid=inputs["kv_valid"],
+            group_reduce=inputs["group_reduce"],
+            softcap=inputs["softcap"],
+            sinks=inputs["sinks"],
         )
 
 
@@ -161,6 +180,11 @@ def test_device_mismatch_is_rejected():
     cpu_query, meta_key = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 10, 8, device="meta")
     with pytest.raises(RuntimeError, match=r"expected key on the same device as query \(cpu\), got meta"):
         call_cpu_kernel(torch.ops.refreekv.attention_importance.default, cpu_query, meta_key, 0.5, None, True, "none")
+    meta_sinks = torch.zeros(4, device="meta")
+    with pytest.raises(RuntimeError, match=r"expected sinks on the same device as query \(cpu\), got meta"):
+        call_cpu_kernel(
+            torch.ops.refreekv.attention_importance.default, cpu_query, torch.randn(2, 2, 10, 8), 0.5, None, True, "none", 0.0, meta_sinks
+        )
     meta_lengths = torch.tensor([5, 3], device="meta")
     with pytest.raises(RuntimeError, match=r"expected valid_len on the same device as ranked_scores \(cpu\), got meta"):
         call_cpu_kernel(torch.ops.refreekv.adaptive_keep_count.default, torch.rand(2, 2, 10), 0.01, meta_lengths)
@@ -175,3 +199,6 @@ def test_device_mismatch_is_rejected():
 def test_cpu_and_cuda_tensors_are_not_mixed():
     with pytest.raises(RuntimeError, match=r"expected key on the same device as query"):
         refreekv.attention_importance(torch.randn(2, 4, 3, 8, device="cuda"), torch.randn(2, 2, 10, 8), 0.5)
+    cuda_query, cuda_key = torch.randn(2, 4, 3, 8, device="cuda"), torch.randn(2, 2, 10, 8, device="cuda")
+    with pytest.raises(RuntimeError, match=r"expected sinks on the same device as query \(cuda:0\), got cpu"):
+        refreekv.attention_importance(cuda_query, cuda_key, 0.5, sinks=torch.zeros(4))

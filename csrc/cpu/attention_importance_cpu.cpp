@@ -27,14 +27,16 @@ constexpr int64_t kBlockElements = int64_t{1} << 20;
 // probabilities of every window row onto the keys: acc[h, j] += p_h[i, j].
 //
 // query_group: [group, window, head_dim] in the input dtype.
+// softcap:     > 0 caps each logit to softcap * tanh(logit / softcap); 0 not.
 // key_head:    [keys, head_dim] float32.
 // key_padding: [keys] bool (true = padding) or undefined.
 // first_valid: the first non-padding key; rows before it see nothing.
+// group_sinks: [group] float32 sink logits of the group's heads, or undefined.
 // acc:         [group, keys] float32, zero-initialised by the caller.
 void accumulate_group(const ImportanceParams& p, const at::Tensor& query_group,
-                      double scale, const at::Tensor& key_head,
+                      double scale, double softcap, const at::Tensor& key_head,
                       const at::Tensor& key_padding, int64_t first_valid,
-                      at::Tensor& acc) {
+                      const at::Tensor& group_sinks, at::Tensor& acc) {
   const int64_t g = p.group;
   const int64_t n = p.keys;
   const int64_t w = p.window;
@@ -64,6 +66,12 @@ void accumulate_group(const ImportanceParams& p, const at::Tensor& query_group,
     // ignores the output's old contents).
     at::addmm_out(logits, logits, q_block.view({rows, p.head_dim}),
                   key_head.narrow(0, 0, visible).t(), /*beta=*/0, /*alpha=*/scale);
+    if (softcap > 0.0) {
+      // Gemma 2's order: scaled, then capped, then masked (so masked keys
+      // stay at -inf). Dividing after the scaling rather than folding
+      // 1 / softcap into the GEMM's alpha cannot overflow that alpha.
+      logits.div_(softcap).tanh_().mul_(softcap);
+    }
 
     // Causal mask: only the keys after the block's first position can be
     // ahead of some of its rows.
@@ -82,13 +90,28 @@ void accumulate_group(const ImportanceParams& p, const at::Tensor& query_group,
 
     at::Tensor probs =
         probs_buffer.narrow(0, 0, rows * visible).view({rows, visible});
-    at::_softmax_out(probs, logits, /*dim=*/1, /*half_to_float=*/false);
-    // A row placed before the first real token sees only padding; its
-    // softmax is 0/0, and it contributes nothing.
-    const int64_t blind_positions =
-        std::clamp<int64_t>(first_valid - (first_pos + i0), 0, positions);
-    if (blind_positions > 0) {
-      probs.narrow(0, 0, blind_positions * g).zero_();
+    if (group_sinks.defined()) {
+      // A softmax whose normalizer has one more term, exp(sink). The finite
+      // sink also joins the row maximum, so the maximum is finite even in a
+      // row that sees only padding: its probabilities are exp(-inf) = 0 with
+      // no special case, and every denominator is at least 1.
+      const at::Tensor logits_3d = logits.view({positions, g, visible});
+      at::Tensor probs_3d = probs.view({positions, g, visible});
+      const at::Tensor row_sinks = group_sinks.view({1, g, 1});
+      const at::Tensor row_max =
+          at::maximum(logits_3d.amax({2}, /*keepdim=*/true), row_sinks);
+      at::sub_out(probs_3d, logits_3d, row_max).exp_();
+      probs_3d.div_(probs_3d.sum({2}, /*keepdim=*/true)
+                        .add_((row_sinks - row_max).exp_()));
+    } else {
+      at::_softmax_out(probs, logits, /*dim=*/1, /*half_to_float=*/false);
+      // A row placed before the first real token sees only padding; its
+      // softmax is 0/0, and it contributes nothing.
+      const int64_t blind_positions =
+          std::clamp<int64_t>(first_valid - (first_pos + i0), 0, positions);
+      if (blind_positions > 0) {
+        probs.narrow(0, 0, blind_positions * g).zero_();
+      }
     }
     acc.narrow(1, 0, visible).add_(probs.view({positions, g, visible}).sum(0));
   }
@@ -98,9 +121,12 @@ at::Tensor attention_importance_cpu(const at::Tensor& query, const at::Tensor& k
                                     double scale,
                                     const std::optional<at::Tensor>& kv_valid,
                                     bool normalize,
-                                    c10::string_view group_reduce) {
-  const ImportanceParams p =
-      check_importance_inputs(query, key, scale, kv_valid, group_reduce);
+                                    c10::string_view group_reduce, double softcap,
+                                    const std::optional<at::Tensor>& sinks) {
+  const ImportanceParams p = check_importance_inputs(query, key, scale, kv_valid,
+                                                     group_reduce, softcap, sinks);
+  const at::Tensor sinks_f32 =
+      sinks.has_value() ? float_sinks_on_host(*sinks) : at::Tensor();
   const at::Tensor q = query.contiguous();
   const at::Tensor k = key.contiguous();
   const auto float_opts = query.options().dtype(at::kFloat);
@@ -126,10 +152,13 @@ at::Tensor attention_importance_cpu(const at::Tensor& query, const at::Tensor& k
       at::Tensor acc = p.reduce == GroupReduce::kNone
                            ? out[b].narrow(0, kv_head * p.group, p.group)
                            : at::zeros({p.group, p.keys}, float_opts);
-      accumulate_group(p, query_group, scale, key_head,
-                       key_padding.defined() ? key_padding[b] : at::Tensor(),
-                       first_valid.defined() ? first_valid.data_ptr<int64_t>()[b] : 0,
-                       acc);
+      accumulate_group(
+          p, query_group, scale, softcap, key_head,
+          key_padding.defined() ? key_padding[b] : at::Tensor(),
+          first_valid.defined() ? first_valid.data_ptr<int64_t>()[b] : 0,
+          sinks_f32.defined() ? sinks_f32.narrow(0, kv_head * p.group, p.group)
+                              : at::Tensor(),
+          acc);
       at::Tensor reduced = out[b][kv_head];
       if (p.reduce == GroupReduce::kMean) {
         at::mean_out(reduced, acc, {0});

@@ -26,11 +26,19 @@
 //
 // Masking: key j is visible to window row i (absolute position n - w + i)
 // when j <= n - w + i and kv_valid[b, j]. A row that sees no key gets
-// lse = +inf, so all of its probabilities are exp(x - inf) = 0: it
-// contributes nothing, as on the CPU.
+// lse = +inf (its sink, with sinks), so all of its probabilities are
+// exp(-inf - lse) = 0: it contributes nothing, as on the CPU.
+//
+// Variants: a softcap is applied wherever a logit is formed (logit()), before
+// masking; a sink enters only a row's log-sum-exp (row_lse()), as one more
+// term of the normalizer, so every probability formed afterwards shrinks by
+// the right factor. Non-finite sinks are a device-side assertion
+// (CUDA_KERNEL_ASSERT) rather than the CPU's RuntimeError: reporting them from
+// here would need a device-to-host copy and a synchronization on every call.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
 #include <mma.h>
 #include <torch/library.h>
 
@@ -51,13 +59,15 @@ struct ImportanceKernelParams {
   const void* query;   // [b, H, w, d], contiguous
   const void* key;     // [b, Hkv, n, d], contiguous
   const bool* valid;   // [b, n] or nullptr
+  const float* sinks;  // [H] sink logits, or nullptr
   float* logits;       // small path: [b, H, w, n] (may alias out)
   float2* partials;    // small path: [b * H * w, tiles] (max, sum exp)
-  float* lse;          // [b * H * w] row log-sum-exp (+inf: blind row)
+  float* lse;          // [b * H * w] row log-sum-exp (+inf: blind row, no sink)
   float* out;          // [b, H or Hkv, n]
   int64_t batch, heads, kv_heads, group, window, keys, head_dim;
   int64_t tiles;       // small path: key tiles per (b, kv head)
   float scale;
+  float softcap;       // > 0: logits are capped to softcap * tanh(x / softcap)
   int reduce;          // GroupReduce as int
   bool normalize;
   bool vec16;          // rows of query and key allow 16-byte copies
@@ -69,6 +79,30 @@ constexpr int kReduceMean = static_cast<int>(GroupReduce::kMean);  // else kMax
 __device__ __forceinline__ bool key_valid(const ImportanceKernelParams& p,
                                           int64_t b, int64_t j) {
   return p.valid == nullptr || p.valid[b * p.keys + j];
+}
+
+// The logit of a raw dot product q.k: scaled, then capped when there is a
+// softcap, in Gemma 2's order. Every pass forms its logits here, so a row's
+// log-sum-exp and its probabilities see the same values.
+__device__ __forceinline__ float logit(const ImportanceKernelParams& p, float dot) {
+  const float x = p.scale * dot;
+  return p.softcap > 0.0f ? p.softcap * tanhf(x / p.softcap) : x;
+}
+
+// The log-sum-exp of one row of query head `head` from its running
+// (max, sum of exp(x - max)) over the visible keys. The head's sink, when
+// there are sinks, is one more term exp(sink) of the sum; it is unscaled and
+// uncapped, as in GPT-OSS. A row that sees no key gets +inf without a sink
+// and the sink with one: its probabilities are 0 either way.
+__device__ __forceinline__ float row_lse(const ImportanceKernelParams& p,
+                                         int64_t head, float m, float s) {
+  if (p.sinks != nullptr) {
+    const float sink = p.sinks[head];
+    // CPU: "attention_importance: expected finite sinks (in float32), ...".
+    CUDA_KERNEL_ASSERT(isfinite(sink));
+    merge_softmax(m, s, sink, 1.0f);
+  }
+  return m == -INFINITY ? INFINITY : m + logf(s);
 }
 
 // Writes one key's group-reduced, normalized score. raw[] holds the summed
@@ -183,7 +217,7 @@ __global__ void __launch_bounds__(kSmallKeys)
     if (r >= rows) break;  // uniform over the block
     const int64_t i = r % p.window;
     const bool visible = valid && j <= p.keys - p.window + i;
-    const float x = visible ? p.scale * acc[r] : -INFINITY;
+    const float x = visible ? logit(p, acc[r]) : -INFINITY;
     if (in_range) p.logits[(first_row + r) * p.keys + j] = x;
     const float m = warp_max(x);
     const float s = warp_sum(m == -INFINITY ? 0.0f : expf(x - m));
@@ -216,7 +250,8 @@ __global__ void small_window_lse_kernel(const ImportanceKernelParams p, int64_t 
     const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
     merge_softmax(m, s, m2, s2);
   }
-  if (lane == 0) p.lse[row] = m == -INFINITY ? INFINITY : m + logf(s);
+  // Rows are (b, head, window row) in row-major order.
+  if (lane == 0) p.lse[row] = row_lse(p, (row / p.window) % p.heads, m, s);
 }
 
 // Probabilities from the stored logits, summed over the window rows,
@@ -472,7 +507,7 @@ __global__ void __launch_bounds__(kTileThreads)
       const int col = part * 16 + c;
       const int64_t j = j0 + col;
       const bool visible = r < q_rows && col < k_rows && j <= pos && key_valid(p, b, j);
-      x[c] = visible ? p.scale * smem.s[r * kSStride + col] : -INFINITY;
+      x[c] = visible ? logit(p, smem.s[r * kSStride + col]) : -INFINITY;
       tile_max = fmaxf(tile_max, x[c]);
     }
     // The row's four threads are adjacent lanes of one warp.
@@ -490,7 +525,7 @@ __global__ void __launch_bounds__(kTileThreads)
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
   if (part == 0 && r < q_rows) {
-    p.lse[bh * p.window + i0 + r] = m == -INFINITY ? INFINITY : m + logf(l);
+    p.lse[bh * p.window + i0 + r] = row_lse(p, bh % p.heads, m, l);
   }
 }
 
@@ -547,7 +582,7 @@ __global__ void __launch_bounds__(kTileThreads)
           // Rows past q_rows have lse = +inf and add exp(-inf) = 0; causally
           // hidden pairs are skipped.
           if (j <= window_start + i0 + r) {
-            sum += expf(p.scale * smem.s[r * kSStride + col] - smem.lse[r]);
+            sum += expf(logit(p, smem.s[r * kSStride + col]) - smem.lse[r]);
           }
         }
       }
@@ -593,13 +628,17 @@ bool use_small_window(const ImportanceParams& s) {
 at::Tensor attention_importance_cuda(const at::Tensor& query, const at::Tensor& key,
                                      double scale,
                                      const std::optional<at::Tensor>& kv_valid,
-                                     bool normalize, c10::string_view group_reduce) {
-  const ImportanceParams s = check_importance_inputs(query, key, scale, kv_valid, group_reduce);
+                                     bool normalize, c10::string_view group_reduce,
+                                     double softcap, const std::optional<at::Tensor>& sinks) {
+  const ImportanceParams s =
+      check_importance_inputs(query, key, scale, kv_valid, group_reduce, softcap, sinks);
   const c10::cuda::CUDAGuard guard(query.device());
   const at::Tensor q = query.contiguous();
   const at::Tensor k = key.contiguous();
   at::Tensor valid;
   if (kv_valid.has_value()) valid = kv_valid->contiguous();
+  at::Tensor sinks_f32;  // converted on the device: no synchronization
+  if (sinks.has_value()) sinks_f32 = sinks->to(at::kFloat).contiguous();
   const auto float_opts = query.options().dtype(at::kFloat);
   const int64_t out_heads = s.reduce == GroupReduce::kNone ? s.heads : s.kv_heads;
   at::Tensor out = at::empty({s.batch, out_heads, s.keys}, float_opts);
@@ -609,6 +648,7 @@ at::Tensor attention_importance_cuda(const at::Tensor& query, const at::Tensor& 
   p.query = q.const_data_ptr();
   p.key = k.const_data_ptr();
   p.valid = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
+  p.sinks = sinks_f32.defined() ? sinks_f32.const_data_ptr<float>() : nullptr;
   p.out = out.data_ptr<float>();
   p.batch = s.batch;
   p.heads = s.heads;
@@ -618,6 +658,7 @@ at::Tensor attention_importance_cuda(const at::Tensor& query, const at::Tensor& 
   p.keys = s.keys;
   p.head_dim = s.head_dim;
   p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
   p.reduce = static_cast<int>(s.reduce);
   p.normalize = normalize;
   const int64_t row_bytes = s.head_dim * q.element_size();

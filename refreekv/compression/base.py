@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
+from refreekv.ops import attention_importance
+
 __all__ = [
     "CompressionMethod",
     "KeepPlan",
@@ -42,6 +44,8 @@ class LayerInputs:
         [n - real_len, n) because padding is on the left.
     value: [b, Hkv, n, dv] the cached values, for methods that weigh what
         dropping a key changes in the output (None where not supplied).
+    softcap: the layer's logit soft-capping (Gemma 2), None without.
+    sinks: [H] the layer's learned sink logits (GPT-OSS), None without.
     """
 
     query: torch.Tensor
@@ -52,6 +56,8 @@ class LayerInputs:
     prompt_valid: torch.Tensor
     real_len: torch.Tensor
     value: Optional[torch.Tensor] = None
+    softcap: Optional[float] = None
+    sinks: Optional[torch.Tensor] = None
 
     @property
     def prompt_len(self) -> int:
@@ -65,6 +71,17 @@ class LayerInputs:
     def positions(self) -> torch.Tensor:
         """[n] position indices on the key's device."""
         return torch.arange(self.prompt_len, device=self.key.device)
+
+    def importance(self, rows: int, *, normalize: bool = True, group_reduce: Optional[str] = None) -> torch.Tensor:
+        """`refreekv.attention_importance` of the last `rows` prompt queries
+        onto every key, with the layer's own softmax (scale, soft-capping,
+        sinks) and padding keys masked: float32 [b, H, n], or [b, Hkv, n]
+        with `group_reduce`."""
+        return attention_importance(
+            self.query[:, :, self.prompt_len - rows :], self.key, self.scaling,
+            kv_valid=self.prompt_valid, normalize=normalize, group_reduce=group_reduce,
+            softcap=self.softcap or 0.0, sinks=self.sinks,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

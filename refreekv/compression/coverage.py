@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from refreekv.compression.base import CompressionMethod, KeepPlan, LayerInputs, ScoredMethod, _check_window
-from refreekv.ops import adaptive_keep_count, attention_importance, mass_keep_count
+from refreekv.ops import adaptive_keep_count, mass_keep_count
 
 __all__ = ["Coverage"]
 
@@ -91,10 +91,7 @@ class Coverage(CompressionMethod):
         if self.stop == "output" and inputs.value is None:
             raise ValueError("coverage with stop='output' needs the layer's values (LayerInputs.value)")
         rows = min(self.window, inputs.prompt_len)
-        signal = attention_importance(
-            inputs.query[:, :, inputs.prompt_len - rows :], inputs.key, inputs.scaling,
-            kv_valid=inputs.prompt_valid, group_reduce="mean",
-        )  # fmt: skip
+        signal = inputs.importance(rows, group_reduce="mean")
         if self.kernel > 1:
             signal = F.max_pool1d(signal, self.kernel, stride=1, padding=self.kernel // 2)
             signal = signal.masked_fill(~inputs.prompt_valid[:, None, :], 0.0)  # pooling spills into padding

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 
 from refreekv.compression.base import KeepPlan, LayerInputs, PositionalMethod, ScoredMethod, check_budget, resolve_budget
-from refreekv.ops import adaptive_keep_count, attention_importance
+from refreekv.ops import adaptive_keep_count
 
 __all__ = ["ReFreeKV", "StreamingLLM"]
 
@@ -73,10 +73,7 @@ class ReFreeKV(PositionalMethod):
         """Attention of the last k prompt rows, averaged over the rows that
         see each key (SPEC 2.1)."""
         rows = int(resolve_budget(self.window_rows, torch.tensor([inputs.prompt_len]))[0])
-        query = inputs.query[:, :, inputs.prompt_len - rows :]
-        return attention_importance(
-            query, inputs.key, inputs.scaling, kv_valid=inputs.prompt_valid, group_reduce=group_reduce
-        )
+        return inputs.importance(rows, group_reduce=group_reduce)
 
     def recent_count(self, inputs: LayerInputs, sinks: torch.Tensor) -> torch.Tensor:
         signal = self._signal(inputs)  # [b, H, n]

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from refreekv.compression.base import KeepPlan, LayerInputs, ScoredMethod, _check_window, resolve_budget
-from refreekv.ops import attention_importance
 
 __all__ = ["H2O", "PyramidKV", "SnapKV"]
 
@@ -48,10 +47,7 @@ class H2O(ScoredMethod):
 
     def plan(self, inputs: LayerInputs) -> KeepPlan:
         rows = inputs.prompt_len if self.observation == "all" else min(self.window, inputs.prompt_len)
-        query = inputs.query[:, :, inputs.prompt_len - rows :]
-        scores = attention_importance(
-            query, inputs.key, inputs.scaling, kv_valid=inputs.prompt_valid, normalize=False, group_reduce="mean"
-        )
+        scores = inputs.importance(rows, normalize=False, group_reduce="mean")
         w, forced, candidates = _window_split(inputs, self.window)
         counts = (resolve_budget(self.budget, inputs.real_len) - w).clamp(min=0)
         return self.keep_top(scores, torch.minimum(counts, candidates.sum(-1)), candidates, forced)
@@ -88,8 +84,7 @@ class SnapKV(ScoredMethod):
 
     def plan(self, inputs: LayerInputs) -> KeepPlan:
         rows = min(self.window, inputs.prompt_len)
-        query = inputs.query[:, :, inputs.prompt_len - rows :]
-        scores = attention_importance(query, inputs.key, inputs.scaling, kv_valid=inputs.prompt_valid, normalize=False)
+        scores = inputs.importance(rows, normalize=False)
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
         pooled = pool(scores, self.kernel, stride=1, padding=self.kernel // 2)
         batch, heads, n = pooled.shape

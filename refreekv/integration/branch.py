@@ -86,7 +86,9 @@ class Prefill:
                 compressed = compress_layer(method, inputs, inputs.value, evict=evict)
             cache_layers.append(compressed if compressed is not None else GrowingLayer(inputs.key, inputs.value))
         cache = compat.cache_from_layers(self.model, cache_layers)
-        stats = CompressionStats.from_cache(cache_layers, first.real_len, self.stats.kv_bytes_before, evict=evict)
+        stats = CompressionStats.from_cache(
+            cache_layers, first.real_len, self.stats.kv_bytes_before, layers=self.stats.layers, evict=evict
+        )
         return cache, stats
 
     @torch.no_grad()
@@ -130,6 +132,13 @@ def prefill(
     is chosen by `model.generate` with them, greedily."""
     from refreekv.integration.patch import PatchHandle
 
+    layout = compat.check_supported(model)
+    if len(layout.full_layers) != len(layout.kinds):
+        raise ValueError(
+            "a branched prefill rebuilds the cache from the captured full-attention layers, so it needs a model whose "
+            f"every layer is full attention with a cache of its own; this one's layers are {list(layout.kinds)}; "
+            "run refreekv.patch(model, method) once per method instead"
+        )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     capture = _Capture()

@@ -17,7 +17,7 @@ How it plugs in (transformers' public extension points, no forward replaced):
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -34,8 +34,12 @@ def patch(model: torch.nn.Module, method: str | CompressionMethod = "refreekv", 
     """Compress `model`'s KV cache after every prefill.
 
     Args:
-        model: a Llama, Mistral, Qwen2 or Qwen3 causal LM from transformers,
-            with eager or sdpa attention.
+        model: a decoder-only causal LM from transformers whose attention
+            goes through its attention-function registry, with eager or
+            sdpa attention (see `compat.check_supported`; the verified
+            families are `compat.VERIFIED_FAMILIES`). Full-attention layers
+            are compressed; sliding-window and linear-attention layers are
+            left to transformers.
         method: a name from `refreekv.methods()` or a method instance.
         evict: remove the evicted rows from the cache (default). With False
             they are kept but masked out, which computes the same outputs
@@ -61,6 +65,7 @@ class _Prefill:
     prompt_valid: torch.Tensor  # [b, n] bool
     real_len: torch.Tensor  # [b] int64
     kv_bytes_before: int = 0
+    seen_layers: set = field(default_factory=set)  # full-attention layers whose attention ran
 
 
 class PatchHandle:
@@ -69,14 +74,17 @@ class PatchHandle:
     def __init__(self, model: torch.nn.Module, method: CompressionMethod, *, evict: bool = True):
         if getattr(model, "_refreekv_handle", None) is not None:
             raise RuntimeError("this model is already patched by refreekv; call .remove() on the existing handle first")
-        compat.check_supported(model)
+        self.layout = compat.check_supported(model)
         self.model = model
         self.method = method
         self.evict = evict
         self.num_layers = model.config.num_hidden_layers
         method.check_model(self.num_layers)
+        self._full_layers = frozenset(self.layout.full_layers)
         self._base_implementation = model.config._attn_implementation
-        self._base_attention = compat.base_attention_function(model, self._base_implementation)
+        self._base_attention = compat.base_attention_function(
+            model.model.layers[self.layout.full_layers[0]].self_attn, self._base_implementation
+        )
         self._name = f"refreekv_{id(self):x}"
         self._decoder = model.model
         self._decoder_signature = inspect.signature(self._decoder.forward)
@@ -148,8 +156,14 @@ class PatchHandle:
 
     def _after_forward(self, module, args, kwargs, output):
         if self._prefill is not None:
-            self._stats = self._read_stats(self._prefill)
-            self._prefill = None
+            prefill, self._prefill = self._prefill, None
+            missed = sorted(self._full_layers - prefill.seen_layers)
+            if missed:
+                raise RuntimeError(
+                    f"the attention of layers {missed} did not go through transformers' attention-function registry "
+                    "during prefill, so refreekv could not compress them; this model is not supported"
+                )
+            self._stats = self._read_stats(prefill)
 
     @staticmethod
     def _start_prefill(attention_mask, batch: int, length: int, device) -> _Prefill:
@@ -176,29 +190,36 @@ class PatchHandle:
         layer_idx = module.layer_idx
         if self._prefill is not None:
             output = self._base_attention(module, query, key, value, attention_mask, **kwargs)
-            self._compress(layer_idx, query, key, value, kwargs.get("scaling", module.scaling))
+            if layer_idx in self._full_layers:
+                self._compress(module, query, key, value, kwargs)
             return output
-        layer = self._cache.layers[layer_idx] if self._cache is not None else None
+        source = self.layout.cache_source[layer_idx]
+        layer = self._cache.layers[source] if self._cache is not None and source is not None else None
         if isinstance(layer, CompressedLayer):
             attention_mask = self._held_rows_mask(layer, attention_mask, query, key.shape[2])
         if compat.masked_sdpa_applies(self._base_implementation, query, attention_mask):
             return compat.masked_sdpa_attention(module, query, key, value, attention_mask, **kwargs)
         return self._base_attention(module, query, key, value, attention_mask, **kwargs)
 
-    def _compress(self, layer_idx: int, query, key, value, scaling: float) -> None:
+    def _compress(self, module, query, key, value, attention_kwargs: dict) -> None:
+        layer_idx = module.layer_idx
         prefill = self._prefill
+        prefill.seen_layers.add(layer_idx)
         prefill.kv_bytes_before += key.nbytes + value.nbytes
         if self.method.is_protected(layer_idx, self.num_layers):
             return
+        variant = compat.attention_variant(module, self._base_attention, attention_kwargs)
         inputs = LayerInputs(
             query=query,
             key=key,
-            scaling=float(scaling),
+            scaling=variant.scaling,
             layer_idx=layer_idx,
             num_layers=self.num_layers,
             prompt_valid=prefill.prompt_valid,
             real_len=prefill.real_len,
             value=value,
+            softcap=variant.softcap,
+            sinks=variant.sinks,
         )
         compressed = compress_layer(self.method, inputs, value, evict=self.evict)
         if compressed is not None:
@@ -239,6 +260,8 @@ class PatchHandle:
     # -- stats --------------------------------------------------------------
 
     def _read_stats(self, prefill: _Prefill) -> CompressionStats:
+        full_layers = self.layout.full_layers
         return CompressionStats.from_cache(
-            self._cache.layers[: self.num_layers], prefill.real_len, prefill.kv_bytes_before, evict=self.evict
-        )
+            [self._cache.layers[i] for i in full_layers], prefill.real_len, prefill.kv_bytes_before,
+            evict=self.evict, layers=full_layers,
+        )  # fmt: skip

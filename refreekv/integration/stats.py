@@ -11,8 +11,11 @@ __all__ = ["CompressionStats"]
 
 @dataclass(frozen=True)
 class CompressionStats:
-    """Per layer and per sequence, after the prefill of the last call.
+    """Per full-attention layer and per sequence, after the prefill of the
+    last call. Sliding-window and linear-attention layers are not counted:
+    their memory is fixed by the model, not by the prompt.
 
+    layers: the model's layer number of each row below.
     kept: [layers, b] float64, prompt tokens each layer attends to
         afterwards, averaged over its KV heads (whole numbers unless a
         method keeps a different count per head).
@@ -26,6 +29,7 @@ class CompressionStats:
         uncompressed layers, end padding of compressed ones).
     """
 
+    layers: tuple[int, ...]
     kept: torch.Tensor
     held: torch.Tensor
     prompt_tokens: torch.Tensor
@@ -59,14 +63,17 @@ class CompressionStats:
         return self.kv_bytes_after / self.kv_bytes_before
 
     @classmethod
-    def from_cache(cls, layers, real_len: torch.Tensor, kv_bytes_before: int, *, evict: bool = True) -> "CompressionStats":
-        """Reads what each cache layer holds right after a prefill (compressed
-        layers are `CompressedLayer`s, the others hold the padded prompt)."""
+    def from_cache(
+        cls, cache_layers, real_len: torch.Tensor, kv_bytes_before: int, *, layers: tuple[int, ...], evict: bool = True
+    ) -> "CompressionStats":
+        """Reads what each full-attention cache layer (model layer numbers
+        `layers`) holds right after a prefill (compressed layers are
+        `CompressedLayer`s, the others hold the padded prompt)."""
         from refreekv.integration.cache import CompressedLayer
 
         real_len = real_len.cpu()
         kept, held, held_bytes, padding_bytes = [], [], 0, 0
-        for layer in layers:
+        for layer in cache_layers:
             row_bytes = (layer.keys.nbytes + layer.values.nbytes) // (layer.keys.shape[0] * layer.keys.shape[2])
             held_bytes += layer.keys.nbytes + layer.values.nbytes
             if isinstance(layer, CompressedLayer):
@@ -82,6 +89,7 @@ class CompressionStats:
             padding_bytes += round(float(padding_rows.sum()) * row_bytes)
             kept.append(layer_kept)
         return cls(
+            layers=tuple(layers),
             kept=torch.stack(kept),
             held=torch.stack(held),
             prompt_tokens=real_len,
