@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 import refreekv
@@ -79,6 +80,21 @@ def test_the_layout_follows_the_config(model, batch):
     assert kv.layout.kinds == tuple(layer_types)
     own_full = tuple(i for i, kind in enumerate(layer_types) if kind == compat.FULL and i < shared_from)
     assert kv.stats.layers == own_full and len(own_full) > 0
+
+
+def test_every_verified_family_is_tested_here():
+    tested = {getattr(transformers, config_name).model_type for config_name, *_ in ALL_FAMILIES.values()}
+    assert tested == set(compat.VERIFIED_FAMILIES)
+
+
+def test_protected_layers_count_in_the_models_own_numbering(model, batch):
+    input_ids, attention_mask = batch
+    last = max(compat.check_supported(model).full_layers)
+    with refreekv.patch(model, "snapkv", budget=0.5, protected_layers=[last]) as kv:
+        greedy(model, input_ids, attention_mask, new_tokens=1)
+    real_len = attention_mask.sum(-1).double()
+    for row, index in enumerate(kv.stats.layers):
+        assert torch.equal(kv.stats.kept[row], real_len) == (index == last), f"layer {index}"
 
 
 @pytest.mark.parametrize("case", METHODS)
