@@ -33,9 +33,15 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LayerInputs:
-    """One layer's prompt, right after its prefill forward.
+    """One layer's cache, right after its prefill forward or, with decode-time
+    compression (SPEC 8), after the forward of a step where an event is due.
+    At a decode event the "prompt" is every row the layer holds (sinks,
+    earlier kept rows, generated rows), in order and left-padded per
+    sequence, exactly as a prefill prompt is.
 
-    query: [b, H, n, d] post-rotary queries of the whole prompt.
+    query: [b, H, q, d] post-rotary queries of the newest q rows (q = n at
+        prefill: the whole prompt; at a decode event the newest tokens, as
+        many as `CompressionMethod.decode_query_rows` asks for).
     key: [b, Hkv, n, d] the cached (post-rotary) keys.
     scaling: the layer's softmax scale.
     layer_idx, num_layers: where the layer sits.
@@ -46,6 +52,8 @@ class LayerInputs:
         dropping a key changes in the output (None where not supplied).
     softcap: the layer's logit soft-capping (Gemma 2), None without.
     sinks: [H] the layer's learned sink logits (GPT-OSS), None without.
+    max_tokens: at a decode event, the hard cap on rows kept per sequence
+        for fixed-budget methods (`max_cache_tokens`); None at prefill.
     """
 
     query: torch.Tensor
@@ -58,10 +66,23 @@ class LayerInputs:
     value: Optional[torch.Tensor] = None
     softcap: Optional[float] = None
     sinks: Optional[torch.Tensor] = None
+    max_tokens: Optional[int] = None
 
     @property
     def prompt_len(self) -> int:
         return self.key.shape[2]
+
+    @property
+    def query_rows(self) -> int:
+        """How many of the newest rows have their queries here."""
+        return self.query.shape[2]
+
+    def budget_tokens(self, budget: float | int) -> torch.Tensor:
+        """[b] rows a fixed-budget method keeps: its budget at prefill, the
+        cap at a decode event; never more than a sequence has."""
+        if self.max_tokens is None:
+            return resolve_budget(budget, self.real_len)
+        return resolve_budget(self.max_tokens, self.real_len)
 
     @property
     def first_real(self) -> torch.Tensor:
@@ -73,12 +94,13 @@ class LayerInputs:
         return torch.arange(self.prompt_len, device=self.key.device)
 
     def importance(self, rows: int, *, normalize: bool = True, group_reduce: Optional[str] = None) -> torch.Tensor:
-        """`refreekv.attention_importance` of the last `rows` prompt queries
-        onto every key, with the layer's own softmax (scale, soft-capping,
-        sinks) and padding keys masked: float32 [b, H, n], or [b, Hkv, n]
-        with `group_reduce`."""
+        """`refreekv.attention_importance` of the newest `rows` queries (at
+        most `query_rows`) onto every key, with the layer's own softmax
+        (scale, soft-capping, sinks) and padding keys masked: float32
+        [b, H, n], or [b, Hkv, n] with `group_reduce`."""
+        rows = min(rows, self.query_rows)
         return attention_importance(
-            self.query[:, :, self.prompt_len - rows :], self.key, self.scaling,
+            self.query[:, :, self.query_rows - rows :], self.key, self.scaling,
             kv_valid=self.prompt_valid, normalize=normalize, group_reduce=group_reduce,
             softcap=self.softcap or 0.0, sinks=self.sinks,
         )  # fmt: skip
@@ -145,6 +167,9 @@ class CompressionMethod:
 
     name: ClassVar[str]
     default_protected_layers: ClassVar[tuple[int, ...]] = ()
+    # Whether the method keeps a fixed budget, and so takes `max_cache_tokens`
+    # as its cap when it re-cuts while decoding.
+    fixed_budget: ClassVar[bool] = False
 
     def __init__(self, protected_layers: Optional[Sequence[int]] = None):
         layers = self.default_protected_layers if protected_layers is None else protected_layers
@@ -166,6 +191,21 @@ class CompressionMethod:
     def plan(self, inputs: LayerInputs) -> Optional[KeepPlan]:
         """The rows to keep for one layer; None keeps the layer as it is."""
         raise NotImplementedError
+
+    def decode_query_rows(self, recompress_every: int) -> int:
+        """How many of the newest queries the method reads at a decode
+        event (at most the `recompress_every` tokens generated since the
+        last one, whose rows are all still held, in order)."""
+        return 1
+
+    def recompression_refusal(self) -> Optional[str]:
+        """Why the method cannot re-cut while decoding, or None if it can."""
+        return None
+
+    def fewest_kept(self) -> int:
+        """Rows every cut keeps whatever the budget (the smallest sensible
+        `max_cache_tokens`)."""
+        return 1
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
@@ -194,6 +234,9 @@ class PositionalMethod(CompressionMethod):
             raise ValueError(f"num_sinks must be an integer >= 0, got {num_sinks!r}")
         self.num_sinks = int(num_sinks)
 
+    def fewest_kept(self) -> int:
+        return self.num_sinks + 1  # the sinks and the newest token
+
     def recent_count(self, inputs: LayerInputs, sinks: torch.Tensor) -> torch.Tensor:
         """[b] recent tokens to keep, at most real_len - sinks each."""
         raise NotImplementedError
@@ -213,6 +256,8 @@ class PositionalMethod(CompressionMethod):
 
 class ScoredMethod(CompressionMethod):
     """Keeps, per KV head, the best-scored candidates plus forced positions."""
+
+    fixed_budget = True
 
     def __init__(self, *, budget: float | int = 0.5, protected_layers: Optional[Sequence[int]] = None):
         super().__init__(protected_layers)

@@ -87,6 +87,17 @@ class Coverage(CompressionMethod):
         self.kernel = int(kernel)
         self.num_sinks = int(num_sinks)
 
+    def decode_query_rows(self, recompress_every: int) -> int:
+        return min(self.window, recompress_every)
+
+    def recompression_refusal(self) -> Optional[str]:
+        if self.granularity == "head":
+            return (
+                "coverage with granularity='head' cuts each KV head to its own length, and a decode-time cut needs "
+                "one count per sequence; use granularity='layer'"
+            )
+        return None
+
     def plan(self, inputs: LayerInputs) -> KeepPlan:
         if self.stop == "output" and inputs.value is None:
             raise ValueError("coverage with stop='output' needs the layer's values (LayerInputs.value)")

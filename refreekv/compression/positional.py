@@ -17,6 +17,7 @@ class StreamingLLM(PositionalMethod):
     """The first `num_sinks` tokens plus the most recent `budget - num_sinks`."""
 
     name = "streamingllm"
+    fixed_budget = True
 
     def __init__(self, *, budget: float | int = 0.5, num_sinks: int = 4, protected_layers: Optional[Sequence[int]] = None):
         super().__init__(num_sinks=num_sinks, protected_layers=protected_layers)
@@ -24,7 +25,7 @@ class StreamingLLM(PositionalMethod):
         self.budget = budget
 
     def recent_count(self, inputs: LayerInputs, sinks: torch.Tensor) -> torch.Tensor:
-        budget = resolve_budget(self.budget, inputs.real_len)
+        budget = inputs.budget_tokens(self.budget)
         return torch.minimum((budget - sinks).clamp(min=0), inputs.real_len - sinks)
 
 
@@ -74,6 +75,11 @@ class ReFreeKV(PositionalMethod):
         see each key (SPEC 2.1)."""
         rows = int(resolve_budget(self.window_rows, torch.tensor([inputs.prompt_len]))[0])
         return inputs.importance(rows, group_reduce=group_reduce)
+
+    def decode_query_rows(self, recompress_every: int) -> int:
+        # A fraction is of the rows held at the event: up to every token since the last one.
+        rows = self.window_rows if isinstance(self.window_rows, numbers.Integral) else recompress_every
+        return min(int(rows), recompress_every)
 
     def recent_count(self, inputs: LayerInputs, sinks: torch.Tensor) -> torch.Tensor:
         signal = self._signal(inputs)  # [b, H, n]

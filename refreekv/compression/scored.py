@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from refreekv.compression.base import KeepPlan, LayerInputs, ScoredMethod, _check_window, resolve_budget
+from refreekv.compression.base import KeepPlan, LayerInputs, ScoredMethod, _check_window
 
 __all__ = ["H2O", "PyramidKV", "SnapKV"]
 
@@ -45,11 +45,17 @@ class H2O(ScoredMethod):
         self.observation = observation
         self.window = int(window)
 
+    def decode_query_rows(self, recompress_every: int) -> int:
+        return recompress_every if self.observation == "all" else min(self.window, recompress_every)
+
+    def fewest_kept(self) -> int:
+        return self.window  # the forced window, the newest token included
+
     def plan(self, inputs: LayerInputs) -> KeepPlan:
-        rows = inputs.prompt_len if self.observation == "all" else min(self.window, inputs.prompt_len)
+        rows = inputs.query_rows if self.observation == "all" else self.window
         scores = inputs.importance(rows, normalize=False, group_reduce="mean")
         w, forced, candidates = _window_split(inputs, self.window)
-        counts = (resolve_budget(self.budget, inputs.real_len) - w).clamp(min=0)
+        counts = (inputs.budget_tokens(self.budget) - w).clamp(min=0)
         return self.keep_top(scores, torch.minimum(counts, candidates.sum(-1)), candidates, forced)
 
 
@@ -78,13 +84,18 @@ class SnapKV(ScoredMethod):
         self.kernel = int(kernel)
         self.pooling = pooling
 
+    def decode_query_rows(self, recompress_every: int) -> int:
+        return min(self.window, recompress_every)
+
+    def fewest_kept(self) -> int:
+        return self.window  # the forced window, the newest token included
+
     def layer_budget(self, inputs: LayerInputs) -> torch.Tensor:
         """[b] tokens this layer keeps."""
-        return resolve_budget(self.budget, inputs.real_len)
+        return inputs.budget_tokens(self.budget)
 
     def plan(self, inputs: LayerInputs) -> KeepPlan:
-        rows = min(self.window, inputs.prompt_len)
-        scores = inputs.importance(rows, normalize=False)
+        scores = inputs.importance(self.window, normalize=False)
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
         pooled = pool(scores, self.kernel, stride=1, padding=self.kernel // 2)
         batch, heads, n = pooled.shape
@@ -119,6 +130,8 @@ class PyramidKV(SnapKV):
         self.beta = float(beta)
 
     def layer_budget(self, inputs: LayerInputs) -> torch.Tensor:
+        if inputs.max_tokens is not None:
+            return super().layer_budget(inputs)  # a decode-time cap is the same hard cap in every layer
         w = inputs.real_len.clamp(max=self.window)
         share = (super().layer_budget(inputs) - w).clamp(min=0).double()  # mean share beyond the window
         smallest = share / self.beta

@@ -17,7 +17,7 @@ from refreekv.compression import CompressionMethod, KeepPlan, LayerInputs
 from refreekv.integration.compat import DynamicLayer
 from refreekv.ops import compact_kv
 
-__all__ = ["CompressedLayer", "GrowingLayer", "compress_layer"]
+__all__ = ["CompressedLayer", "GrowingLayer", "compress_layer", "left_aligned_layer"]
 
 
 class GrowingLayer(DynamicLayer):
@@ -104,6 +104,19 @@ class CompressedLayer(GrowingLayer):
         self.prompt_rows = keys.shape[-2]
         self.prompt_valid = prompt_valid
         self.evicted = evicted
+        # Set when the layer re-cuts while decoding: reordering its rows
+        # (beam search) would leave the recent queries it keeps behind.
+        self.recompressing = False
+
+    def attended_rows(self) -> torch.Tensor:
+        """[b, 1 or Hkv, rows held] bool: the rows some query attends to
+        (padding and, in masking mode, evicted rows are False)."""
+        batch, rows = self.keys.shape[0], self.keys.shape[2]
+        valid = torch.ones(batch, 1, rows, dtype=torch.bool, device=self.keys.device)
+        if self.prompt_valid is None:
+            return valid
+        appended = valid[..., self.prompt_rows :].expand(-1, self.prompt_valid.shape[1], -1)
+        return torch.cat([self.prompt_valid, appended], dim=-1)
 
     def get_seq_length(self) -> int:
         return super().get_seq_length() + self.evicted
@@ -136,6 +149,11 @@ class CompressedLayer(GrowingLayer):
             self.prompt_valid = self.prompt_valid[indices]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.recompressing:
+            raise NotImplementedError(
+                "beam search is not supported with decode-time compression (recompress_every); "
+                "use greedy or sampling, or recompress_every=None"
+            )
         super().reorder_cache(beam_idx)
         if self.prompt_valid is not None:
             self.prompt_valid = self.prompt_valid.index_select(0, beam_idx.to(self.prompt_valid.device))
@@ -143,16 +161,19 @@ class CompressedLayer(GrowingLayer):
 
 @torch.no_grad()
 def compress_layer(
-    method: CompressionMethod, inputs: LayerInputs, value: torch.Tensor, *, evict: bool = True
+    method: CompressionMethod, inputs: LayerInputs, value: torch.Tensor, *, evict: bool = True, left_aligned: bool = False
 ) -> Optional[CompressedLayer]:
     """The compressed cache layer `method` makes of one layer's prompt keys
     (`inputs.key`) and `value`; None when it keeps every real token, so the
     layer stays as it is. With `evict=False` every row stays held and the
-    evicted ones are masked out instead."""
+    evicted ones are masked out instead. `left_aligned` right-aligns each
+    sequence's kept rows (padding first), as decode-time cuts need."""
     plan = method.plan(inputs)
     if plan is None or plan.keeps_everything(inputs.real_len):
         return None
     key = inputs.key
+    if evict and left_aligned:
+        return left_aligned_layer(key, value, plan, logical_length=key.shape[2])
     if evict:
         keys, values, row_valid = compact_kv(key, value, plan.keep_index, plan.keep_len)
         prompt_valid = row_valid[:, None, :]
@@ -163,6 +184,23 @@ def compress_layer(
         keys, values = key, value
         prompt_valid = _kept_positions(plan, key.shape[2])
     return CompressedLayer(keys, values, prompt_valid, key.shape[2] - keys.shape[2])
+
+
+def left_aligned_layer(key: torch.Tensor, value: torch.Tensor, plan: KeepPlan, *, logical_length: int) -> CompressedLayer:
+    """The kept rows of `plan` gathered with each sequence's rows
+    right-aligned, padding first (one `compact_kv`): the held rows stay a
+    left-padded prompt, which is what a later decode-time cut is handed.
+    Padding rows hold a copy of a kept row and are masked out."""
+    if plan.head_len is not None:
+        raise ValueError("a left-aligned cut needs one count per sequence; this plan has a count per head")
+    rows = int(plan.keep_len.max())
+    padding = rows - plan.keep_len  # [b]
+    slots = torch.arange(rows, device=key.device)[None, :]
+    source = (slots - padding[:, None]).clamp(min=0)  # padding slots repeat the first kept row
+    index = plan.keep_index.gather(-1, source[:, None, :].expand(-1, key.shape[1], -1))
+    keys, values, _ = compact_kv(key, value, index, torch.full_like(plan.keep_len, rows))
+    valid = slots >= padding[:, None]
+    return CompressedLayer(keys, values, None if bool(valid.all()) else valid[:, None, :], logical_length - rows)
 
 
 def _kept_positions(plan: KeepPlan, length: int) -> torch.Tensor:

@@ -25,13 +25,23 @@ import torch
 from refreekv.compression import CompressionMethod, LayerInputs, make_method
 from refreekv.integration import compat
 from refreekv.integration.cache import CompressedLayer, compress_layer
+from refreekv.integration.recompress import DecodeCompression, Timeline, recompress_layer
 from refreekv.integration.stats import CompressionStats
 
 __all__ = ["PatchHandle", "patch"]
 
 
-def patch(model: torch.nn.Module, method: str | CompressionMethod = "refreekv", *, evict: bool = True, **options: Any) -> "PatchHandle":
-    """Compress `model`'s KV cache after every prefill.
+def patch(
+    model: torch.nn.Module,
+    method: str | CompressionMethod = "refreekv",
+    *,
+    evict: bool = True,
+    recompress_every: Optional[int] = None,
+    max_cache_tokens: Optional[int] = None,
+    **options: Any,
+) -> "PatchHandle":
+    """Compress `model`'s KV cache after every prefill and, optionally, every
+    `recompress_every` generated tokens.
 
     Args:
         model: a decoder-only causal LM from transformers whose attention
@@ -44,6 +54,15 @@ def patch(model: torch.nn.Module, method: str | CompressionMethod = "refreekv", 
         evict: remove the evicted rows from the cache (default). With False
             they are kept but masked out, which computes the same outputs
             without saving memory; it exists to verify eviction.
+        recompress_every: None (default) compresses once, after prefill
+            (SPEC 1). An integer N >= 1 also re-cuts every compressed layer
+            after every N generated tokens, over all the rows it holds,
+            with the newest tokens' queries as the signal (SPEC 8), so the
+            cache stays bounded while generating.
+        max_cache_tokens: with `recompress_every`, the rows each layer may
+            hold per sequence after an event, for the fixed-budget methods
+            (streamingllm, h2o, snapkv, pyramidkv; required for them, refused
+            for the others, which set their own budget).
         **options: the method's options (see `refreekv.methods()`).
 
     Returns:
@@ -55,7 +74,7 @@ def patch(model: torch.nn.Module, method: str | CompressionMethod = "refreekv", 
         resolved = method
     else:
         resolved = make_method(method, **options)
-    return PatchHandle(model, resolved, evict=evict)
+    return PatchHandle(model, resolved, evict=evict, recompress_every=recompress_every, max_cache_tokens=max_cache_tokens)
 
 
 @dataclass
@@ -68,10 +87,42 @@ class _Prefill:
     seen_layers: set = field(default_factory=set)  # full-attention layers whose attention ran
 
 
+@dataclass
+class _Decoding:
+    """Bookkeeping of decode-time compression since the last prefill."""
+
+    generated: int = 0  # tokens appended since the prefill
+    events_done: int = 0
+    event_due: bool = False
+    variants: dict = field(default_factory=dict)  # layer -> AttentionVariant, for the layers it re-cuts
+    queries: dict = field(default_factory=dict)  # layer -> [b, H, q, d] newest queries
+    timeline: Timeline = field(default_factory=Timeline)
+
+    def advance(self, tokens: int, every: int) -> None:
+        self.generated += tokens
+        self.event_due = self.generated // every > self.events_done
+        if self.event_due:
+            self.events_done = self.generated // every
+
+    def keep_queries(self, layer_idx: int, query: torch.Tensor, rows: int) -> None:
+        held = self.queries.get(layer_idx)
+        if held is not None and rows > query.shape[2]:
+            query = torch.cat([held, query], dim=2)
+        self.queries[layer_idx] = query[:, :, -rows:]
+
+
 class PatchHandle:
     """A patched model. Use as a context manager or call `remove()`."""
 
-    def __init__(self, model: torch.nn.Module, method: CompressionMethod, *, evict: bool = True):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        method: CompressionMethod,
+        *,
+        evict: bool = True,
+        recompress_every: Optional[int] = None,
+        max_cache_tokens: Optional[int] = None,
+    ):
         if getattr(model, "_refreekv_handle", None) is not None:
             raise RuntimeError("this model is already patched by refreekv; call .remove() on the existing handle first")
         self.layout = compat.check_supported(model)
@@ -80,7 +131,9 @@ class PatchHandle:
         self.evict = evict
         self.num_layers = model.config.num_hidden_layers
         method.check_model(self.num_layers)
+        self.decode = DecodeCompression.configure(method, recompress_every, max_cache_tokens)
         self._full_layers = frozenset(self.layout.full_layers)
+        self._cut_layers = tuple(i for i in self.layout.full_layers if not method.is_protected(i, self.num_layers))
         self._base_implementation = model.config._attn_implementation
         self._base_attention = compat.base_attention_function(
             model.model.layers[self.layout.full_layers[0]].self_attn, self._base_implementation
@@ -91,6 +144,7 @@ class PatchHandle:
         self._cache = None
         self._prefill: Optional[_Prefill] = None
         self._stats: Optional[CompressionStats] = None
+        self._decoding = _Decoding()
 
         compat.register_attention(self._name, self._attention, self._base_implementation)
         model.config._attn_implementation = self._name
@@ -108,6 +162,12 @@ class PatchHandle:
         if self._stats is None:
             raise RuntimeError("no prefill has run since the model was patched")
         return self._stats
+
+    @property
+    def timeline(self) -> Timeline:
+        """The decode-time compression events since the last prefill (empty
+        without `recompress_every`)."""
+        return self._decoding.timeline
 
     def remove(self) -> None:
         """Restores the model exactly as it was. Removing twice does nothing."""
@@ -146,12 +206,15 @@ class PatchHandle:
             kwargs["past_key_values"] = cache
         self._cache = cache
         self._prefill = None
+        tokens = bound.get("input_ids")
+        if tokens is None:
+            tokens = bound["inputs_embeds"]
         if cache is not None and cache.get_seq_length() == 0:
             compat.check_cache(cache)
-            tokens = bound.get("input_ids")
-            if tokens is None:
-                tokens = bound["inputs_embeds"]
             self._prefill = self._start_prefill(bound.get("attention_mask"), tokens.shape[0], tokens.shape[1], tokens.device)
+            self._decoding = _Decoding()
+        elif cache is not None and self.decode is not None:
+            self._decoding.advance(tokens.shape[1], self.decode.every)
         return args, kwargs
 
     def _after_forward(self, module, args, kwargs, output):
@@ -164,6 +227,8 @@ class PatchHandle:
                     "during prefill, so refreekv could not compress them; this model is not supported"
                 )
             self._stats = self._read_stats(prefill)
+        elif self._decoding.event_due:
+            self._recompress()
 
     @staticmethod
     def _start_prefill(attention_mask, batch: int, length: int, device) -> _Prefill:
@@ -195,6 +260,8 @@ class PatchHandle:
             return output
         source = self.layout.cache_source[layer_idx]
         layer = self._cache.layers[source] if self._cache is not None and source is not None else None
+        if self.decode is not None and layer_idx in self._decoding.variants:
+            self._decoding.keep_queries(layer_idx, query, self.decode.query_rows)
         if isinstance(layer, CompressedLayer):
             attention_mask = self._held_rows_mask(layer, attention_mask, query, key.shape[2])
         if compat.masked_sdpa_applies(self._base_implementation, query, attention_mask):
@@ -209,6 +276,8 @@ class PatchHandle:
         if self.method.is_protected(layer_idx, self.num_layers):
             return
         variant = compat.attention_variant(module, self._base_attention, attention_kwargs)
+        if self.decode is not None:
+            self._decoding.variants[layer_idx] = variant
         inputs = LayerInputs(
             query=query,
             key=key,
@@ -221,9 +290,28 @@ class PatchHandle:
             softcap=variant.softcap,
             sinks=variant.sinks,
         )
-        compressed = compress_layer(self.method, inputs, value, evict=self.evict)
+        compressed = compress_layer(self.method, inputs, value, evict=self.evict, left_aligned=self.decode is not None)
+        if self.decode is not None:
+            if compressed is None:  # kept whole, but re-cut later: a compressed layer holding everything
+                padding = None if bool(prefill.prompt_valid.all()) else prefill.prompt_valid[:, None, :]
+                compressed = CompressedLayer(key, value, padding, evicted=0)
+            compressed.recompressing = True
         if compressed is not None:
             self._cache.layers[layer_idx] = compressed
+
+    def _recompress(self) -> None:
+        """A decode-time event (SPEC 8): every compressed layer re-cuts the
+        rows it holds, after the forward of the step that made it due."""
+        decoding = self._decoding
+        for layer_idx, variant in decoding.variants.items():
+            new_layer, event = recompress_layer(
+                self.method, self._cache.layers[layer_idx], decoding.queries[layer_idx], variant,
+                layer_idx=layer_idx, num_layers=self.num_layers, max_tokens=self.decode.max_cache_tokens,
+                step=decoding.generated, evict=self.evict,
+            )  # fmt: skip
+            self._cache.layers[layer_idx] = new_layer
+            decoding.timeline.events.append(event)
+        decoding.event_due = False
 
     def _held_rows_mask(self, layer: CompressedLayer, mask, query, kv_length: int):
         """The mask for the rows a compressed layer holds: its prompt rows

@@ -1,0 +1,176 @@
+"""Decode-time compression (SPEC 8): every `recompress_every` generated
+tokens, each compressed layer re-cuts the whole cache it holds.
+
+At an event the layer's held rows (sinks, rows earlier cuts kept, every
+token generated since) are handed to the method as a left-padded prompt
+(`LayerInputs`), with the queries of the newest tokens as the signal; the
+method decides, and the cut is done here:
+
+* evicting: the kept rows are gathered, right-aligned per sequence, into a
+  new cache (one `compact_kv` per layer and event), so the held rows stay a
+  left-padded prompt for the next event;
+* masking (`evict=False`, for verification): every row stays; the method is
+  handed the same left-padded view of the rows still attended to, and its
+  choice is mapped back onto the full cache as a mask.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from refreekv.compression import CompressionMethod, LayerInputs
+from refreekv.integration.cache import CompressedLayer, left_aligned_layer
+from refreekv.integration.compat import AttentionVariant
+
+__all__ = ["CompressionEvent", "DecodeCompression", "recompress_layer"]
+
+
+@dataclass(frozen=True)
+class DecodeCompression:
+    """The decode-time settings of a patch.
+
+    every: generated tokens between two events.
+    max_cache_tokens: the hard cap per layer and sequence of a fixed-budget
+        method at events (None for the threshold-free methods).
+    query_rows: newest queries each layer keeps for the signal.
+    """
+
+    every: int
+    max_cache_tokens: Optional[int]
+    query_rows: int
+
+    @classmethod
+    def configure(
+        cls, method: CompressionMethod, recompress_every: Optional[int], max_cache_tokens: Optional[int]
+    ) -> Optional["DecodeCompression"]:
+        """The settings, or None for prefill-only compression; raises a clear
+        error for options that do not fit the method."""
+        if recompress_every is None:
+            if max_cache_tokens is not None:
+                raise ValueError(
+                    f"max_cache_tokens={max_cache_tokens!r} caps the cache while decoding; it needs recompress_every"
+                )
+            return None
+        if isinstance(recompress_every, bool) or not isinstance(recompress_every, numbers.Integral) or recompress_every < 1:
+            raise ValueError(f"recompress_every must be an integer >= 1 or None, got {recompress_every!r}")
+        refusal = method.recompression_refusal()
+        if refusal is not None:
+            raise ValueError(f"recompress_every is not available for this method: {refusal}")
+        if method.fixed_budget:
+            if max_cache_tokens is None:
+                raise ValueError(
+                    f"{method.name} keeps a fixed budget: with recompress_every it needs max_cache_tokens, "
+                    "the rows each layer may hold per sequence after an event"
+                )
+            fewest = method.fewest_kept()
+            if isinstance(max_cache_tokens, bool) or not isinstance(max_cache_tokens, numbers.Integral) or max_cache_tokens < fewest:
+                raise ValueError(
+                    f"max_cache_tokens must be an integer >= {fewest} for {method!r} (the rows every cut keeps, "
+                    f"the newest token included), got {max_cache_tokens!r}"
+                )
+        elif max_cache_tokens is not None:
+            raise ValueError(
+                f"{method.name} decides its own budget and takes no max_cache_tokens (got {max_cache_tokens!r}); "
+                "only fixed-budget methods (streamingllm, h2o, snapkv, pyramidkv) take a cap"
+            )
+        return cls(
+            every=int(recompress_every),
+            max_cache_tokens=None if max_cache_tokens is None else int(max_cache_tokens),
+            query_rows=method.decode_query_rows(int(recompress_every)),
+        )
+
+
+@dataclass
+class CompressionEvent:
+    """One layer's cut at one decode step.
+
+    step: tokens generated when the event ran (a multiple of
+        `recompress_every`).
+    layer: the model's layer number.
+    held_before, held_after: [b] rows the layer attended to per sequence
+        before and after the cut (tensors on the model's device until read).
+    rows_after: rows the layer holds in memory per sequence afterwards
+        (padding included).
+    """
+
+    step: int
+    layer: int
+    held_before: torch.Tensor
+    held_after: torch.Tensor
+    rows_after: int
+
+    def rows(self) -> list[dict]:
+        """One record per sequence."""
+        before, after = self.held_before.tolist(), self.held_after.tolist()
+        return [
+            {"step": self.step, "layer": self.layer, "sequence": row, "held_before": b, "held_after": a}
+            for row, (b, a) in enumerate(zip(before, after))
+        ]
+
+
+@dataclass
+class Timeline:
+    """Every decode-time event since the last prefill, in order."""
+
+    events: list[CompressionEvent] = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        """(step, layer, sequence, held_before, held_after) records."""
+        return [row for event in self.events for row in event.rows()]
+
+    def held(self, layer: int) -> list[tuple[int, list[int]]]:
+        """[(step, rows attended per sequence after the event)] of one layer."""
+        return [(event.step, event.held_after.tolist()) for event in self.events if event.layer == layer]
+
+
+@torch.no_grad()
+def recompress_layer(
+    method: CompressionMethod,
+    layer: CompressedLayer,
+    queries: torch.Tensor,
+    variant: AttentionVariant,
+    *,
+    layer_idx: int,
+    num_layers: int,
+    max_tokens: Optional[int],
+    step: int,
+    evict: bool,
+) -> tuple[CompressedLayer, CompressionEvent]:
+    """Re-cuts the rows `layer` holds. `queries` [b, H, q, d] are those of
+    the newest q tokens, all held; `variant` is the layer's softmax."""
+    valid = layer.attended_rows()  # [b, Hkv or 1, L]
+    order = None
+    keys, values = layer.keys, layer.values
+    if not evict:
+        # The rows still attended to, in order and right-aligned per head:
+        # what the evicting cache holds (up to its padding).
+        order = torch.sort(valid.expand(-1, keys.shape[1], -1).to(torch.int8), dim=-1, stable=True).indices
+        keys = keys.gather(2, order[..., None].expand(-1, -1, -1, keys.shape[-1]))
+        values = values.gather(2, order[..., None].expand(-1, -1, -1, values.shape[-1]))
+    held = valid[:, 0].sum(-1)  # every head attends to as many rows
+    length = keys.shape[2]
+    prompt_valid = torch.arange(length, device=keys.device)[None, :] >= (length - held)[:, None]
+    inputs = LayerInputs(
+        query=queries, key=keys, scaling=variant.scaling, layer_idx=layer_idx, num_layers=num_layers,
+        prompt_valid=prompt_valid, real_len=held, value=values, softcap=variant.softcap, sinks=variant.sinks,
+        max_tokens=max_tokens,
+    )  # fmt: skip
+    plan = method.plan(inputs)
+    if plan is None or plan.keeps_everything(held):
+        return layer, CompressionEvent(step, layer_idx, held, held, layer.keys.shape[2])
+    if plan.head_len is not None:
+        raise RuntimeError(f"{method!r} planned a per-head cut at a decode event; it should have refused recompress_every")
+    if evict:
+        new_layer = left_aligned_layer(keys, values, plan, logical_length=layer.get_seq_length())
+    else:
+        in_plan = torch.arange(plan.keep_index.shape[-1], device=keys.device) < plan.keep_len[:, None, None]
+        # Rows of the full cache; entries past a sequence's count go to a spare column, dropped afterwards.
+        rows = order.gather(-1, plan.keep_index).masked_fill(~in_plan, length)
+        kept = torch.zeros(*rows.shape[:2], length + 1, dtype=torch.bool, device=rows.device)
+        new_layer = CompressedLayer(layer.keys, layer.values, kept.scatter_(-1, rows, True)[..., :length], evicted=0)
+    new_layer.recompressing = True
+    return new_layer, CompressionEvent(step, layer_idx, held, plan.keep_len, new_layer.keys.shape[2])

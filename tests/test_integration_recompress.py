@@ -1,0 +1,184 @@
+"""Decode-time compression (SPEC 8, `recompress_every`) on tiny random models
+of the four original families, eager and sdpa, float32."""
+
+import copy
+
+import pytest
+import torch
+
+import refreekv
+
+from integration_models import ATTENTION, FAMILIES, greedy, prompts, tiny_model
+
+NEW_TOKENS = 20
+
+# Events every few tokens, with cuts that bite: ReFreeKV by its stopping
+# rule, fixed-budget methods down to a cap below the prompt.
+CASES = {
+    "refreekv": ("refreekv", {"threshold": 0.05, "recompress_every": 4}),
+    "refreekv-window-rows": ("refreekv", {"threshold": 0.05, "window_rows": 3, "recompress_every": 5}),
+    "snapkv": ("snapkv", {"budget": 0.5, "recompress_every": 5, "max_cache_tokens": 24}),
+    "streamingllm": ("streamingllm", {"budget": 0.5, "recompress_every": 3, "max_cache_tokens": 20}),
+    "h2o-all": ("h2o", {"budget": 0.5, "observation": "all", "recompress_every": 6, "max_cache_tokens": 28}),
+    "pyramidkv": ("pyramidkv", {"budget": 0.5, "recompress_every": 4, "max_cache_tokens": 24}),
+    "coverage-layer": ("coverage", {"tolerance": 0.2, "granularity": "layer", "recompress_every": 4}),
+}
+
+
+@pytest.fixture(scope="module", params=[(f, a) for f in FAMILIES for a in ATTENTION], ids=lambda p: f"{p[0]}-{p[1]}")
+def model(request):
+    return tiny_model(*request.param)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return prompts([57, 40, 64])
+
+
+@pytest.fixture(scope="module")
+def unpatched(model, batch):
+    return greedy(model, *batch, new_tokens=NEW_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def float32_error(model, batch, unpatched):
+    """How far the unpatched model's float32 logits are from float64 on the
+    unpadded sequence: the yardstick for comparing two float32 runs."""
+    input_ids, attention_mask = batch
+    full = int(attention_mask.sum(-1).argmax())
+    rows = slice(full, full + 1)
+    exact_tokens, exact_logits = greedy(copy.deepcopy(model).double(), input_ids[rows], attention_mask[rows], new_tokens=NEW_TOKENS)
+    assert torch.equal(exact_tokens, unpatched[0][rows])
+    return (unpatched[1][rows].double() - exact_logits).abs().max().item()
+
+
+def run(model, batch, case, **extra):
+    method, options = CASES[case]
+    with refreekv.patch(model, method, **options, **extra) as kv:
+        tokens, logits = greedy(model, *batch, new_tokens=NEW_TOKENS)
+    return tokens, logits, kv
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_eviction_equals_masking_event_by_event(model, batch, float32_error, case):
+    tokens, logits, evicting = run(model, batch, case)
+    masked_tokens, masked_logits, masking = run(model, batch, case, evict=False)
+    assert torch.equal(tokens, masked_tokens)
+    # Different key counts sum in different orders: within float32's own error.
+    assert (logits - masked_logits).abs().max() <= 2 * float32_error
+    assert evicting.timeline.rows() == masking.timeline.rows()
+    every = CASES[case][1]["recompress_every"]
+    steps = sorted({row["step"] for row in evicting.timeline.rows()})
+    assert steps == list(range(every, NEW_TOKENS, every)), "events on the same steps for every sequence"
+    assert any(row["held_after"] < row["held_before"] for row in evicting.timeline.rows()), "some event should evict"
+
+
+@pytest.mark.parametrize("case", ["refreekv", "snapkv", "streamingllm"])
+def test_a_left_padded_batch_equals_each_sequence_alone(model, batch, case):
+    input_ids, attention_mask = batch
+    tokens, _, kv = run(model, batch, case)
+    batched = kv.timeline.rows()
+    for row in range(input_ids.shape[0]):
+        real = attention_mask[row].bool()
+        alone, _, kv_alone = run(model, (input_ids[row : row + 1, real], attention_mask[row : row + 1, real]), case)
+        assert torch.equal(alone[0], tokens[row]), f"sequence {row}"
+        ours = [{**r, "sequence": row} for r in kv_alone.timeline.rows()]
+        assert ours == [r for r in batched if r["sequence"] == row], f"sequence {row}: events and kept counts"
+
+
+def test_threshold_zero_never_evicts_while_decoding(model, batch, unpatched):
+    with refreekv.patch(model, "refreekv", threshold=0.0, recompress_every=2) as kv:
+        tokens, logits = greedy(model, *batch, new_tokens=NEW_TOKENS)
+    assert torch.equal(tokens, unpatched[0]) and torch.equal(logits, unpatched[1])
+    rows = kv.timeline.rows()
+    assert rows and all(row["held_after"] == row["held_before"] for row in rows)
+
+
+def test_none_is_prefill_only_compression(model, batch):
+    with refreekv.patch(model, "snapkv", budget=0.5) as plain:
+        expected = greedy(model, *batch, new_tokens=NEW_TOKENS)
+    with refreekv.patch(model, "snapkv", budget=0.5, recompress_every=None) as kv:
+        tokens, logits = greedy(model, *batch, new_tokens=NEW_TOKENS)
+    assert torch.equal(tokens, expected[0]) and torch.equal(logits, expected[1])
+    assert kv.timeline.rows() == [] and torch.equal(kv.stats.kept, plain.stats.kept)
+
+
+def test_the_cache_stays_bounded(model):
+    """StreamingLLM with a cap: every event cuts each layer back to the cap,
+    so the cache never holds more than the cap plus the tokens of one
+    period, however long the generation."""
+    input_ids, attention_mask = prompts([40])
+    cap, every, new_tokens = 20, 5, 60
+    with refreekv.patch(model, "streamingllm", budget=0.5, recompress_every=every, max_cache_tokens=cap) as kv:
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+        )  # fmt: skip
+    events = kv.timeline.events
+    layers = model.config.num_hidden_layers  # StreamingLLM protects no layer
+    assert len(events) == layers * ((new_tokens - 1) // every), "every layer, every period"
+    assert all(event.rows_after == cap and event.held_after.tolist() == [cap] for event in events)
+    assert all(layer.keys.shape[2] <= cap + every for layer in out.past_key_values.layers)
+    assert kv.stats.kept[:, 0].tolist() == [20.0] * layers, "stats keep their meaning: the prefill cut"
+
+
+def test_hand_written_loop_matches_generate(model):
+    input_ids, _ = prompts([30])
+    with refreekv.patch(model, "refreekv", threshold=0.05, recompress_every=3) as kv:
+        expected, _ = greedy(model, input_ids, torch.ones_like(input_ids), new_tokens=10)
+        events = kv.timeline.rows()
+        with torch.no_grad():
+            out = model(input_ids=input_ids, use_cache=True)
+            generated = []
+            for _ in range(expected.shape[1]):
+                token = out.logits[:, -1:].argmax(-1)
+                generated.append(token)
+                out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        assert torch.equal(torch.cat(generated, dim=1), expected)
+        # The loop ran one more forward than generate (for the last token): one more period may be due.
+        assert kv.timeline.rows()[: len(events)] == events
+
+
+def test_sampling_eviction_equals_masking(model, batch):
+    def sample(**options):
+        with refreekv.patch(model, "snapkv", budget=0.5, recompress_every=4, max_cache_tokens=24, **options):
+            torch.manual_seed(11)
+            return model.generate(
+                batch[0], attention_mask=batch[1], max_new_tokens=12, do_sample=True, top_k=20, pad_token_id=0
+            )
+
+    assert torch.equal(sample(), sample(evict=False))
+
+
+def test_beam_search_is_refused(model, batch):
+    with refreekv.patch(model, "refreekv", threshold=0.05, recompress_every=2):
+        with pytest.raises(NotImplementedError, match=r"beam search is not supported with decode-time compression"):
+            model.generate(batch[0], attention_mask=batch[1], max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0)
+
+
+BAD = {
+    "zero": ("refreekv", {"recompress_every": 0}, r"recompress_every must be an integer >= 1 or None, got 0"),
+    "negative": ("refreekv", {"recompress_every": -3}, r"recompress_every must be an integer >= 1 or None, got -3"),
+    "fraction": ("refreekv", {"recompress_every": 1.5}, r"recompress_every must be an integer >= 1 or None, got 1.5"),
+    "boolean": ("refreekv", {"recompress_every": True}, r"recompress_every must be an integer >= 1 or None, got True"),
+    "cap below the sinks": ("streamingllm", {"recompress_every": 8, "max_cache_tokens": 4},
+                            r"max_cache_tokens must be an integer >= 5 for StreamingLLM\(.*\) .* got 4"),
+    "cap below the window": ("snapkv", {"recompress_every": 8, "max_cache_tokens": 7},
+                             r"max_cache_tokens must be an integer >= 8 for SnapKV\(.*\) .* got 7"),
+    "no cap for a fixed budget": ("h2o", {"recompress_every": 8},
+                                  r"h2o keeps a fixed budget: with recompress_every it needs max_cache_tokens"),
+    "cap on a threshold-free method": ("refreekv", {"recompress_every": 8, "max_cache_tokens": 100},
+                                       r"refreekv decides its own budget and takes no max_cache_tokens \(got 100\)"),
+    "cap without events": ("snapkv", {"max_cache_tokens": 100}, r"max_cache_tokens=100 caps the cache while decoding; it needs recompress_every"),
+    "per-head cuts": ("coverage", {"recompress_every": 8}, r"coverage with granularity='head' cuts each KV head to its own length"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_options_raise_before_patching(model, case):
+    method, options, message = BAD[case]
+    implementation = model.config._attn_implementation
+    with pytest.raises(ValueError, match=message):
+        refreekv.patch(model, method, **options)
+    assert model.config._attn_implementation == implementation
+    assert getattr(model, "_refreekv_handle", None) is None
