@@ -7,7 +7,7 @@ DEPS   := $(VENV)/.deps-installed
 EXT    := $(VENV)/.extension-built
 NATIVE_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
 
-.PHONY: setup build test demo bench bench-ops needle-sweep quality stopping-rules cuda-build clean
+.PHONY: setup build test demo bench bench-decode bench-ops needle-sweep quality stopping-rules cuda-build clean
 
 setup: $(DEPS)
 
@@ -35,6 +35,11 @@ demo: build
 # Every benchmark; writes benchmarks/results/{latest.json, dated copy, summary.md, figures.png}.
 bench: build
 	$(PY) benchmarks/run_all.py
+
+# Decode-time compression alone (part of `make bench`): 4096 generated tokens
+# per setting and the item-recall task on SmolLM2-135M (~30 min on 2 cores).
+bench-decode: build
+	$(PY) benchmarks/bench_decode.py --plot benchmarks/results/decode_rows.png
 
 bench-ops: build
 	$(PY) benchmarks/bench_ops.py

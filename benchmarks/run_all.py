@@ -1,12 +1,14 @@
 """`make bench`: every benchmark, one results file, one summary.
 
-Runs benchmarks/bench_ops.py and benchmarks/bench_e2e.py (each prints its
-own tables as it goes), then writes
+Runs benchmarks/bench_ops.py, benchmarks/bench_e2e.py and
+benchmarks/bench_decode.py (each prints its own tables as it goes), then
+writes
 
   benchmarks/results/latest.json          all figures + the machine they ran on
   benchmarks/results/<UTC date-time>.json a dated copy
   benchmarks/results/summary.md           the headline figures against their targets
   benchmarks/results/figures.png          prefill overhead, decode speedup, operator speedups
+  benchmarks/results/decode_rows.png      KV rows held while generating, per decode-time setting
 
     python benchmarks/run_all.py [--quick]
 """
@@ -46,8 +48,8 @@ def machine() -> dict:
     }
 
 
-def run(script: str, json_path: Path, quick: bool) -> dict:
-    command = [sys.executable, str(HERE / script), "--json", str(json_path)] + (["--quick"] if quick else [])
+def run(script: str, json_path: Path, quick: bool, *extra: str) -> dict:
+    command = [sys.executable, str(HERE / script), "--json", str(json_path), *extra] + (["--quick"] if quick else [])
     print(f"\n$ {' '.join(command[1:])}", flush=True)
     subprocess.run(command, check=True)
     return json.loads(json_path.read_text())
@@ -86,6 +88,23 @@ def summary(results: dict) -> str:
         f"| released-code way / ours, peak memory @ {ref['tokens']} tokens | {ref['peak_memory_ratio']:.2f}x | |",
         f"| released-code way / ours, KV bytes @ {ref['tokens']} tokens | {ref['kv_bytes_ratio']:.2f}x | |",
     ]
+    decode = results["decode_compression"]
+    recall = decode["recall"]
+    full_recall = recall["full cache"]
+    for name, row in decode["long_generation"].items():
+        if "final_kv_ratio" not in row:
+            continue
+        target_kv = "<= 0.5" if name == "refreekv every 256" else ""
+        lines += [
+            f"| decode_compression {name}: final / peak KV bytes vs full cache @ {decode['new_tokens']} generated tokens | "
+            f"{row['final_kv_ratio']:.3f} / {row['peak_kv_ratio']:.3f} | {target_kv} |",
+            f"| decode_compression {name}: decode tokens/s vs full cache | {row['throughput_ratio']:.3f} | >= 1.0 |",
+            f"| decode_compression {name}: share of generation time in events ({row['events']} layer cuts) | {row['event_share']:.2%} | <= 5% |",
+            f"| decode_compression {name}: tokens identical to the full cache before the first divergence | "
+            f"{row['identical_prefix']} ({row['identical_prefix_share']:.1%}) | |",
+            f"| decode_compression {name}: item-k recall from its own list (full cache {full_recall['correct']}/{full_recall['asked']}) | "
+            f"{recall[name]['correct']}/{recall[name]['asked']} | |",
+        ]
     for operator in ("attention_importance", "adaptive_keep_count", "mass_keep_count", "compact_kv"):
         for row in results["ops"][operator]:
             case = ", ".join(f"{k}={v}" for k, v in row["case"].items())
@@ -132,8 +151,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         ops = run("bench_ops.py", Path(scratch) / "ops.json", args.quick)
         e2e = run("bench_e2e.py", Path(scratch) / "e2e.json", args.quick)
-    results = {"date": stamp.isoformat(timespec="seconds"), "quick": args.quick, "machine": machine(), **e2e, "ops": ops}
-    RESULTS.mkdir(exist_ok=True)
+        RESULTS.mkdir(exist_ok=True)
+        decode = run("bench_decode.py", Path(scratch) / "decode.json", args.quick, "--plot", str(RESULTS / "decode_rows.png"))
+    results = {"date": stamp.isoformat(timespec="seconds"), "quick": args.quick, "machine": machine(), **e2e, **decode, "ops": ops}
     latest = RESULTS / "latest.json"
     latest.write_text(json.dumps(results, indent=2) + "\n")
     shutil.copy(latest, RESULTS / f"{stamp.strftime('%Y-%m-%dT%H%M%SZ')}.json")
