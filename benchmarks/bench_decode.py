@@ -10,8 +10,9 @@ Two runs per configuration, each with a baseline measured in the same process:
   long generation  a short chat prompt (an essay opening and a request to
                    continue it, < 512 tokens), 4096 generated tokens with
                    the end-of-turn token suppressed; per configuration: KV
-                   bytes held at the end and at the peak (ratio to the full
-                   cache), decode tokens/s over the whole generation (ratio
+                   bytes held at the end and at the peak, in the rows held
+                   and in the buffers allocated under them (ratio to the
+                   full cache), decode tokens/s over the whole generation (ratio
                    to the full cache), the share of generation time spent
                    in compression events, and the tokens identical to the
                    full-cache generation before the first divergence;
@@ -61,18 +62,20 @@ def long_prompt(tokenizer) -> torch.Tensor:
     return chat_ids(tokenizer, f"{opening}\n\nContinue this essay at length, in the same voice, section after section.")
 
 
-def held_rows(cache) -> tuple[int, float]:
-    """(KV bytes held, rows held per layer on average)."""
+def held_rows(cache) -> tuple[int, int, float]:
+    """(KV bytes in the rows held, KV bytes allocated (the buffers under
+    them, headroom included), rows held per layer on average)."""
     layers = [layer for layer in cache.layers if layer.keys is not None]
     rows = sum(layer.keys.shape[2] for layer in layers) / len(layers)
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in layers), rows
+    used = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
+    allocated = sum(layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes() for layer in layers)
+    return used, allocated, rows
 
 
 @torch.no_grad()
 def generate(model, ids: torch.Tensor, new_tokens: int, *, stop: int | None = None, cache=None, trace: bool = False):
     """Greedy tokens from a hand-written loop (so every step is observed):
-    (tokens, cache, decode seconds, per-step trace of (KV bytes, rows per
-    layer)). `stop` ends at that token; None never stops."""
+    (tokens, cache, decode seconds, per-step `held_rows`)). `stop` ends at that token; None never stops."""
     out = model(input_ids=ids, past_key_values=cache, use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
     tokens, steps, start = [token], [], time.perf_counter()
@@ -125,15 +128,17 @@ def long_generation(model, tokenizer, new_tokens: int) -> dict:
         finally:
             if handle is not None:
                 handle.remove()
-        final_bytes, _ = held_rows(cache)
+        final_bytes, final_allocated, _ = held_rows(cache)
         row = {
             "final_kv_bytes": final_bytes,
-            "peak_kv_bytes": max(b for b, _ in trace),
+            "peak_kv_bytes": max(used for used, _, _ in trace),
+            "final_kv_allocated": final_allocated,
+            "peak_kv_allocated": max(allocated for _, allocated, _ in trace),
             "decode_tok_s": (len(tokens) - 1) / seconds,
             "event_seconds": clock.seconds if clock else 0.0,
             "event_share": (clock.seconds / seconds) if clock else 0.0,
             "events": events,
-            "rows_trace": [round(rows, 2) for _, rows in trace],
+            "rows_trace": [round(rows, 2) for _, _, rows in trace],
         }
         if reference is None:
             reference = (tokens, row)
@@ -144,10 +149,13 @@ def long_generation(model, tokenizer, new_tokens: int) -> dict:
             row["identical_prefix_share"] = row["identical_prefix"] / len(tokens)
             row["final_kv_ratio"] = final_bytes / full["final_kv_bytes"]
             row["peak_kv_ratio"] = row["peak_kv_bytes"] / full["peak_kv_bytes"]
+            row["final_kv_allocated_ratio"] = final_allocated / full["final_kv_allocated"]
+            row["peak_kv_allocated_ratio"] = row["peak_kv_allocated"] / full["peak_kv_allocated"]
             row["throughput_ratio"] = row["decode_tok_s"] / full["decode_tok_s"]
         results[name] = row
         extra = "" if row is reference[1] else (
-            f"  final KV {row['final_kv_ratio']:.3f}  peak KV {row['peak_kv_ratio']:.3f}  tok/s ratio {row['throughput_ratio']:.3f}  "
+            f"  final KV {row['final_kv_ratio']:.3f} (allocated {row['final_kv_allocated_ratio']:.3f})  "
+            f"peak KV {row['peak_kv_ratio']:.3f} (allocated {row['peak_kv_allocated_ratio']:.3f})  tok/s ratio {row['throughput_ratio']:.3f}  "
             f"events {row['events']} ({row['event_share']:.2%} of the time)  identical prefix {row['identical_prefix']}"
         )  # fmt: skip
         print(f"  {name:<22} {row['decode_tok_s']:6.1f} tok/s  final KV {final_bytes / 2**20:7.1f} MiB{extra}", flush=True)

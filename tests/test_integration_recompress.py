@@ -122,6 +122,29 @@ def test_the_cache_stays_bounded(model):
     assert kv.stats.kept[:, 0].tolist() == [20.0] * layers, "stats keep their meaning: the prefill cut"
 
 
+def test_an_event_copies_once_and_leaves_room_for_the_next_period(model):
+    """Each cut writes the kept rows with `recompress_every` free rows after
+    them: the tokens decoded until the next event are appended in place."""
+    input_ids, _ = prompts([40])
+    every = 4
+    with torch.no_grad(), refreekv.patch(model, "streamingllm", budget=0.5, recompress_every=every, max_cache_tokens=16) as kv:
+        out = model(input_ids=input_ids, use_cache=True)
+        token, storages = out.logits[:, -1:].argmax(-1), []
+        for _ in range(3 * every):
+            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            layer = out.past_key_values.layers[1]
+            storages.append((layer.keys.untyped_storage().data_ptr(), layer.keys.untyped_storage().nbytes(), layer.keys.shape[2]))
+    assert len(kv.timeline.events) == 3 * model.config.num_hidden_layers
+    for period in range(3):
+        # The last step of a period holds the rows the event left, in a fresh buffer with room for `every` more.
+        steps = storages[period * every : (period + 1) * every]
+        assert len({pointer for pointer, _, _ in steps[:-1]}) == 1, "appends within a period write in place"
+    _, capacity, rows = storages[every - 1]
+    row_bytes = model.config.num_key_value_heads * model.config.head_dim * 4
+    assert rows == 16 and capacity == (16 + every) * row_bytes
+
+
 def test_hand_written_loop_matches_generate(model):
     input_ids, _ = prompts([30])
     with refreekv.patch(model, "refreekv", threshold=0.05, recompress_every=3) as kv:

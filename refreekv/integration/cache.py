@@ -36,11 +36,18 @@ class GrowingLayer(DynamicLayer):
 
     MIN_HEADROOM = 256
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, *, buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        """`buffers`: tensors this layer may write into, whose first rows are
+        `keys` and `values` (a compaction that left headroom for appends)."""
         super().__init__()
         self.lazy_initialization(keys, values)
         self.keys, self.values = keys, values
         self._adopt()
+        if buffers is not None:
+            self._key_buffer, self._value_buffer = buffers
+            if not self._holds_buffer_views():
+                raise ValueError("keys and values must be the first rows of the buffers they come with")
+            self._owns_buffers = True
 
     def _adopt(self) -> None:
         # The held tensors become the buffers, not ours to write into, so the
@@ -99,8 +106,16 @@ class CompressedLayer(GrowingLayer):
     # no longer holds one-to-one; transformers refuses it up front instead.
     is_croppable = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, prompt_valid: Optional[torch.Tensor], evicted: int):
-        super().__init__(keys, values)
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        prompt_valid: Optional[torch.Tensor],
+        evicted: int,
+        *,
+        buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    ):
+        super().__init__(keys, values, buffers=buffers)
         self.prompt_rows = keys.shape[-2]
         self.prompt_valid = prompt_valid
         self.evicted = evicted
@@ -161,19 +176,21 @@ class CompressedLayer(GrowingLayer):
 
 @torch.no_grad()
 def compress_layer(
-    method: CompressionMethod, inputs: LayerInputs, value: torch.Tensor, *, evict: bool = True, left_aligned: bool = False
+    method: CompressionMethod, inputs: LayerInputs, value: torch.Tensor, *, evict: bool = True, headroom: Optional[int] = None
 ) -> Optional[CompressedLayer]:
     """The compressed cache layer `method` makes of one layer's prompt keys
     (`inputs.key`) and `value`; None when it keeps every real token, so the
     layer stays as it is. With `evict=False` every row stays held and the
-    evicted ones are masked out instead. `left_aligned` right-aligns each
-    sequence's kept rows (padding first), as decode-time cuts need."""
+    evicted ones are masked out instead. `headroom`, for decode-time
+    compression, right-aligns each sequence's kept rows (padding first)
+    and leaves that many rows free for the tokens decoded until the next
+    cut (`left_aligned_layer`)."""
     plan = method.plan(inputs)
     if plan is None or plan.keeps_everything(inputs.real_len):
         return None
     key = inputs.key
-    if evict and left_aligned:
-        return left_aligned_layer(key, value, plan, logical_length=key.shape[2])
+    if evict and headroom is not None:
+        return left_aligned_layer(key, value, plan, logical_length=key.shape[2], headroom=headroom)
     if evict:
         keys, values, row_valid = compact_kv(key, value, plan.keep_index, plan.keep_len)
         prompt_valid = row_valid[:, None, :]
@@ -186,11 +203,15 @@ def compress_layer(
     return CompressedLayer(keys, values, prompt_valid, key.shape[2] - keys.shape[2])
 
 
-def left_aligned_layer(key: torch.Tensor, value: torch.Tensor, plan: KeepPlan, *, logical_length: int) -> CompressedLayer:
+def left_aligned_layer(
+    key: torch.Tensor, value: torch.Tensor, plan: KeepPlan, *, logical_length: int, headroom: int = 0
+) -> CompressedLayer:
     """The kept rows of `plan` gathered with each sequence's rows
-    right-aligned, padding first (one `compact_kv`): the held rows stay a
-    left-padded prompt, which is what a later decode-time cut is handed.
-    Padding rows hold a copy of a kept row and are masked out."""
+    right-aligned, padding first: the held rows stay a left-padded prompt,
+    which is what a later decode-time cut is handed. Padding rows hold a
+    copy of a kept row and are masked out. One `compact_kv` writes the rows
+    and `headroom` empty rows after them, which the layer then appends into
+    (so an event costs one copy of what it keeps)."""
     if plan.head_len is not None:
         raise ValueError("a left-aligned cut needs one count per sequence; this plan has a count per head")
     rows = int(plan.keep_len.max())
@@ -198,9 +219,13 @@ def left_aligned_layer(key: torch.Tensor, value: torch.Tensor, plan: KeepPlan, *
     slots = torch.arange(rows, device=key.device)[None, :]
     source = (slots - padding[:, None]).clamp(min=0)  # padding slots repeat the first kept row
     index = plan.keep_index.gather(-1, source[:, None, :].expand(-1, key.shape[1], -1))
-    keys, values, _ = compact_kv(key, value, index, torch.full_like(plan.keep_len, rows))
+    index = torch.nn.functional.pad(index, (0, headroom))  # past each count: zero rows
+    key_buffer, value_buffer, _ = compact_kv(key, value, index, torch.full_like(plan.keep_len, rows))
     valid = slots >= padding[:, None]
-    return CompressedLayer(keys, values, None if bool(valid.all()) else valid[:, None, :], logical_length - rows)
+    return CompressedLayer(
+        key_buffer[..., :rows, :], value_buffer[..., :rows, :], None if bool(valid.all()) else valid[:, None, :],
+        logical_length - rows, buffers=(key_buffer, value_buffer),
+    )  # fmt: skip
 
 
 def _kept_positions(plan: KeepPlan, length: int) -> torch.Tensor:

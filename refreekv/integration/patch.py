@@ -290,7 +290,8 @@ class PatchHandle:
             softcap=variant.softcap,
             sinks=variant.sinks,
         )
-        compressed = compress_layer(self.method, inputs, value, evict=self.evict, left_aligned=self.decode is not None)
+        headroom = None if self.decode is None else self.decode.every
+        compressed = compress_layer(self.method, inputs, value, evict=self.evict, headroom=headroom)
         if self.decode is not None:
             if compressed is None:  # kept whole, but re-cut later: a compressed layer holding everything
                 padding = None if bool(prefill.prompt_valid.all()) else prefill.prompt_valid[:, None, :]
@@ -307,7 +308,7 @@ class PatchHandle:
             new_layer, event = recompress_layer(
                 self.method, self._cache.layers[layer_idx], decoding.queries[layer_idx], variant,
                 layer_idx=layer_idx, num_layers=self.num_layers, max_tokens=self.decode.max_cache_tokens,
-                step=decoding.generated, evict=self.evict,
+                step=decoding.generated, evict=self.evict, headroom=self.decode.every,
             )  # fmt: skip
             self._cache.layers[layer_idx] = new_layer
             decoding.timeline.events.append(event)

@@ -139,9 +139,11 @@ def recompress_layer(
     max_tokens: Optional[int],
     step: int,
     evict: bool,
+    headroom: int,
 ) -> tuple[CompressedLayer, CompressionEvent]:
     """Re-cuts the rows `layer` holds. `queries` [b, H, q, d] are those of
-    the newest q tokens, all held; `variant` is the layer's softmax."""
+    the newest q tokens, all held; `variant` is the layer's softmax;
+    `headroom` rows are left free after the kept ones for the next tokens."""
     valid = layer.attended_rows()  # [b, Hkv or 1, L]
     order = None
     keys, values = layer.keys, layer.values
@@ -165,7 +167,7 @@ def recompress_layer(
     if plan.head_len is not None:
         raise RuntimeError(f"{method!r} planned a per-head cut at a decode event; it should have refused recompress_every")
     if evict:
-        new_layer = left_aligned_layer(keys, values, plan, logical_length=layer.get_seq_length())
+        new_layer = left_aligned_layer(keys, values, plan, logical_length=layer.get_seq_length(), headroom=headroom)
     else:
         in_plan = torch.arange(plan.keep_index.shape[-1], device=keys.device) < plan.keep_len[:, None, None]
         # Rows of the full cache; entries past a sequence's count go to a spare column, dropped afterwards.
