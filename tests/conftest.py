@@ -30,3 +30,12 @@ def one_thread():
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """A left-padded batch of three random prompts (57, 40 and 64 tokens)
+    for the integration tests' tiny models."""
+    from integration_models import prompts
+
+    return prompts([57, 40, 64])

@@ -1,8 +1,12 @@
 """Tiny random models of every supported family, built from configs (no
 downloads), shared by the integration tests."""
 
+import copy
+
 import torch
 import transformers
+
+import refreekv
 
 ATTENTION = ["eager", "sdpa"]
 VOCAB = 256
@@ -107,3 +111,51 @@ def greedy(model, input_ids, attention_mask, new_tokens=6):
         pad_token_id=0,
     )
     return out.sequences[:, input_ids.shape[1] :], torch.stack(out.logits, dim=1)
+
+
+def greedy_loop(model, input_ids, steps: int) -> torch.Tensor:
+    """[b, steps] greedy tokens from a hand-written forward loop (no generate)."""
+    with torch.no_grad():
+        out = model(input_ids=input_ids, use_cache=True)
+        generated = []
+        for _ in range(steps):
+            token = out.logits[:, -1:].argmax(-1)
+            generated.append(token)
+            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat(generated, dim=1)
+
+
+def assert_batch_equals_each_alone(model, batch, method: str, options: dict) -> None:
+    """A left-padded batch gives each sequence the tokens and kept counts it
+    gets alone (SPEC 5)."""
+    input_ids, attention_mask = batch
+    with refreekv.patch(model, method, **options) as kv:
+        tokens, _ = greedy(model, input_ids, attention_mask)
+        batched_kept = kv.stats.kept.clone()
+        for row in range(input_ids.shape[0]):
+            real = attention_mask[row].bool()
+            alone, _ = greedy(model, input_ids[row : row + 1, real], attention_mask[row : row + 1, real])
+            assert torch.equal(alone[0], tokens[row]), f"sequence {row}"
+            assert torch.equal(kv.stats.kept[:, 0], batched_kept[:, row]), f"sequence {row}"
+
+
+def float32_logit_error(model, batch, new_tokens: int) -> float:
+    """How far the unpatched model's float32 greedy logits are from the same
+    run in float64, the largest over the sequences of `batch`: the
+    yardstick for comparing two float32 runs (flash-attention's rule)
+    instead of a fixed tolerance. Each sequence runs alone, unpadded: in
+    float64, transformers' eager padding mask overflows to -inf on padding
+    rows, whose NaN values then leak."""
+    exact = copy.deepcopy(model).double()
+    if hasattr(exact.config, "_experts_implementation"):
+        exact.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
+    input_ids, attention_mask = batch
+    error = 0.0
+    for row in range(input_ids.shape[0]):
+        real = attention_mask[row].bool()
+        prompt = (input_ids[row : row + 1, real], attention_mask[row : row + 1, real])
+        tokens, logits = greedy(model, *prompt, new_tokens=new_tokens)
+        exact_tokens, exact_logits = greedy(exact, *prompt, new_tokens=new_tokens)
+        assert torch.equal(exact_tokens, tokens)
+        error = max(error, (logits.double() - exact_logits).abs().max().item())
+    return error

@@ -8,8 +8,6 @@ scales other than 1/sqrt(d). tests/test_integration_patch.py runs every
 method on the four original families; here a few methods cover each family.
 """
 
-import copy
-
 import pytest
 import torch
 import transformers
@@ -20,7 +18,7 @@ from refreekv.compression import CompressionMethod, LayerInputs
 from refreekv.integration import compat
 from refreekv.integration.cache import CompressedLayer
 
-from integration_models import ALL_FAMILIES, greedy, prompts, tiny_model
+from integration_models import ALL_FAMILIES, assert_batch_equals_each_alone, float32_logit_error, greedy, prompts, tiny_model
 
 CASES = [(family, attention) for family, spec in ALL_FAMILIES.items() for attention in spec[3]]
 
@@ -44,31 +42,13 @@ def model(family_attention):
 
 
 @pytest.fixture(scope="module")
-def batch():
-    return prompts([57, 40, 64])
-
-
-@pytest.fixture(scope="module")
 def unpatched(model, batch):
     return greedy(model, *batch)
 
 
 @pytest.fixture(scope="module")
-def float32_error(model, batch, unpatched):
-    """How far the unpatched model's float32 logits are from the same run in
-    float64: the yardstick for comparing two float32 runs (flash-attention's
-    rule), instead of a fixed tolerance."""
-    # The unpadded sequence only: in float64, transformers' eager padding
-    # mask overflows to -inf on padding rows, whose NaN values then leak.
-    input_ids, attention_mask = batch
-    full = int(attention_mask.sum(-1).argmax())
-    rows = slice(full, full + 1)
-    exact = copy.deepcopy(model).double()
-    if hasattr(exact.config, "_experts_implementation"):
-        exact.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
-    exact_tokens, exact_logits = greedy(exact, input_ids[rows], attention_mask[rows])
-    assert torch.equal(exact_tokens, unpatched[0][rows])
-    return (unpatched[1][rows].double() - exact_logits).abs().max().item()
+def float32_error(model, batch):
+    return float32_logit_error(model, batch, new_tokens=6)
 
 
 def test_the_layout_follows_the_config(model, batch):
@@ -125,16 +105,7 @@ def test_lossless_settings_are_identical_to_the_unpatched_model(model, batch, un
 
 @pytest.mark.parametrize("case", ["refreekv", "snapkv"])
 def test_a_left_padded_batch_equals_each_sequence_alone(model, batch, case):
-    method, options = METHODS[case]
-    input_ids, attention_mask = batch
-    with refreekv.patch(model, method, **options) as kv:
-        tokens, _ = greedy(model, input_ids, attention_mask)
-        batched_kept = kv.stats.kept.clone()
-        for row in range(input_ids.shape[0]):
-            real = attention_mask[row].bool()
-            alone, _ = greedy(model, input_ids[row : row + 1, real], attention_mask[row : row + 1, real])
-            assert torch.equal(alone[0], tokens[row]), f"sequence {row}"
-            assert torch.equal(kv.stats.kept[:, 0], batched_kept[:, row]), f"sequence {row}"
+    assert_batch_equals_each_alone(model, batch, *METHODS[case])
 
 
 def test_stats_match_the_cache_held_and_other_layers_are_untouched(model, batch):

@@ -8,7 +8,7 @@ import refreekv
 from refreekv import reference
 from refreekv.integration.cache import CompressedLayer
 
-from integration_models import ATTENTION, FAMILIES, greedy, prompts, tiny_model
+from integration_models import ATTENTION, FAMILIES, assert_batch_equals_each_alone, greedy, greedy_loop, prompts, tiny_model
 
 METHODS = {
     "refreekv": {},
@@ -35,11 +35,6 @@ def method_args(case):
 def model(request):
     family, attention = request.param
     return tiny_model(family, attention)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return prompts([57, 40, 64])
 
 
 @pytest.fixture(scope="module")
@@ -90,16 +85,7 @@ def test_patch_remove_round_trip_is_bitwise(model, batch, unpatched):
 
 @pytest.mark.parametrize("case", ["refreekv", "coverage", "coverage-output", "snapkv", "streamingllm"])
 def test_batching_is_transparent(model, batch, case):
-    method, options = method_args(case)
-    input_ids, attention_mask = batch
-    with refreekv.patch(model, method, **options) as kv:
-        tokens, _ = greedy(model, input_ids, attention_mask)
-        batched_kept = kv.stats.kept.clone()
-        for row in range(input_ids.shape[0]):
-            real = attention_mask[row].bool()
-            alone, _ = greedy(model, input_ids[row : row + 1, real], attention_mask[row : row + 1, real])
-            assert torch.equal(alone[0], tokens[row]), f"sequence {row}"
-            assert torch.equal(kv.stats.kept[:, 0], batched_kept[:, row]), f"sequence {row}"
+    assert_batch_equals_each_alone(model, batch, *method_args(case))
 
 
 def test_keep_counts_follow_the_stopping_rule(model, batch):
@@ -152,14 +138,7 @@ def test_hand_written_loop_matches_generate(model, batch):
     prompt = input_ids[row : row + 1, attention_mask[row].bool()]
     with refreekv.patch(model, "streamingllm", budget=0.5):
         expected, _ = greedy(model, prompt, torch.ones_like(prompt))
-        with torch.no_grad():
-            out = model(input_ids=prompt, use_cache=True)
-            generated = []
-            for _ in range(expected.shape[1]):
-                token = out.logits[:, -1:].argmax(-1)
-                generated.append(token)
-                out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-    assert torch.equal(torch.cat(generated, dim=1), expected)
+        assert torch.equal(greedy_loop(model, prompt, expected.shape[1]), expected)
 
 
 def test_masking_path_against_a_plain_4d_mask(model):

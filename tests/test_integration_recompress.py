@@ -1,14 +1,12 @@
 """Decode-time compression (SPEC 8, `recompress_every`) on tiny random models
 of the four original families, eager and sdpa, float32."""
 
-import copy
-
 import pytest
 import torch
 
 import refreekv
 
-from integration_models import ATTENTION, FAMILIES, greedy, prompts, tiny_model
+from integration_models import ATTENTION, FAMILIES, float32_logit_error, greedy, greedy_loop, prompts, tiny_model
 
 NEW_TOKENS = 20
 
@@ -31,25 +29,13 @@ def model(request):
 
 
 @pytest.fixture(scope="module")
-def batch():
-    return prompts([57, 40, 64])
-
-
-@pytest.fixture(scope="module")
 def unpatched(model, batch):
     return greedy(model, *batch, new_tokens=NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
-def float32_error(model, batch, unpatched):
-    """How far the unpatched model's float32 logits are from float64 on the
-    unpadded sequence: the yardstick for comparing two float32 runs."""
-    input_ids, attention_mask = batch
-    full = int(attention_mask.sum(-1).argmax())
-    rows = slice(full, full + 1)
-    exact_tokens, exact_logits = greedy(copy.deepcopy(model).double(), input_ids[rows], attention_mask[rows], new_tokens=NEW_TOKENS)
-    assert torch.equal(exact_tokens, unpatched[0][rows])
-    return (unpatched[1][rows].double() - exact_logits).abs().max().item()
+def float32_error(model, batch):
+    return float32_logit_error(model, batch, new_tokens=NEW_TOKENS)
 
 
 def run(model, batch, case, **extra):
@@ -150,14 +136,7 @@ def test_hand_written_loop_matches_generate(model):
     with refreekv.patch(model, "refreekv", threshold=0.05, recompress_every=3) as kv:
         expected, _ = greedy(model, input_ids, torch.ones_like(input_ids), new_tokens=10)
         events = kv.timeline.rows()
-        with torch.no_grad():
-            out = model(input_ids=input_ids, use_cache=True)
-            generated = []
-            for _ in range(expected.shape[1]):
-                token = out.logits[:, -1:].argmax(-1)
-                generated.append(token)
-                out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-        assert torch.equal(torch.cat(generated, dim=1), expected)
+        assert torch.equal(greedy_loop(model, input_ids, expected.shape[1]), expected)
         # The loop ran one more forward than generate (for the last token): one more period may be due.
         assert kv.timeline.rows()[: len(events)] == events
 
@@ -205,3 +184,36 @@ def test_bad_options_raise_before_patching(model, case):
         refreekv.patch(model, method, **options)
     assert model.config._attn_implementation == implementation
     assert getattr(model, "_refreekv_handle", None) is None
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen3_next", "gemma4-kv-shared"])
+def test_hybrid_families_recompress_their_full_attention_layers(family, batch):
+    """Sliding-window, linear-attention and KV-shared layers around the
+    re-cut ones: eviction still equals masking, and only full-attention
+    layers with a cache of their own have events."""
+    model = tiny_model(family, "sdpa")
+    float32_error = float32_logit_error(model, batch, new_tokens=NEW_TOKENS)
+    tokens, logits, evicting = run(model, batch, "snapkv")
+    masked_tokens, masked_logits, masking = run(model, batch, "snapkv", evict=False)
+    assert torch.equal(tokens, masked_tokens)
+    assert (logits - masked_logits).abs().max() <= 2 * float32_error
+    assert evicting.timeline.rows() == masking.timeline.rows()
+    assert {row["layer"] for row in evicting.timeline.rows()} == set(evicting.layout.full_layers)
+
+
+def test_generation_up_to_the_models_context():
+    """Rotary positions keep counting from the logical length: with the cache
+    cut back every 16 tokens, generating until the model's last trained
+    position still equals the full cache masked like the cuts (one family:
+    a thousand steps twice)."""
+    model = tiny_model("llama", "sdpa")
+    input_ids, attention_mask = prompts([40])
+    new_tokens = model.config.max_position_embeddings - input_ids.shape[1]
+    options = dict(budget=0.5, recompress_every=16, max_cache_tokens=64)
+    with refreekv.patch(model, "streamingllm", **options) as kv:
+        evicted, _ = greedy(model, input_ids, attention_mask, new_tokens=new_tokens)
+        held = max(event.rows_after for event in kv.timeline.events)
+    with refreekv.patch(model, "streamingllm", evict=False, **options):
+        masked, _ = greedy(model, input_ids, attention_mask, new_tokens=new_tokens)
+    assert evicted.shape[1] == new_tokens and held == 64
+    assert torch.equal(evicted, masked)
