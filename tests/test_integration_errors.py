@@ -77,6 +77,11 @@ def test_a_non_causal_model_is_refused():
         refreekv.patch(bert)
 
 
+def test_not_a_transformers_model():
+    with pytest.raises(TypeError, match=r"expects a transformers PreTrainedModel, got Linear"):
+        refreekv.patch(torch.nn.Linear(2, 2))
+
+
 def test_an_encoder_decoder_is_refused():
     t5 = T5ForConditionalGeneration(T5Config(num_layers=1, d_model=16, d_kv=8, d_ff=32, num_heads=2, vocab_size=32))
     with pytest.raises(ValueError, match=r"decoder-only causal LMs; T5ForConditionalGeneration is an encoder-decoder model"):

@@ -1,6 +1,8 @@
 """Decode-time compression (SPEC 8, `recompress_every`) on tiny random models
 of the four original families, eager and sdpa, float32."""
 
+import copy
+
 import pytest
 import torch
 
@@ -15,11 +17,12 @@ NEW_TOKENS = 20
 CASES = {
     "refreekv": ("refreekv", {"threshold": 0.05, "recompress_every": 4}),
     "refreekv-window-rows": ("refreekv", {"threshold": 0.05, "window_rows": 3, "recompress_every": 5}),
-    "snapkv": ("snapkv", {"budget": 0.5, "recompress_every": 5, "max_cache_tokens": 24}),
+    "refreekv-window-fraction": ("refreekv", {"threshold": 0.05, "window_rows": 0.5, "recompress_every": 4}),
+    "snapkv": ("snapkv", {"budget": 0.5, "recompress_every": 8, "max_cache_tokens": 24}),
     "streamingllm": ("streamingllm", {"budget": 0.5, "recompress_every": 3, "max_cache_tokens": 20}),
     "h2o-all": ("h2o", {"budget": 0.5, "observation": "all", "recompress_every": 6, "max_cache_tokens": 28}),
-    "pyramidkv": ("pyramidkv", {"budget": 0.5, "recompress_every": 4, "max_cache_tokens": 24}),
-    "coverage-layer": ("coverage", {"tolerance": 0.2, "granularity": "layer", "recompress_every": 4}),
+    "pyramidkv": ("pyramidkv", {"budget": 0.5, "window": 4, "recompress_every": 4, "max_cache_tokens": 24}),
+    "coverage-layer": ("coverage", {"tolerance": 0.2, "granularity": "layer", "window": 4, "recompress_every": 4}),
 }
 
 
@@ -143,7 +146,7 @@ def test_hand_written_loop_matches_generate(model):
 
 def test_sampling_eviction_equals_masking(model, batch):
     def sample(**options):
-        with refreekv.patch(model, "snapkv", budget=0.5, recompress_every=4, max_cache_tokens=24, **options):
+        with refreekv.patch(model, "snapkv", budget=0.5, recompress_every=8, max_cache_tokens=24, **options):
             torch.manual_seed(11)
             return model.generate(
                 batch[0], attention_mask=batch[1], max_new_tokens=12, do_sample=True, top_k=20, pad_token_id=0
@@ -173,6 +176,10 @@ BAD = {
                                        r"refreekv decides its own budget and takes no max_cache_tokens \(got 100\)"),
     "cap without events": ("snapkv", {"max_cache_tokens": 100}, r"max_cache_tokens=100 caps the cache while decoding; it needs recompress_every"),
     "per-head cuts": ("coverage", {"recompress_every": 8}, r"coverage with granularity='head' cuts each KV head to its own length"),
+    "window past a period": ("snapkv", {"recompress_every": 4, "max_cache_tokens": 32},
+                             r"SnapKV\(.*\) reads the newest 8 queries at each event, .* set recompress_every >= 8 or a smaller window"),
+    "rows past a period": ("refreekv", {"window_rows": 6, "recompress_every": 5}, r"reads the newest 6 queries at each event"),
+    "fullkv": ("fullkv", {"recompress_every": 8}, r"fullkv never cuts"),
 }  # fmt: skip
 
 
@@ -186,12 +193,13 @@ def test_bad_options_raise_before_patching(model, case):
     assert getattr(model, "_refreekv_handle", None) is None
 
 
-@pytest.mark.parametrize("family", ["gemma2", "qwen3_next", "gemma4-kv-shared"])
-def test_hybrid_families_recompress_their_full_attention_layers(family, batch):
+@pytest.mark.parametrize("family,attention", [("gemma2", "eager"), ("gpt_oss", "eager"), ("qwen3_next", "sdpa"), ("gemma4-kv-shared", "sdpa")])
+def test_hybrid_families_recompress_their_full_attention_layers(family, attention, batch):
     """Sliding-window, linear-attention and KV-shared layers around the
-    re-cut ones: eviction still equals masking, and only full-attention
-    layers with a cache of their own have events."""
-    model = tiny_model(family, "sdpa")
+    re-cut ones, soft-capping and sinks in the signal: eviction still equals
+    masking, and only full-attention layers with a cache of their own have
+    events."""
+    model = tiny_model(family, attention)
     float32_error = float32_logit_error(model, batch, new_tokens=NEW_TOKENS)
     tokens, logits, evicting = run(model, batch, "snapkv")
     masked_tokens, masked_logits, masking = run(model, batch, "snapkv", evict=False)
@@ -217,3 +225,39 @@ def test_generation_up_to_the_models_context():
         masked, _ = greedy(model, input_ids, attention_mask, new_tokens=new_tokens)
     assert evicted.shape[1] == new_tokens and held == 64
     assert torch.equal(evicted, masked)
+
+
+def test_each_event_keeps_the_sinks_and_the_newest_rows(model):
+    """StreamingLLM's cut at an event, in the cache's own positions: after
+    the last event exactly the first 4 prompt tokens and the newest
+    cap - 4 positions are attended to (masking mode holds every row)."""
+    input_ids, attention_mask = prompts([30])
+    cap, every = 12, 5
+    with refreekv.patch(model, "streamingllm", budget=0.5, evict=False, recompress_every=every, max_cache_tokens=cap):
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=2 * every + 1, min_new_tokens=2 * every + 1,
+            do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+        )  # fmt: skip
+    length = 30 + 2 * every  # the last forward appended token 2 * every, and its event ran
+    expected = torch.zeros(length, dtype=torch.bool)
+    expected[:4] = True
+    expected[length - (cap - 4) :] = True
+    for layer in out.past_key_values.layers:
+        assert torch.equal(layer.attended_rows()[0].all(dim=0), expected)
+
+
+def test_a_copied_cache_continues_on_its_own_and_a_foreign_cache_is_refused(model):
+    input_ids, _ = prompts([30])
+    with torch.no_grad(), refreekv.patch(model, "refreekv", threshold=0.05, recompress_every=3) as kv:
+        out = model(input_ids=input_ids, use_cache=True)
+        copy_ = copy.deepcopy(out.past_key_values)
+        token = out.logits[:, -1:].argmax(-1)
+        for cache in (out.past_key_values, copy_):
+            for _ in range(3):
+                model(input_ids=token, past_key_values=cache, use_cache=True)
+        # Each cache had one event after its own third token: the copy counted from the prefill, not on.
+        assert [event.step for event in kv.timeline.events] == [3, 3]
+    plain = model(input_ids=input_ids, use_cache=True).past_key_values
+    with torch.no_grad(), refreekv.patch(model, "refreekv", recompress_every=3):
+        with pytest.raises(RuntimeError, match=r"continues a cache that this patch prefilled; this cache was filled elsewhere"):
+            model(input_ids=token, past_key_values=plain, use_cache=True)

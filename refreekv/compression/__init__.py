@@ -39,6 +39,9 @@ class FullKV(CompressionMethod):
     def plan(self, inputs: LayerInputs) -> None:
         return None
 
+    def recompression_refusal(self) -> str:
+        return "fullkv never cuts, so re-cutting while decoding would only add work"
+
 
 _METHODS: dict[str, type[CompressionMethod]] = {
     cls.name: cls for cls in (ReFreeKV, Coverage, FullKV, StreamingLLM, H2O, SnapKV, PyramidKV)

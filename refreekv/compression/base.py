@@ -194,8 +194,9 @@ class CompressionMethod:
 
     def decode_query_rows(self, recompress_every: int) -> int:
         """How many of the newest queries the method reads at a decode
-        event (at most the `recompress_every` tokens generated since the
-        last one, whose rows are all still held, in order)."""
+        event. Patching refuses more than `recompress_every`: only the
+        tokens generated since the last event are sure to be held, in
+        order, as the signal's causal window needs."""
         return 1
 
     def recompression_refusal(self) -> Optional[str]:

@@ -88,7 +88,7 @@ class Coverage(CompressionMethod):
         self.num_sinks = int(num_sinks)
 
     def decode_query_rows(self, recompress_every: int) -> int:
-        return min(self.window, recompress_every)
+        return self.window
 
     def recompression_refusal(self) -> Optional[str]:
         if self.granularity == "head":

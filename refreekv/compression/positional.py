@@ -73,13 +73,17 @@ class ReFreeKV(PositionalMethod):
     def _signal(self, inputs: LayerInputs, group_reduce: Optional[str] = None) -> torch.Tensor:
         """Attention of the last k prompt rows, averaged over the rows that
         see each key (SPEC 2.1)."""
-        rows = int(resolve_budget(self.window_rows, torch.tensor([inputs.prompt_len]))[0])
+        if inputs.query_rows < inputs.prompt_len:
+            rows = inputs.query_rows  # a decode event: the rows decode_query_rows asked for
+        else:
+            rows = int(resolve_budget(self.window_rows, torch.tensor([inputs.prompt_len]))[0])
         return inputs.importance(rows, group_reduce=group_reduce)
 
     def decode_query_rows(self, recompress_every: int) -> int:
-        # A fraction is of the rows held at the event: up to every token since the last one.
-        rows = self.window_rows if isinstance(self.window_rows, numbers.Integral) else recompress_every
-        return min(int(rows), recompress_every)
+        if isinstance(self.window_rows, numbers.Integral):
+            return int(self.window_rows)
+        # A fraction, at decode time, is of the tokens generated between two events.
+        return int(resolve_budget(self.window_rows, torch.tensor([recompress_every]))[0])
 
     def recent_count(self, inputs: LayerInputs, sinks: torch.Tensor) -> torch.Tensor:
         signal = self._signal(inputs)  # [b, H, n]

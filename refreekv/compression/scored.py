@@ -46,7 +46,8 @@ class H2O(ScoredMethod):
         self.window = int(window)
 
     def decode_query_rows(self, recompress_every: int) -> int:
-        return recompress_every if self.observation == "all" else min(self.window, recompress_every)
+        # "all": every query since the last event, the ones sure to be held.
+        return recompress_every if self.observation == "all" else self.window
 
     def fewest_kept(self) -> int:
         return self.window  # the forced window, the newest token included
@@ -85,7 +86,7 @@ class SnapKV(ScoredMethod):
         self.pooling = pooling
 
     def decode_query_rows(self, recompress_every: int) -> int:
-        return min(self.window, recompress_every)
+        return self.window
 
     def fewest_kept(self) -> int:
         return self.window  # the forced window, the newest token included

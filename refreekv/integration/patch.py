@@ -105,10 +105,12 @@ class _Decoding:
             self.events_done = self.generated // every
 
     def keep_queries(self, layer_idx: int, query: torch.Tensor, rows: int) -> None:
+        query = query.detach()
         held = self.queries.get(layer_idx)
         if held is not None and rows > query.shape[2]:
             query = torch.cat([held, query], dim=2)
-        self.queries[layer_idx] = query[:, :, -rows:]
+        # A copy when slicing, so a long chunk's queries are not kept alive whole.
+        self.queries[layer_idx] = query if query.shape[2] <= rows else query[:, :, -rows:].clone()
 
 
 class PatchHandle:
@@ -144,7 +146,10 @@ class PatchHandle:
         self._cache = None
         self._prefill: Optional[_Prefill] = None
         self._stats: Optional[CompressionStats] = None
-        self._decoding = _Decoding()
+        # The decode-time state of the cache being decoded (it travels with
+        # the cache: a copied cache continues on its own), and the last one.
+        self._decoding: Optional[_Decoding] = None
+        self._last_decoding = _Decoding()
 
         compat.register_attention(self._name, self._attention, self._base_implementation)
         model.config._attn_implementation = self._name
@@ -167,7 +172,7 @@ class PatchHandle:
     def timeline(self) -> Timeline:
         """The decode-time compression events since the last prefill (empty
         without `recompress_every`)."""
-        return self._decoding.timeline
+        return self._last_decoding.timeline
 
     def remove(self) -> None:
         """Restores the model exactly as it was. Removing twice does nothing."""
@@ -206,14 +211,26 @@ class PatchHandle:
             kwargs["past_key_values"] = cache
         self._cache = cache
         self._prefill = None
+        self._decoding = None
         tokens = bound.get("input_ids")
         if tokens is None:
-            tokens = bound["inputs_embeds"]
-        if cache is not None and cache.get_seq_length() == 0:
+            tokens = bound.get("inputs_embeds")
+        if cache is None or tokens is None:
+            return args, kwargs  # nothing to compress (the model reports missing inputs itself)
+        if cache.get_seq_length() == 0:
             compat.check_cache(cache)
             self._prefill = self._start_prefill(bound.get("attention_mask"), tokens.shape[0], tokens.shape[1], tokens.device)
-            self._decoding = _Decoding()
-        elif cache is not None and self.decode is not None:
+            if self.decode is not None:
+                self._decoding = self._last_decoding = _Decoding()
+                cache._refreekv_decoding = (self._name, self._decoding)
+        elif self.decode is not None:
+            owner, self._decoding = getattr(cache, "_refreekv_decoding", (None, None))
+            if owner != self._name:
+                raise RuntimeError(
+                    "decode-time compression (recompress_every) continues a cache that this patch prefilled; this "
+                    "cache was filled elsewhere (before patching, by another patch or by a branched prefill)"
+                )
+            self._last_decoding = self._decoding
             self._decoding.advance(tokens.shape[1], self.decode.every)
         return args, kwargs
 
@@ -227,7 +244,7 @@ class PatchHandle:
                     "during prefill, so refreekv could not compress them; this model is not supported"
                 )
             self._stats = self._read_stats(prefill)
-        elif self._decoding.event_due:
+        elif self._decoding is not None and self._decoding.event_due:
             self._recompress()
 
     @staticmethod
@@ -260,7 +277,7 @@ class PatchHandle:
             return output
         source = self.layout.cache_source[layer_idx]
         layer = self._cache.layers[source] if self._cache is not None and source is not None else None
-        if self.decode is not None and layer_idx in self._decoding.variants:
+        if self._decoding is not None and layer_idx in self._decoding.variants:
             self._decoding.keep_queries(layer_idx, query, self.decode.query_rows)
         if isinstance(layer, CompressedLayer):
             attention_mask = self._held_rows_mask(layer, attention_mask, query, key.shape[2])

@@ -60,6 +60,13 @@ class DecodeCompression:
         refusal = method.recompression_refusal()
         if refusal is not None:
             raise ValueError(f"recompress_every is not available for this method: {refusal}")
+        query_rows = method.decode_query_rows(int(recompress_every))
+        if query_rows > recompress_every:
+            raise ValueError(
+                f"{method!r} reads the newest {query_rows} queries at each event, but only the recompress_every="
+                f"{recompress_every} tokens generated since the last event are sure to be held; "
+                f"set recompress_every >= {query_rows} or a smaller window"
+            )
         if method.fixed_budget:
             if max_cache_tokens is None:
                 raise ValueError(
@@ -80,7 +87,7 @@ class DecodeCompression:
         return cls(
             every=int(recompress_every),
             max_cache_tokens=None if max_cache_tokens is None else int(max_cache_tokens),
-            query_rows=method.decode_query_rows(int(recompress_every)),
+            query_rows=query_rows,
         )
 
 
@@ -88,8 +95,8 @@ class DecodeCompression:
 class CompressionEvent:
     """One layer's cut at one decode step.
 
-    step: tokens generated when the event ran (a multiple of
-        `recompress_every`).
+    step: tokens appended since prefill when the event ran (a multiple of
+        `recompress_every` when decoding one token per step).
     layer: the model's layer number.
     held_before, held_after: [b] rows the layer attended to per sequence
         before and after the cut (tensors on the model's device until read).

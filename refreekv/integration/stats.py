@@ -24,7 +24,9 @@ class CompressionStats:
         head to the largest), every real row when evicted rows are masked.
     prompt_tokens: [b] int64, real (non-padding) prompt tokens.
     kv_bytes_before: bytes the full prompt cache held right after prefill.
-    kv_bytes_after: bytes held after compression (padding rows included).
+    kv_bytes_after: bytes held after compression (padding rows included;
+        with `recompress_every`, the free rows each cut leaves for the next
+        tokens are not counted).
     kv_padding_bytes: bytes of held rows that are padding (left padding of
         uncompressed layers, end padding of compressed ones).
     """
