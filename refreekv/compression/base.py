@@ -80,9 +80,7 @@ class LayerInputs:
     def budget_tokens(self, budget: float | int) -> torch.Tensor:
         """[b] rows a fixed-budget method keeps: its budget at prefill, the
         cap at a decode event; never more than a sequence has."""
-        if self.max_tokens is None:
-            return resolve_budget(budget, self.real_len)
-        return resolve_budget(self.max_tokens, self.real_len)
+        return resolve_budget(budget if self.max_tokens is None else self.max_tokens, self.real_len)
 
     @property
     def first_real(self) -> torch.Tensor:

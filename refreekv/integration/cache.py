@@ -17,7 +17,7 @@ from refreekv.compression import CompressionMethod, KeepPlan, LayerInputs
 from refreekv.integration.compat import DynamicLayer
 from refreekv.ops import compact_kv
 
-__all__ = ["CompressedLayer", "GrowingLayer", "compress_layer", "left_aligned_layer"]
+__all__ = ["CompressedLayer", "GrowingLayer", "compress_layer", "kept_positions", "left_aligned_layer"]
 
 
 class GrowingLayer(DynamicLayer):
@@ -199,7 +199,7 @@ def compress_layer(
         prompt_valid = None if bool(prompt_valid.all()) else prompt_valid
     else:
         keys, values = key, value
-        prompt_valid = _kept_positions(plan, key.shape[2])
+        prompt_valid = kept_positions(plan, key.shape[2])
     return CompressedLayer(keys, values, prompt_valid, key.shape[2] - keys.shape[2])
 
 
@@ -228,7 +228,7 @@ def left_aligned_layer(
     )  # fmt: skip
 
 
-def _kept_positions(plan: KeepPlan, length: int) -> torch.Tensor:
+def kept_positions(plan: KeepPlan, length: int) -> torch.Tensor:
     """[b, Hkv, n] bool: True where the plan keeps the position."""
     batch, kv_heads, rows = plan.keep_index.shape
     in_plan = torch.arange(rows, device=plan.keep_index.device) < plan.kept_lengths()[..., None]

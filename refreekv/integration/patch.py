@@ -135,7 +135,6 @@ class PatchHandle:
         method.check_model(self.num_layers)
         self.decode = DecodeCompression.configure(method, recompress_every, max_cache_tokens)
         self._full_layers = frozenset(self.layout.full_layers)
-        self._cut_layers = tuple(i for i in self.layout.full_layers if not method.is_protected(i, self.num_layers))
         self._base_implementation = model.config._attn_implementation
         self._base_attention = compat.base_attention_function(
             model.model.layers[self.layout.full_layers[0]].self_attn, self._base_implementation

@@ -22,8 +22,8 @@ from typing import Optional
 
 import torch
 
-from refreekv.compression import CompressionMethod, LayerInputs
-from refreekv.integration.cache import CompressedLayer, left_aligned_layer
+from refreekv.compression import CompressionMethod, KeepPlan, LayerInputs
+from refreekv.integration.cache import CompressedLayer, kept_positions, left_aligned_layer
 from refreekv.integration.compat import AttentionVariant
 
 __all__ = ["CompressionEvent", "DecodeCompression", "recompress_layer"]
@@ -129,10 +129,6 @@ class Timeline:
         """(step, layer, sequence, held_before, held_after) records."""
         return [row for event in self.events for row in event.rows()]
 
-    def held(self, layer: int) -> list[tuple[int, list[int]]]:
-        """[(step, rows attended per sequence after the event)] of one layer."""
-        return [(event.step, event.held_after.tolist()) for event in self.events if event.layer == layer]
-
 
 @torch.no_grad()
 def recompress_layer(
@@ -176,10 +172,8 @@ def recompress_layer(
     if evict:
         new_layer = left_aligned_layer(keys, values, plan, logical_length=layer.get_seq_length(), headroom=headroom)
     else:
-        in_plan = torch.arange(plan.keep_index.shape[-1], device=keys.device) < plan.keep_len[:, None, None]
-        # Rows of the full cache; entries past a sequence's count go to a spare column, dropped afterwards.
-        rows = order.gather(-1, plan.keep_index).masked_fill(~in_plan, length)
-        kept = torch.zeros(*rows.shape[:2], length + 1, dtype=torch.bool, device=rows.device)
-        new_layer = CompressedLayer(layer.keys, layer.values, kept.scatter_(-1, rows, True)[..., :length], evicted=0)
+        # The plan in the full cache's rows: what the view's rows were.
+        in_full_cache = KeepPlan(order.gather(-1, plan.keep_index), plan.keep_len)
+        new_layer = CompressedLayer(layer.keys, layer.values, kept_positions(in_full_cache, length), evicted=0)
     new_layer.recompressing = True
     return new_layer, CompressionEvent(step, layer_idx, held, plan.keep_len, new_layer.keys.shape[2])
