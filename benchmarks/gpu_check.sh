@@ -10,7 +10,9 @@
 # 2. runs the operator tests, which then run on CUDA as well as CPU
 #    (tests/test_ops_*.py, including the CUDA/CPU parity suite, and
 #    tests/test_native.py),
-# 3. runs benchmarks/bench_cuda.py: w = 1 bandwidth against a device copy,
+# 3. runs benchmarks/gpu_integration_check.py: refreekv.patch end to end on
+#    tiny models of six families, tokens and kept counts against the CPU,
+# 4. runs benchmarks/bench_cuda.py: w = 1 bandwidth against a device copy,
 #    w = n time and TFLOP/s against SDPA, keep-count and compaction timings.
 # About 3-4 minutes on an H200. Exits non-zero if the build or a test fails;
 # the benchmark reports figures and targets but does not fail on them.
@@ -40,8 +42,16 @@ REFREEKV_FORCE_CUDA=1 "$PYTHON" setup.py --quiet build_ext --inplace
 echo "   build done after $((SECONDS - start)) s"
 
 echo "== CUDA operator tests"
-"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops_*.py tests/test_native.py
+# Spread over the machine's cores when pytest-xdist is there; the GPU holds one
+# CUDA context per worker with room to spare.
+parallel=()
+if "$PYTHON" -c "import xdist" 2>/dev/null; then parallel=(-n "${PYTEST_WORKERS:-8}"); fi
+"$PYTHON" -m pytest -q -p no:cacheprovider "${parallel[@]}" tests/test_ops_*.py tests/test_native.py
 echo "   tests done after $((SECONDS - start)) s"
+
+echo "== refreekv.patch on CUDA against the CPU"
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/gpu_integration_check.py
+echo "   integration check done after $((SECONDS - start)) s"
 
 echo "== benchmark"
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/bench_cuda.py "$@"
