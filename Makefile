@@ -5,9 +5,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 EXT    := $(VENV)/.extension-built
+# kvpress's environment for the peer benchmark (`make bench-peers`)
+PEERS_VENV ?= .venv-peers
+PEERS_PY   := $(PEERS_VENV)/bin/python
+PEERS_DEPS := $(PEERS_VENV)/.deps-installed
 NATIVE_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
 
-.PHONY: setup build test demo bench bench-decode bench-ops needle-sweep quality stopping-rules cuda-build clean
+.PHONY: setup build test demo bench bench-decode bench-ops bench-peers needle-sweep quality stopping-rules cuda-build clean
 
 setup: $(DEPS)
 
@@ -33,8 +37,20 @@ demo: build
 	$(PY) -m refreekv.demo --plot demo_kept_per_layer.png
 
 # Every benchmark; writes benchmarks/results/{latest.json, dated copy, summary.md, figures.png}.
-bench: build
-	$(PY) benchmarks/run_all.py
+bench: build $(PEERS_DEPS)
+	$(PY) benchmarks/run_all.py --peers-python $(PEERS_PY)
+
+# The peer benchmark alone (part of `make bench`): refreekv against NVIDIA's
+# kvpress on the same model and prompts, each in its own environment and
+# process; sets `peers` in benchmarks/results/latest.json. kvpress 0.5.5
+# needs transformers < 5.3, so it gets its own venv (requirements/peers.txt).
+$(PEERS_DEPS): requirements/peers.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install --quiet -r requirements/peers.txt
+	touch $@
+
+bench-peers: build $(PEERS_DEPS)
+	$(PY) benchmarks/bench_peers.py --peers-python $(PEERS_PY) --update-latest
 
 # Decode-time compression alone (part of `make bench`): 4096 generated tokens
 # per setting and the item-recall task on SmolLM2-135M (~30 min on 2 cores).
@@ -98,7 +114,7 @@ cuda-build: $(CUDA_DEPS)
 	PYTHONPATH=$(CURDIR)/$(CUDA_LIB):$(CURDIR)/.ci $(CUDA_VENV)/bin/pytest -q -p no:cacheprovider -p pytest_cuda_build
 
 clean:
-	rm -rf build refreekv/_C*.so *.egg-info $(VENV) $(CUDA_VENV)
+	rm -rf build refreekv/_C*.so *.egg-info $(VENV) $(CUDA_VENV) $(PEERS_VENV)
 
 # LongBench pipeline on synthetic tasks made offline from the bundled essays
 # (passage retrieval, passage count, a planted-fact question; LongBench

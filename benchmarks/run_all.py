@@ -1,8 +1,8 @@
 """`make bench`: every benchmark, one results file, one summary.
 
-Runs benchmarks/bench_ops.py, benchmarks/bench_e2e.py and
-benchmarks/bench_decode.py (each prints its own tables as it goes), then
-writes
+Runs benchmarks/bench_ops.py, benchmarks/bench_e2e.py,
+benchmarks/bench_decode.py and benchmarks/bench_peers.py (each prints its own
+tables as it goes), then writes
 
   benchmarks/results/latest.json          all figures + the machine they ran on
   benchmarks/results/<UTC date-time>.json a dated copy
@@ -10,7 +10,7 @@ writes
   benchmarks/results/figures.png          prefill overhead, decode speedup, operator speedups
   benchmarks/results/decode_rows.png      KV rows held while generating, per decode-time setting
 
-    python benchmarks/run_all.py [--quick]
+    python benchmarks/run_all.py [--quick] [--peers-python .venv-peers/bin/python]
 """
 
 from __future__ import annotations
@@ -107,6 +107,15 @@ def summary(results: dict) -> str:
             f"| decode_compression {name}: item-k recall from its own list (full cache {full_recall['correct']}/{full_recall['asked']}) | "
             f"{recall[name]['correct']}/{recall[name]['asked']} | |",
         ]
+    for tokens, rows in results["peers"]["table"].items():
+        for method, row in rows.items():
+            ratio = row["ratio"]
+            lines.append(
+                f"| peers @ {tokens} tokens, {method} (refreekv / kvpress: prefill, peak RSS growth, KV bytes, decode tok/s) | "
+                f"{ratio['prefill_s']:.3f}, {ratio['peak_growth_bytes']:.3f}, {ratio.get('kv_bytes', float('nan')):.3f}, "
+                f"{ratio['decode_tok_s']:.3f}; tokens {'identical' if row['tokens_identical'] else 'differ'} | "
+                f"<= 1.00, <= 0.7, <= 1.0, >= 1.0 |"
+            )
     for operator in ("attention_importance", "adaptive_keep_count", "mass_keep_count", "compact_kv"):
         for row in results["ops"][operator]:
             case = ", ".join(f"{k}={v}" for k, v in row["case"].items())
@@ -148,6 +157,8 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run every benchmark and write benchmarks/results/")
     parser.add_argument("--quick", action="store_true", help="reduced sizes (a smoke run)")
+    parser.add_argument("--peers-python", default=str(HERE.parent / ".venv-peers" / "bin" / "python"),
+                        help="python of the kvpress environment (`make bench` creates it)")  # fmt: skip
     args = parser.parse_args()
     stamp = datetime.datetime.now(datetime.timezone.utc)
     with tempfile.TemporaryDirectory() as scratch:
@@ -155,7 +166,8 @@ def main() -> None:
         e2e = run("bench_e2e.py", Path(scratch) / "e2e.json", args.quick)
         RESULTS.mkdir(exist_ok=True)
         decode = run("bench_decode.py", Path(scratch) / "decode.json", args.quick, "--plot", str(RESULTS / "decode_rows.png"))
-    results = {"date": stamp.isoformat(timespec="seconds"), "quick": args.quick, "machine": machine(), **e2e, **decode, "ops": ops}
+        peers = run("bench_peers.py", Path(scratch) / "peers.json", args.quick, "--peers-python", args.peers_python)
+    results = {"date": stamp.isoformat(timespec="seconds"), "quick": args.quick, "machine": machine(), **e2e, **decode, **peers, "ops": ops}
     latest = RESULTS / "latest.json"
     latest.write_text(json.dumps(results, indent=2) + "\n")
     shutil.copy(latest, RESULTS / f"{stamp.strftime('%Y-%m-%dT%H%M%SZ')}.json")
