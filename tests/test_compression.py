@@ -101,6 +101,47 @@ def test_keep_top_selects_by_score_and_forces_positions():
     assert kept_positions(plan, 0) == [1, 3, 4, 5] and plan.keep_len.tolist() == [4]
 
 
+def stable_sort_keep_top(scores, counts, candidates, forced):
+    """Plain per-head reference: candidates in descending score order, ties
+    by position (a stable sort), the first `count` of them, plus forced;
+    ascending positions."""
+    batch, kv_heads, n = scores.shape
+    kept = []
+    for b in range(batch):
+        for head in range(kv_heads):
+            count = int(counts[b, head] if counts.dim() == 2 else counts[b])
+            ranked = sorted((p for p in range(n) if candidates[b, p]), key=lambda p: -float(scores[b, head, p]))
+            kept.append(sorted(ranked[:count] + [p for p in range(n) if forced[b, p]]))
+    return kept
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_keep_top_equals_a_stable_sort_with_ties(per_head, seed):
+    # Scores on a coarse grid tie often, as max-pooled scores do; the padding,
+    # forced tail, zero counts and counts up to every candidate are all in play.
+    generator = torch.Generator().manual_seed(seed)
+    batch, kv_heads, n = 3, 4, 40
+    scores = torch.randint(0, 5, (batch, kv_heads, n), generator=generator).float() / 4
+    real = torch.tensor([40, 31, 12])
+    valid = torch.arange(n)[None, :] >= (n - real)[:, None]
+    forced = valid & (torch.arange(n)[None, :] >= n - 3)
+    candidates = valid & ~forced
+    available = candidates.sum(-1)
+    if per_head:
+        counts = torch.stack([torch.randint(0, int(a) + 1, (kv_heads,), generator=generator) for a in available])
+        counts[0, 0], counts[1, 1] = 0, available[1]
+    else:
+        counts = torch.stack([torch.randint(0, int(a) + 1, (), generator=generator) for a in available])
+    plan = ScoredMethod.keep_top(scores, counts, candidates, forced)
+    expected = stable_sort_keep_top(scores, counts, candidates, forced)
+    lengths = plan.kept_lengths().expand(batch, kv_heads)
+    for b in range(batch):
+        for head in range(kv_heads):
+            kept = plan.keep_index[b, head, : int(lengths[b, head])].tolist()
+            assert kept == expected[b * kv_heads + head], f"sequence {b}, head {head}"
+
+
 def test_snapkv_and_h2o_keep_the_window_and_the_budget():
     inputs = layer_inputs([50, 20], n=50)
     for method in (SnapKV(budget=0.5, window=4), H2O(budget=0.5, window=4), H2O(budget=0.5, window=4, observation="all")):
