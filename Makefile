@@ -49,8 +49,9 @@ $(PEERS_DEPS): requirements/peers.txt
 	$(PEERS_PY) -m pip install --quiet -r requirements/peers.txt
 	touch $@
 
+# PEERS_ARGS passes options on, e.g. PEERS_ARGS=--quick for a 3-minute smoke run.
 bench-peers: build $(PEERS_DEPS)
-	$(PY) benchmarks/bench_peers.py --peers-python $(PEERS_PY) --update-latest
+	$(PY) benchmarks/bench_peers.py --peers-python $(PEERS_PY) --update-latest $(PEERS_ARGS)
 
 # Decode-time compression alone (part of `make bench`): 4096 generated tokens
 # per setting and the item-recall task on SmolLM2-135M (~30 min on 2 cores).

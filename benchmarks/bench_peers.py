@@ -126,6 +126,7 @@ def summarize(runs: dict, lengths: list[int]) -> dict:
                 if not repeats:
                     break
                 per_library[library] = {f: statistics.median(r[f] for r in repeats) for f in FIGURES}
+                per_library[library]["per_repeat"] = {f: [r[f] for r in repeats] for f in FIGURES}
                 per_library[library]["tokens"] = repeats[0]["tokens"]
                 per_library[library]["deterministic"] = all(r["tokens"] == repeats[0]["tokens"] for r in repeats)
                 per_library[library]["repeats"] = len(repeats)
