@@ -46,13 +46,17 @@ echo "== CUDA operator tests"
 # CUDA context per worker with room to spare.
 parallel=()
 if "$PYTHON" -c "import xdist" 2>/dev/null; then parallel=(-n "${PYTEST_WORKERS:-8}"); fi
-"$PYTHON" -m pytest -q -p no:cacheprovider "${parallel[@]}" tests/test_ops_*.py tests/test_native.py
+"$PYTHON" -m pytest -q -p no:cacheprovider ${parallel[@]+"${parallel[@]}"} tests/test_ops_*.py tests/test_native.py
 echo "   tests done after $((SECONDS - start)) s"
 
 echo "== refreekv.patch on CUDA against the CPU"
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/gpu_integration_check.py
-echo "   integration check done after $((SECONDS - start)) s"
+# A failure here is reported at the end: GPU time is scarce, the benchmark
+# still runs.
+integration=0
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/gpu_integration_check.py || integration=$?
+echo "   integration check done after $((SECONDS - start)) s (exit status $integration)"
 
 echo "== benchmark"
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/bench_cuda.py "$@"
 echo "== gpu_check.sh finished in $((SECONDS - start)) s"
+if [ "$integration" -ne 0 ]; then echo "gpu_check.sh: the integration check failed" >&2; exit "$integration"; fi

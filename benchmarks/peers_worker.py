@@ -48,8 +48,10 @@ ALIGNED = {
     ),
     # kvpress scores with the attention matrices eager attention returns; ours
     # accumulates every query's attention without materializing it (sdpa).
+    # ObservedAttentionPress forces no recent window; window=1 forces only
+    # the newest token (our default forces 8).
     "h2o_all": (
-        ("h2o", {"budget": 0.5, "observation": "all"}),
+        ("h2o", {"budget": 0.5, "observation": "all", "window": 1}),
         lambda kvpress: kvpress.ObservedAttentionPress(compression_ratio=0.5),
         {"refreekv": "sdpa", "kvpress": "eager"},
     ),

@@ -142,6 +142,14 @@ def test_keep_top_equals_a_stable_sort_with_ties(per_head, seed):
             assert kept == expected[b * kv_heads + head], f"sequence {b}, head {head}"
 
 
+def test_keep_top_refuses_nan_scores():
+    scores = torch.tensor([[[0.1, float("nan"), 0.3, 0.8]]])
+    candidates = torch.tensor([[True, True, True, False]])
+    forced = ~candidates
+    with pytest.raises(ValueError, match="expected finite scores, got NaN"):
+        ScoredMethod.keep_top(scores, torch.tensor([2]), candidates, forced)
+
+
 def test_snapkv_and_h2o_keep_the_window_and_the_budget():
     inputs = layer_inputs([50, 20], n=50)
     for method in (SnapKV(budget=0.5, window=4), H2O(budget=0.5, window=4), H2O(budget=0.5, window=4, observation="all")):

@@ -1,19 +1,21 @@
 // CPU implementation of refreekv::attention_importance.
 //
-// Work is split over (batch, kv head) pairs: one job owns a GQA group, so
-// every key row is read once for the group's query heads. When there are too
-// few groups to keep every thread busy, each group's window rows are also cut
-// into chunks with accumulators of their own, summed at the end. Inside a job
-// the window rows are taken in blocks whose logits fit a fixed budget; each
-// block holds its rows' complete visible logit rows, so the row's log-sum-exp
-// is exact before any probability is formed, and the w x n probability
-// matrix never exists.
+// Work is split over (batch, kv head) pairs: a job owns a GQA group, so each
+// key row it reads serves all the group's query heads. Models with few KV
+// heads also cut each group's window rows into chunks, each with an
+// accumulator of its own, summed at the end. Inside a job the window rows
+// are taken in blocks whose logits fit a fixed budget; each block holds its
+// rows' complete visible logit rows, so the row's log-sum-exp is exact
+// before any probability is formed, and the w x n probability matrix never
+// exists.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
+#include <vector>
 
 #include "../checks.h"
 
@@ -121,6 +123,50 @@ void accumulate_group(const ImportanceParams& p, const at::Tensor& query_group,
   }
 }
 
+// Row chunks per GQA group. With few KV heads, one job per head leaves
+// threads idle: on 2 threads, 3 KV heads, n = 4096, w = 64, one job per head
+// took 7.9 ms and three chunks per head 3.8 ms (timed alternately in one
+// process). The count depends on the shapes alone, never on the batch or the
+// thread count, so a sequence gets the same sums alone and in a batch; at
+// least kMinChunkRows rows per chunk keep the per-chunk costs (the key head
+// read and converted, the accumulator) small next to the chunk's GEMM.
+constexpr int64_t kTargetJobsPerSequence = 8;
+constexpr int64_t kMaxChunks = 4;
+constexpr int64_t kMinChunkRows = 16;
+
+// out_row [n] = the mean or the max over a group's [g, n] accumulator.
+void reduce_group(GroupReduce reduce, const at::Tensor& acc, at::Tensor out_row) {
+  if (reduce == GroupReduce::kMean) {
+    at::mean_out(out_row, acc, {0});
+  } else {
+    at::amax_out(out_row, acc, {0});
+  }
+}
+
+int64_t row_chunks(const ImportanceParams& p) {
+  const int64_t wanted = (kTargetJobsPerSequence + p.kv_heads - 1) / p.kv_heads;
+  return std::max<int64_t>(1, std::min({wanted, kMaxChunks, p.window / kMinChunkRows}));
+}
+
+// The first window row of each chunk (and w at the end), placed so that the
+// chunks hold equal causal work. Rows [0, r) see sum_{i<r} (a + i + 1) keys
+// with a = n - w, about a r + r^2 / 2; equal rows would give the last chunk
+// most of the work when w is close to n (H2O over every query).
+std::vector<int64_t> chunk_starts(const ImportanceParams& p, int64_t chunks) {
+  const double a = static_cast<double>(p.keys - p.window);
+  const double w = static_cast<double>(p.window);
+  const double total = a * w + 0.5 * w * w;
+  std::vector<int64_t> starts(chunks + 1);
+  starts[0] = 0;
+  starts[chunks] = p.window;
+  for (int64_t c = 1; c < chunks; ++c) {
+    const double work = total * static_cast<double>(c) / static_cast<double>(chunks);
+    const int64_t row = std::llround(-a + std::sqrt(a * a + 2.0 * work));
+    starts[c] = std::clamp<int64_t>(row, starts[c - 1] + 1, p.window - (chunks - c));
+  }
+  return starts;
+}
+
 at::Tensor attention_importance_cpu(const at::Tensor& query, const at::Tensor& key,
                                     double scale,
                                     const std::optional<at::Tensor>& kv_valid,
@@ -149,24 +195,14 @@ at::Tensor attention_importance_cpu(const at::Tensor& query, const at::Tensor& k
     has_padding = key_padding.any(1).contiguous();
   }
 
-  // Chunks per group depend on the KV heads and the thread count only, not
-  // on the batch, so a sequence's sums are the same alone and in a batch.
-  // At most kMaxChunks keeps the accumulators within O(b H n).
-  constexpr int64_t kMaxChunks = 4;
-  const int64_t threads = at::get_num_threads();
-  // Measured on 2 threads, 3 KV heads, w = 64: 7.9 ms with one chunk, 4.4
-  // with two, 3.8 with three (n = 4096); jobs of about a third of a thread's
-  // share balance well.
-  const int64_t chunks =
-      p.kv_heads >= 4 * threads
-          ? 1
-          : std::min({p.window, kMaxChunks, (4 * threads + p.kv_heads - 1) / p.kv_heads});
+  const int64_t chunks = row_chunks(p);
+  const std::vector<int64_t> starts = chunk_starts(p, chunks);
   const int64_t groups = p.batch * p.kv_heads;
-  // [groups, chunks, group, n] accumulators; with one chunk the output rows
-  // themselves when nothing is reduced.
-  const bool direct = chunks == 1 && p.reduce == GroupReduce::kNone;
+  // With one chunk a job finishes its group: it accumulates into the output
+  // rows themselves, or into a [g, n] buffer that it reduces. With more,
+  // every chunk accumulates into its own slice of `partial`, summed after.
   at::Tensor partial =
-      direct ? at::Tensor() : at::zeros({groups, chunks, p.group, p.keys}, float_opts);
+      chunks == 1 ? at::Tensor() : at::zeros({groups, chunks, p.group, p.keys}, float_opts);
 
   at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
@@ -176,8 +212,14 @@ at::Tensor attention_importance_cpu(const at::Tensor& query, const at::Tensor& k
       const int64_t kv_head = group_index % p.kv_heads;
       const at::Tensor key_head = k[b][kv_head].to(at::kFloat);
       const at::Tensor query_group = q[b].narrow(0, kv_head * p.group, p.group);
-      at::Tensor acc = direct ? out[b].narrow(0, kv_head * p.group, p.group)
-                              : partial[group_index][chunk];
+      at::Tensor acc;
+      if (chunks > 1) {
+        acc = partial[group_index][chunk];
+      } else if (p.reduce == GroupReduce::kNone) {
+        acc = out[b].narrow(0, kv_head * p.group, p.group);
+      } else {
+        acc = at::zeros({p.group, p.keys}, float_opts);
+      }
       const bool padded = has_padding.defined() && has_padding.data_ptr<bool>()[b];
       accumulate_group(
           p, query_group, scale, softcap, key_head,
@@ -185,19 +227,22 @@ at::Tensor attention_importance_cpu(const at::Tensor& query, const at::Tensor& k
           first_valid.defined() ? first_valid.data_ptr<int64_t>()[b] : 0,
           sinks_f32.defined() ? sinks_f32.narrow(0, kv_head * p.group, p.group)
                               : at::Tensor(),
-          chunk * p.window / chunks, (chunk + 1) * p.window / chunks, acc);
+          starts[chunk], starts[chunk + 1], acc);
+      if (chunks == 1 && p.reduce != GroupReduce::kNone) {
+        reduce_group(p.reduce, acc, out[b][kv_head]);
+      }
     }
   });
 
-  if (!direct) {
-    const at::Tensor summed = partial.sum(1);  // [groups, group, n]
-    const at::Tensor per_sequence = summed.view({p.batch, p.kv_heads, p.group, p.keys});
+  if (chunks > 1) {
+    at::Tensor per_group = out.view({groups, -1, p.keys});  // [groups, g or 1, n]
     if (p.reduce == GroupReduce::kNone) {
-      out.copy_(per_sequence.view({p.batch, p.heads, p.keys}));
-    } else if (p.reduce == GroupReduce::kMean) {
-      at::mean_out(out, per_sequence, {2});
+      at::sum_out(per_group, partial, {1});
     } else {
-      at::amax_out(out, per_sequence, {2});
+      const at::Tensor summed = partial.sum(1);  // [groups, g, n]
+      for (int64_t group_index = 0; group_index < groups; ++group_index) {
+        reduce_group(p.reduce, summed[group_index], per_group[group_index][0]);
+      }
     }
   }
 

@@ -279,12 +279,15 @@ class ScoredMethod(CompressionMethod):
         head_counts = counts if per_head else counts[:, None].expand(batch, kv_heads)
         is_candidate = candidates[:, None, :]
         ranked = scores.masked_fill(~is_candidate, float("-inf"))
+        if bool(ranked.isnan().any()):
+            # A NaN ranks neither above nor equal to anything: the plan would come out short.
+            raise ValueError("keep_top: expected finite scores, got NaN (non-finite queries or keys upstream?)")
         k_max = int(counts.max())
         # The top head_counts scores, ties (frequent after max pooling) broken
         # by position, so a sequence keeps the same tokens whatever padding
         # precedes it: every score above the count-th largest, then the
         # earliest of those equal to it. A threshold instead of a full sort:
-        # a stable sort of 3 x 4096 scores costs 18 times this top-k.
+        # on 3 x 4096 scores a stable sort took 0.67 ms, this top-k 0.04 ms.
         chosen = forced[:, None, :].expand(batch, kv_heads, n).clone()
         if k_max > 0:
             top_values = ranked.topk(k_max, dim=-1).values
