@@ -34,6 +34,7 @@ import time
 import torch
 
 import refreekv
+from proc_status import reset_peak_rss, status_bytes
 from refreekv import reference
 from refreekv.assets import essays, load_bundled_model
 
@@ -170,23 +171,14 @@ def peak_prefill_growth(mode: str, tokens: int) -> int:
     return json.loads(out.strip().splitlines()[-1])["peak_growth_bytes"]
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _peak_worker(mode: str, tokens: int) -> None:
     model, tokenizer = load_bundled_model()
     ids = prompt_ids(tokenizer, tokens)
     prefill(model, ids[:, :64])  # warm up lazily initialised libraries
     # Loading the model peaks higher than a prefill; reset the high-water
     # mark (Linux: clear_refs 5) so the peak read below is the prefill's.
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    before = _status_bytes("VmRSS")
+    reset_peak_rss()
+    before = status_bytes("VmRSS")
     if mode == "unpatched":
         prefill(model, ids)
     elif mode == "refreekv":
@@ -196,7 +188,7 @@ def _peak_worker(mode: str, tokens: int) -> None:
         released_code_prefill(model, ids)
     else:
         raise ValueError(f"unknown mode {mode!r}")
-    print(json.dumps({"peak_growth_bytes": _status_bytes("VmHWM") - before}))
+    print(json.dumps({"peak_growth_bytes": status_bytes("VmHWM") - before}))
 
 
 def main() -> None:

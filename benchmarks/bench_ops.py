@@ -49,7 +49,6 @@ operators use every core, so where it is high the times are not to be trusted.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -67,6 +66,7 @@ import torch
 from refreekv import reference
 
 import refreekv
+from proc_status import release_freed_memory, reset_peak_rss, status_bytes
 
 BATCH = 1
 QUERY_HEADS = 8
@@ -292,11 +292,6 @@ def seeded_inputs(operator: Operator, case: dict, dtype: torch.dtype) -> tuple:
 # ----------------------------------------------------------------------------
 
 
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M).group(1)) * 1024
-
-
 def measure_peak_extra(run: Callable[[], Any]) -> tuple[Any, int]:
     """(result, peak extra bytes) of one call of `run`.
 
@@ -308,17 +303,14 @@ def measure_peak_extra(run: Callable[[], Any]) -> tuple[Any, int]:
     growth of VmHWM is then exactly what the call added. Where the reset is
     not permitted, VmHWM keeps its since-start meaning and the figure is the
     plain ru_maxrss difference."""
-    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if malloc_trim is not None:
-        malloc_trim(0)
+    release_freed_memory()
     try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
+        reset_peak_rss()
     except OSError:
         pass
-    peak_before = _proc_status_bytes("VmHWM")
+    peak_before = status_bytes("VmHWM")
     result = run()
-    return result, _proc_status_bytes("VmHWM") - peak_before
+    return result, status_bytes("VmHWM") - peak_before
 
 
 def median_call_seconds(run: Callable[[], Any], budget_seconds: float) -> tuple[float, int, int]:

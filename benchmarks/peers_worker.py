@@ -16,8 +16,6 @@ in .venv-peers; the caller compares the two.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import importlib
 import json
 import statistics
@@ -25,6 +23,8 @@ import time
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
+
+from proc_status import release_freed_memory, reset_peak_rss, status_bytes
 
 WARMUP_TOKENS = 256
 # kvpress's SimLayerKV leaves prompts of up to n_initial + n_recent + n_last
@@ -64,21 +64,6 @@ ALIGNED = {
         "sdpa",
     ),
 }
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def release_freed_memory() -> None:
-    """Return freed heap pages to the system, so that one method's leftovers do
-    not count in the next one's peak."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def held_kv_bytes(cache) -> int:
@@ -167,8 +152,7 @@ def _version(package: str) -> str:
 def measure(library: Library, model, ids: torch.Tensor, method: str, decode_steps: int) -> dict:
     model.set_attn_implementation(library.attention(method))
     release_freed_memory()
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # reset VmHWM: the peak read below is this prefill's
+    reset_peak_rss()  # the peak read below is this prefill's
     rss_before = status_bytes("VmRSS")
     library.compression_s = 0.0
     start = time.perf_counter()
