@@ -85,7 +85,7 @@ stopping-rules: build
 
 # CUDA build check, on any machine with nvcc (no GPU needed): a second venv
 # with torch built for CUDA 13.0, the extension compiled out of tree with the
-# CUDA kernels for sm_80 and sm_90 (the in-place CPU build that `make test`
+# CUDA kernels for sm_75, sm_80 and sm_90 (the in-place CPU build that `make test`
 # uses is left alone), then proof that it links and registers CUDA kernels,
 # and the whole test suite against that build (its CUDA tests run on a GPU
 # machine and are skipped, saying so, elsewhere).
@@ -93,7 +93,7 @@ CUDA_VENV  ?= .venv-cuda
 CUDA_PY    := $(CUDA_VENV)/bin/python
 CUDA_DEPS  := $(CUDA_VENV)/.deps-installed
 CUDA_LIB   := build/cuda-lib
-CUDA_ARCHS ?= 8.0;9.0
+CUDA_ARCHS ?= 7.5;8.0;9.0
 # torch finds nvcc through PATH; a wrapper script in /usr/local/bin would make
 # it guess /usr/local, so point it at the toolkit.
 CUDA_HOME  ?= $(firstword $(wildcard /usr/local/cuda) $(patsubst %/bin/nvcc,%,$(realpath $(shell command -v nvcc))))

@@ -5,18 +5,28 @@ compiled when a CUDA toolkit and a CUDA build of torch are both present.
 Environment switches:
   REFREEKV_FORCE_CUDA=1   compile the CUDA sources or fail saying why
   REFREEKV_NO_CUDA=1      never compile them
-  TORCH_CUDA_ARCH_LIST    GPU architectures (honoured by torch's build helper)
+  TORCH_CUDA_ARCH_LIST    GPU architectures (honoured by torch's build helper);
+                          without it, those of the visible GPUs
   MAX_JOBS                parallel compile jobs (honoured by torch's build helper)
+
+The CUDA kernels need sm_70 or newer (float16 tensor-core fragments), and an
+architecture the toolkit's nvcc can compile for (CUDA 13 starts at sm_75).
+An architecture outside that is named before anything compiles: the build
+then installs the CPU operators only, or fails under REFREEKV_FORCE_CUDA=1.
 """
 
 import glob
 import os
+import re
+import subprocess
+import sys
 
 import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+MIN_CUDA_ARCH = (7, 0)
 
 
 def _flag(name: str) -> bool:
@@ -34,7 +44,64 @@ def _build_cuda() -> bool:
             "REFREEKV_FORCE_CUDA=1 needs a CUDA toolkit and a CUDA build of torch; "
             f"found CUDA_HOME={CUDA_HOME!r} and torch {torch.__version__} (torch.version.cuda={torch.version.cuda!r})"
         )
-    return available
+    if not available:
+        return False
+    reason = _unsupported_arch_reason()
+    if reason is None:
+        return True
+    if _flag("REFREEKV_FORCE_CUDA"):
+        raise RuntimeError(f"REFREEKV_FORCE_CUDA=1, but {reason}; set TORCH_CUDA_ARCH_LIST to supported architectures")
+    print(
+        f"refreekv: {reason}. Building the CPU operators only; set TORCH_CUDA_ARCH_LIST to supported "
+        "architectures (e.g. \"7.5;8.0\") to build the CUDA kernels.",
+        file=sys.stderr,
+    )
+    return False
+
+
+def _target_archs() -> list[tuple[int, int]]:
+    """The numbered architectures the CUDA build will target: those of
+    TORCH_CUDA_ARCH_LIST (named ones, such as "Ampere", are left to torch),
+    else those of the visible GPUs; empty when neither says."""
+    requested = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if requested:
+        numbered = re.findall(r"(\d+)\.(\d+)", requested)
+        return sorted({(int(major), int(minor)) for major, minor in numbered})
+    if torch.cuda.is_available():
+        return sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return []
+
+
+def _nvcc_archs() -> set[tuple[int, int]]:
+    """The architectures the toolkit's nvcc compiles for (empty if it cannot say)."""
+    try:
+        listing = subprocess.run(
+            [os.path.join(CUDA_HOME, "bin", "nvcc"), "--list-gpu-arch"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return set()
+    return {(int(number[:-1]), int(number[-1])) for number in re.findall(r"compute_(\d+)", listing)}
+
+
+def _unsupported_arch_reason() -> str | None:
+    """Why the CUDA kernels cannot be built for the target architectures, or
+    None when they can."""
+    archs = _target_archs()
+    too_old = [arch for arch in archs if arch < MIN_CUDA_ARCH]
+    if too_old:
+        return (
+            f"the refreekv CUDA kernels need sm_{MIN_CUDA_ARCH[0]}{MIN_CUDA_ARCH[1]} or newer (float16 tensor-core "
+            f"fragments); the build targets {', '.join(f'sm_{a}{b}' for a, b in too_old)}"
+        )
+    known = _nvcc_archs()
+    uncompilable = [arch for arch in archs if known and arch not in known]
+    if uncompilable:
+        return (
+            f"the CUDA toolkit at {CUDA_HOME} cannot compile for {', '.join(f'sm_{a}{b}' for a, b in uncompilable)} "
+            f"(its nvcc compiles for {', '.join(f'sm_{a}{b}' for a, b in sorted(known))}); a CUDA 12 toolkit still "
+            "compiles for sm_70"
+        )
+    return None
 
 
 def _sources(pattern: str) -> list[str]:

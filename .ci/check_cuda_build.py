@@ -46,7 +46,7 @@ def cubin_architectures(path: str) -> dict[int, int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--archs", default="8.0;9.0", help="TORCH_CUDA_ARCH_LIST the build used")
+    parser.add_argument("--archs", default="7.5;8.0;9.0", help="TORCH_CUDA_ARCH_LIST the build used")
     args = parser.parse_args()
 
     library = refreekv._native._C.__file__

@@ -106,6 +106,9 @@ ImportanceParams check_importance_inputs(const at::Tensor& query,
   check_dim(op, "key", key, 0, p.batch, "batch size of query");
   check_dim(op, "key", key, 3, p.head_dim, "head_dim of query");
   TORCH_CHECK(p.head_dim >= 1, op, ": expected head_dim >= 1, got ", p.head_dim);
+  // 0 would pass the multiple check below and leave a group of 0 heads.
+  TORCH_CHECK(p.heads >= 1, op, ": expected at least one query head, got query of shape ",
+              query.sizes());
   TORCH_CHECK(p.kv_heads >= 1 && p.heads % p.kv_heads == 0, op,
               ": expected the query heads to be a multiple of the key heads "
               "(grouped-query attention), got ",

@@ -27,9 +27,9 @@ struct ImportanceParams {
 };
 
 // Checks shapes, dtypes and devices, the scale and softcap (0 disables
-// capping, else positive and finite in float32). The values of sinks are checked where they are read, so
-// that a CUDA call never waits for the device: by float_sinks_on_host on the
-// CPU, by a device-side assertion on CUDA.
+// capping, else positive and finite in float32). Every dimension must be at
+// least 1 except the batch. The values of sinks are checked by
+// float_sinks_on_host, on a host copy for CUDA inputs.
 ImportanceParams check_importance_inputs(const at::Tensor& query,
                                          const at::Tensor& key, double scale,
                                          const std::optional<at::Tensor>& kv_valid,
@@ -37,8 +37,9 @@ ImportanceParams check_importance_inputs(const at::Tensor& query,
                                          double softcap,
                                          const std::optional<at::Tensor>& sinks);
 
-// CPU kernels only (it reads the tensor on the host): the attention sinks [H]
-// as a contiguous float32 tensor, each value checked to be finite in float32.
+// Reads the tensor on the host (CUDA callers pass a host copy): the attention
+// sinks [H] as a contiguous float32 tensor, each value checked to be finite
+// in float32.
 at::Tensor float_sinks_on_host(const at::Tensor& sinks);
 
 // Sizes of one adaptive_keep_count or mass_keep_count call.
@@ -50,7 +51,9 @@ struct KeepCountParams {
 
 // Checks shapes, dtypes, devices and the threshold (tolerance) range. The
 // values of valid_len are range-checked by the kernels, which read them
-// anyway.
+// anyway (the CUDA kernels report through an error buffer, with the same
+// words). adaptive_keep_count needs at least one head (B is a mean over the
+// heads); mass_keep_count counts per head, so 0 heads give a [b, 0] result.
 KeepCountParams check_keep_count_inputs(const at::Tensor& ranked_scores,
                                         double threshold,
                                         const std::optional<at::Tensor>& valid_len);

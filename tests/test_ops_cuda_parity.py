@@ -90,8 +90,9 @@ def variant_options(variant, heads, keys, generator):
     return dict(softcap=softcap, sinks=sinks)
 
 
-# (keys, window, group, head_dim): the small-window path takes w <= 4 with
-# g * w <= 32 (row counts 1, 4, 8, 16, 32 are separate instantiations); the
+# (keys, window, group, head_dim): the small-window path takes w <= 4, a
+# block holding up to 32 of a group's g * w rows (row counts 1, 4, 8, 16, 32
+# are separate instantiations; larger groups take several blocks of 32); the
 # tiled path (64 x 64 tiles) takes the rest.
 SMALL_WINDOW_SHAPES = [
     (1, 1, 1, 8),  # a single key
@@ -104,6 +105,9 @@ SMALL_WINDOW_SHAPES = [
     (200, 1, 32, 8),  # MQA-like group of 32
     (90, 4, 2, 1),  # head_dim 1
     (70, 2, 3, 200),  # head_dim past one chunk in every dtype
+    (300, 1, 64, 64),  # 64 rows: two blocks of 32 per group
+    (150, 3, 24, 32),  # 72 rows: 32 + 32 + 8, chunks that split a head's window rows
+    (130, 4, 9, 16),  # 36 rows: a full block and a 4-row one
 ]
 
 
@@ -202,6 +206,8 @@ def test_randomized_sweep_against_cpu():
 def test_rejects_like_cpu():
     with pytest.raises(RuntimeError, match=r"expected window <= keys, .* got window = 3 and keys = 2"):
         refreekv.attention_importance(torch.randn(2, 4, 3, 8, device=DEVICE), torch.randn(2, 2, 2, 8, device=DEVICE), 0.5)
+    with pytest.raises(RuntimeError, match=r"expected at least one query head, got query of shape \[1, 0, 1, 8\]"):
+        refreekv.attention_importance(torch.randn(1, 0, 1, 8, device=DEVICE), torch.randn(1, 1, 8, 8, device=DEVICE), 0.5)
     with pytest.raises(RuntimeError, match=r"expected threshold in \[0, 1\), got 1"):
         refreekv.adaptive_keep_count(torch.rand(1, 2, 10, device=DEVICE), 1.0)
     with pytest.raises(RuntimeError, match=r"expected tolerance in \[0, 1\), got -0.5"):
@@ -242,6 +248,32 @@ def test_keep_count_valid_len_and_dtypes(dtype, generator):
     for threshold in (0.0, 0.01, 0.2):
         assert_keep_count_parity(scores, threshold, valid_len)
     assert_keep_count_parity(scores, 0.05)
+
+
+def per_head_zero_tails(scores, tail_starts):
+    """Scores ranked per head (descending), then zero from tail_starts[b][h]
+    on: heads whose last non-zero score comes at different ranks, as when
+    float32 exp underflows in some heads' attention rows and not others."""
+    scores = scores.sort(dim=-1, descending=True).values
+    for b, starts in enumerate(tail_starts):
+        for h, start in enumerate(starts):
+            scores[b, h, start:] = 0
+    return scores
+
+
+def test_keep_count_per_head_zero_tails(generator):
+    # A later head whose last non-zero score comes earlier in a thread's
+    # stride must not shorten T = 0's extent: 1024 here, not 512.
+    scores = torch.rand(1, 2, 1024, generator=generator) + 0.5
+    scores[0, 1, 512:] = 0
+    assert_keep_count_parity(scores, 0.0)
+    scores = per_head_zero_tails(
+        attention_like_scores(3, 4, 3000, generator),
+        [[2900, 100, 2500, 700], [3000, 2049, 1, 2048], [10, 20, 30, 2999]],
+    )
+    for threshold in (0.0, 0.001, 0.05):
+        assert_keep_count_parity(scores, threshold)
+    assert_keep_count_parity(scores, 0.0, valid_len=torch.tensor([2600, 3000, 25]))
 
 
 def test_keep_count_randomized_sweep():
@@ -295,6 +327,19 @@ def test_mass_keep_count_valid_len_and_dtypes(dtype, generator):
         assert_mass_parity(scores, tolerance, valid_len)
     scores[2] = attention_like_scores(1, 4, 5000, generator)[0].to(dtype)
     assert_mass_parity(scores, 0.05)
+
+
+def test_mass_keep_count_per_head_zero_tails(generator):
+    scores = torch.rand(1, 2, 1024, generator=generator) + 0.5
+    scores[0, 1, 512:] = 0
+    assert_mass_parity(scores, 0.0)
+    scores = per_head_zero_tails(
+        attention_like_scores(3, 4, 3000, generator),
+        [[2900, 100, 2500, 700], [3000, 2049, 1, 2048], [10, 20, 30, 2999]],
+    )
+    for tolerance in (0.0, 0.001, 0.05):
+        assert_mass_parity(scores, tolerance)
+    assert_mass_parity(scores, 0.0, valid_len=torch.tensor([2600, 3000, 25]))
 
 
 def test_mass_keep_count_randomized_sweep():
@@ -374,3 +419,73 @@ def test_compact_kv_rejects_like_cpu(keep_len, position, bad, message):
         refreekv.compact_kv(*inputs)
     with pytest.raises(RuntimeError, match=message):
         refreekv.compact_kv(*on_device(*inputs))
+
+
+# --------------------------------------------------------------------------
+# Bad values found on the device: a catchable error with the CPU's words,
+# and the device stays usable (a device-side assertion would end CUDA for
+# the whole process).
+# --------------------------------------------------------------------------
+
+
+def bad_value_calls():
+    scores = torch.rand(2, 3, 50)
+    nan_scores, negative_scores = scores.clone(), scores.clone()
+    nan_scores[1, 2, 7] = float("nan")
+    negative_scores[1, 0, 40] = -0.5
+    query, key = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 20, 8)
+    return {
+        "nan sink": (
+            lambda q, k, sinks: refreekv.attention_importance(q, k, 0.5, sinks=sinks),
+            (query, key, torch.tensor([0.0, float("nan"), 0.0, 0.0])),
+            r"attention_importance: expected finite sinks \(in float32\), got sinks\[1\] = nan",
+        ),
+        "keep count valid_len": (
+            lambda s, lens: refreekv.adaptive_keep_count(s, 0.01, valid_len=lens),
+            (scores, torch.tensor([50, 51])),
+            r"adaptive_keep_count: expected valid_len\[1\] in \[0, 50\] \(the number of candidates\), got 51",
+        ),
+        "keep count negative valid_len": (
+            lambda s, lens: refreekv.adaptive_keep_count(s, 0.0, valid_len=lens),
+            (scores, torch.tensor([-1, 3])),
+            r"adaptive_keep_count: expected valid_len\[0\] in \[0, 50\] .* got -1",
+        ),
+        "keep count nan score": (
+            lambda s: refreekv.adaptive_keep_count(s, 0.01),
+            (nan_scores,),
+            r"adaptive_keep_count: expected finite ranked_scores, got NaN or inf",
+        ),
+        "mass valid_len": (
+            lambda s, lens: refreekv.mass_keep_count(s, 0.01, valid_len=lens),
+            (scores, torch.tensor([50, 60])),
+            r"mass_keep_count: expected valid_len\[1\] in \[0, 50\] \(the number of candidates\), got 60",
+        ),
+        "mass nan score": (
+            lambda s: refreekv.mass_keep_count(s, 0.01),
+            (nan_scores,),
+            r"mass_keep_count: expected finite, non-negative ranked_scores, got ranked_scores\[1, 2, 7\] = nan",
+        ),
+        "mass negative score": (
+            lambda s: refreekv.mass_keep_count(s, 0.0),
+            (negative_scores,),
+            r"mass_keep_count: expected finite, non-negative ranked_scores, got ranked_scores\[1, 0, 40\] = -0.5",
+        ),
+    }
+
+
+BAD_VALUE_CASES = list(bad_value_calls())
+
+
+@pytest.mark.parametrize("case", BAD_VALUE_CASES)
+def test_bad_values_raise_and_the_device_stays_usable(case, generator):
+    call, inputs, message = bad_value_calls()[case]
+    with pytest.raises(RuntimeError, match=message):
+        call(*inputs)  # the CPU's words ...
+    with pytest.raises(RuntimeError, match=message):
+        call(*on_device(*inputs))  # ... on the device too
+    # The next valid calls on the same device run and agree with the CPU.
+    query, key, kv_valid = make_inputs(1, 4, 2, 1, 300, 16, torch.float32, "cpu", generator, pad=[7])
+    assert_importance_parity(query, key, 0.25, kv_valid=kv_valid, sinks=torch.zeros(4))
+    scores = attention_like_scores(2, 3, 500, generator)
+    assert_keep_count_parity(scores, 0.01, torch.tensor([500, 321]))
+    assert_mass_parity(scores, 0.01, torch.tensor([500, 321]))

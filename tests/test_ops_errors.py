@@ -25,6 +25,7 @@ IMPORTANCE_CASES = {
     "key rank": (dict(key=torch.randn(2, 10, 8)), r"expected key of shape .* \(4-D\), got a 3-D"),
     "integer query": (dict(query=torch.ones(2, 4, 3, 8, dtype=torch.int32)), r"expected query to be float32, float16 or bfloat16, got Int"),
     "dtype mismatch": (dict(key=torch.randn(2, 2, 10, 8, dtype=torch.float16)), r"expected query and key of the same dtype, got query Float and key Half"),
+    "no query heads": (dict(query=torch.randn(2, 0, 3, 8)), r"expected at least one query head, got query of shape \[2, 0, 3, 8\]"),
     "heads not a multiple": (dict(key=torch.randn(2, 3, 10, 8)), r"expected the query heads to be a multiple of the key heads .* got 4 query heads and 3 key heads"),
     "batch mismatch": (dict(key=torch.randn(1, 2, 10, 8)), r"expected key.size\(0\) == 2 \(batch size of query\), got 1"),
     "head_dim mismatch": (dict(key=torch.randn(2, 2, 10, 16)), r"expected key.size\(3\) == 8 \(head_dim of query\), got 16"),

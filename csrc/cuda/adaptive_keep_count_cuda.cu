@@ -12,16 +12,16 @@
 // candidate, and the block stops at the first chunk holding a candidate that
 // meets the rule. Every sum has a fixed order, so the result is deterministic.
 //
-// Errors: the CPU kernel raises a RuntimeError for a valid_len outside
-// [0, c] and for non-finite scores. Reporting either from here would need a
-// device-to-host copy and a synchronization on every call, which this
-// operator must not do; they are device-side assertions instead
-// (CUDA_KERNEL_ASSERT), which abort the kernel and surface as a CUDA error on
-// the next synchronizing call.
+// Errors: like the CPU kernel this raises a RuntimeError, with the same
+// words, for a valid_len outside [0, c] and for non-finite scores. The kernel
+// clamps a bad valid_len, records the first bad sequence of each kind in a
+// small device buffer (atomicMin: the smallest index, deterministic), and the
+// host reads that buffer once: one synchronization per call, which callers
+// pay anyway when they read the counts. A device-side assertion instead would
+// leave a sticky error that ends CUDA for the whole process.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/macros/Macros.h>
 #include <torch/library.h>
 
 #include "../checks.h"
@@ -35,12 +35,14 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kItems = 4;  // consecutive candidates per thread in phase 2
 constexpr int kChunk = kThreads * kItems;
+constexpr unsigned long long kNoError = ~0ull;
 
 struct KeepCountKernelParams {
   const void* scores;        // [b, H, c], contiguous
   const int64_t* valid_len;  // [b] or nullptr
   double* carry;             // [b, H] scratch: running sums of squares
   int64_t* out;              // [b]
+  unsigned long long* error;  // [2]: first bad valid_len, first non-finite sequence
   int64_t heads, candidates;
   double threshold;
 };
@@ -54,9 +56,10 @@ __global__ void __launch_bounds__(kThreads)
   int64_t valid = c;
   if (p.valid_len != nullptr) {
     valid = p.valid_len[b];
-    // CPU: "adaptive_keep_count: expected valid_len[b] in [0, c] ...".
-    CUDA_KERNEL_ASSERT(valid >= 0 && valid <= c);
-    valid = valid < 0 ? 0 : (valid > c ? c : valid);  // if asserts are compiled out
+    if (valid < 0 || valid > c) {
+      if (threadIdx.x == 0) atomicMin(&p.error[0], static_cast<unsigned long long>(b));
+      valid = valid < 0 ? 0 : c;  // reported; the kernel still reads in bounds
+    }
   }
   if (valid == 0) {  // nothing to rank, nothing to keep
     if (threadIdx.x == 0) p.out[b] = 0;
@@ -74,14 +77,20 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t j = threadIdx.x; j < valid; j += kThreads) {
       const double x = to_float(row[j]);
       squares += x * x;
-      if (x != 0.0) extent = j + 1;  // j only grows within a thread
+      // j restarts with every head: keep the largest extent over the heads.
+      if (x != 0.0 && j + 1 > extent) extent = j + 1;
     }
     total += sqrt(block_sum(squares, scratch));  // same value in every thread
     if (threadIdx.x == 0) carry[h] = 0.0;
   }
   __syncthreads();  // carry's zeros are visible before phase 2 reads them
-  // CPU: "adaptive_keep_count: expected finite ranked_scores, got NaN or inf".
-  CUDA_KERNEL_ASSERT(isfinite(total));
+  if (!isfinite(total)) {  // the same value in every thread: the block leaves together
+    if (threadIdx.x == 0) {
+      atomicMin(&p.error[1], static_cast<unsigned long long>(b));
+      p.out[b] = valid;
+    }
+    return;
+  }
   if (total == 0.0) {  // degenerate signal: keep everything
     if (threadIdx.x == 0) p.out[b] = valid;
     return;
@@ -148,12 +157,14 @@ at::Tensor adaptive_keep_count_cuda(const at::Tensor& ranked_scores, double thre
   // Scratch for the per-head running sums; written by the kernel before it is
   // read, so no fill (and no second launch) is needed.
   at::Tensor carry = at::empty({s.batch, s.heads}, scores.options().dtype(at::kDouble));
+  at::Tensor error = at::full({2}, -1, scores.options().dtype(at::kLong));  // all bits set: no error
 
   KeepCountKernelParams p{};
   p.scores = scores.const_data_ptr();
   p.valid_len = lens.defined() ? lens.const_data_ptr<int64_t>() : nullptr;
   p.carry = carry.data_ptr<double>();
   p.out = result.data_ptr<int64_t>();
+  p.error = reinterpret_cast<unsigned long long*>(error.data_ptr<int64_t>());
   p.heads = s.heads;
   p.candidates = s.candidates;
   p.threshold = threshold;
@@ -163,6 +174,17 @@ at::Tensor adaptive_keep_count_cuda(const at::Tensor& ranked_scores, double thre
         <<<grid_size(s.batch), kThreads, 0, stream>>>(p);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // The one synchronization (see the top of the file).
+  const at::Tensor report = error.cpu();
+  const auto* first_bad = reinterpret_cast<const unsigned long long*>(report.const_data_ptr<int64_t>());
+  if (first_bad[0] != kNoError) {
+    const int64_t b = static_cast<int64_t>(first_bad[0]);
+    TORCH_CHECK(false, "adaptive_keep_count: expected valid_len[", b, "] in [0, ", s.candidates,
+                "] (the number of candidates), got ", lens[b].item<int64_t>());
+  }
+  TORCH_CHECK(first_bad[1] == kNoError,
+              "adaptive_keep_count: expected finite ranked_scores, got NaN or inf");
   return result;
 }
 

@@ -5,10 +5,11 @@
 // (every sum has a fixed order; no floating-point atomics):
 //
 // * Small window (w <= kSmallWindowMax, the ReFreeKV default w = 1): the job
-//   is bandwidth-bound, so K is read exactly once. One block owns a tile of
-//   kSmallKeys keys of one (batch, kv head) and computes the logits of all
-//   g * w query rows of the GQA group for it, storing the logits (O(b H w n),
-//   w small) and a per-tile (max, sum exp) partial per row. A tiny kernel
+//   is bandwidth-bound, so K is read once per kSmallRowsMax query rows of a
+//   GQA group (exactly once up to g * w = 32). One block owns a tile of
+//   kSmallKeys keys of one (batch, kv head) and computes the logits of up to
+//   kSmallRowsMax of the group's g * w query rows for it, storing the logits
+//   (O(b H w n), w small) and a per-tile (max, sum exp) partial per row. A tiny kernel
 //   merges the partials into each row's log-sum-exp, and a last elementwise
 //   kernel turns the stored logits into probabilities, sums the rows, reduces
 //   the group and normalizes.
@@ -22,7 +23,8 @@
 //   tiles ever exist; the w x n matrix never does. The QK^T tile uses tensor
 //   cores (WMMA, float32 accumulation) for float16/bfloat16 inputs and exact
 //   float32 FMAs for float32 inputs (no TF32, so float32 keeps float32
-//   accuracy).
+//   accuracy). Before sm_80 WMMA has no bfloat16 fragments, so bfloat16 tiles
+//   are float32 FMAs there (chosen at compile time, per architecture).
 //
 // Masking: key j is visible to window row i (absolute position n - w + i)
 // when j <= n - w + i and kv_valid[b, j]. A row that sees no key gets
@@ -32,13 +34,13 @@
 // Variants: a softcap is applied wherever a logit is formed (logit()), before
 // masking; a sink enters only a row's log-sum-exp (row_lse()), as one more
 // term of the normalizer, so every probability formed afterwards shrinks by
-// the right factor. Non-finite sinks are a device-side assertion
-// (CUDA_KERNEL_ASSERT) rather than the CPU's RuntimeError: reporting them from
-// here would need a device-to-host copy and a synchronization on every call.
+// the right factor. Sinks are checked to be finite on the host before any
+// launch, with the CPU's words: a copy of H floats, and a synchronization
+// only for models that have sinks. A device-side assertion instead would end
+// CUDA for the whole process, where the CPU raises an error one can catch.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/macros/Macros.h>
 #include <mma.h>
 #include <torch/library.h>
 
@@ -66,6 +68,7 @@ struct ImportanceKernelParams {
   float* out;          // [b, H or Hkv, n]
   int64_t batch, heads, kv_heads, group, window, keys, head_dim;
   int64_t tiles;       // small path: key tiles per (b, kv head)
+  int64_t row_chunks;  // small path: blocks of kSmallRowsMax rows per GQA group
   float scale;
   float softcap;       // > 0: logits are capped to softcap * tanh(x / softcap)
   int reduce;          // GroupReduce as int
@@ -96,12 +99,7 @@ __device__ __forceinline__ float logit(const ImportanceKernelParams& p, float do
 // and the sink with one: its probabilities are 0 either way.
 __device__ __forceinline__ float row_lse(const ImportanceKernelParams& p,
                                          int64_t head, float m, float s) {
-  if (p.sinks != nullptr) {
-    const float sink = p.sinks[head];
-    // CPU: "attention_importance: expected finite sinks (in float32), ...".
-    CUDA_KERNEL_ASSERT(isfinite(sink));
-    merge_softmax(m, s, sink, 1.0f);
-  }
+  if (p.sinks != nullptr) merge_softmax(m, s, p.sinks[head], 1.0f);  // finite: checked on the host
   return m == -INFINITY ? INFINITY : m + logf(s);
 }
 
@@ -136,13 +134,14 @@ __device__ __forceinline__ void write_scores(const ImportanceKernelParams& p,
 constexpr int kSmallKeys = 128;        // keys per block, one per thread
 constexpr int kSmallChunkBytes = 128;  // bytes of each key row staged at once
 constexpr int kSmallWindowMax = 4;
-constexpr int kSmallRowsMax = 32;      // g * w handled by one block
+constexpr int kSmallRowsMax = 32;      // query rows handled by one block
 constexpr int kFinalizeThreads = 256;
 
-// Pass 1: logits of the group's g * w rows for one key tile, plus per-row
-// (max, sum exp) over the tile. ROWS >= g * w; rows past g * w are zero
-// queries whose results are discarded (ROWS is a compile-time bound so the
-// accumulators stay in registers).
+// Pass 1: logits of one chunk of the group's g * w rows (rows
+// [c * kSmallRowsMax, (c + 1) * kSmallRowsMax) of the group, chunk c) for one
+// key tile, plus per-row (max, sum exp) over the tile. ROWS >= the chunk's
+// rows; rows past them are zero queries whose results are discarded (ROWS is
+// a compile-time bound so the accumulators stay in registers).
 template <typename T, int ROWS>
 __global__ void __launch_bounds__(kSmallKeys)
     small_window_logits_kernel(const ImportanceKernelParams p) {
@@ -156,17 +155,19 @@ __global__ void __launch_bounds__(kSmallKeys)
   __shared__ float2 warp_part[ROWS][kSmallKeys / 32];
 
   const int64_t tile = blockIdx.x % p.tiles;
-  const int64_t bkv = blockIdx.x / p.tiles;  // b * Hkv + kv_head
+  const int64_t chunk = (blockIdx.x / p.tiles) % p.row_chunks;
+  const int64_t bkv = blockIdx.x / (p.tiles * p.row_chunks);  // b * Hkv + kv_head
   const int64_t b = bkv / p.kv_heads;
   const int64_t kv_head = bkv % p.kv_heads;
   const int64_t j0 = tile * kSmallKeys;
   const int key_rows = static_cast<int>(std::min<int64_t>(kSmallKeys, p.keys - j0));
-  const int rows = static_cast<int>(p.group * p.window);  // <= ROWS
+  const int64_t chunk_start = chunk * kSmallRowsMax;  // first group row of the chunk
+  const int rows = static_cast<int>(std::min<int64_t>(kSmallRowsMax, p.group * p.window - chunk_start));  // <= ROWS
   const int64_t d = p.head_dim;
   const T* key = static_cast<const T*>(p.key) + (bkv * p.keys + j0) * d;
   // The group's query rows are contiguous: heads kv_head*g .. +g-1, each with
-  // w rows, so row r is head kv_head*g + r / w, window row r % w.
-  const int64_t first_row = (b * p.heads + kv_head * p.group) * p.window;
+  // w rows, so group row r is head kv_head*g + r / w, window row r % w.
+  const int64_t first_row = (b * p.heads + kv_head * p.group) * p.window + chunk_start;
   const T* query = static_cast<const T*>(p.query) + first_row * d;
 
   float acc[ROWS];
@@ -215,7 +216,7 @@ __global__ void __launch_bounds__(kSmallKeys)
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     if (r >= rows) break;  // uniform over the block
-    const int64_t i = r % p.window;
+    const int64_t i = (chunk_start + r) % p.window;
     const bool visible = valid && j <= p.keys - p.window + i;
     const float x = visible ? logit(p, acc[r]) : -INFINITY;
     if (in_range) p.logits[(first_row + r) * p.keys + j] = x;
@@ -279,14 +280,14 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 
 template <typename T, int ROWS>
 void launch_small_rows(const ImportanceKernelParams& p, cudaStream_t stream) {
-  const int64_t blocks = p.tiles * p.batch * p.kv_heads;
+  const int64_t blocks = p.tiles * p.row_chunks * p.batch * p.kv_heads;
   small_window_logits_kernel<T, ROWS><<<grid_size(blocks), kSmallKeys, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
 void launch_small_window(const ImportanceKernelParams& p, cudaStream_t stream) {
-  const int64_t rows = p.group * p.window;
+  const int64_t rows = std::min<int64_t>(p.group * p.window, kSmallRowsMax);  // per block
   if (rows <= 1) {
     launch_small_rows<T, 1>(p, stream);
   } else if (rows <= 4) {
@@ -337,6 +338,13 @@ struct TileLayout {
   }
 };
 
+// WMMA has bfloat16 fragments from sm_80 on (float16 ones from sm_70). The
+// host pass sees the newest architecture's declarations; TileMma is device
+// code only, so each device pass may pick its own implementation.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define REFREEKV_BF16_WMMA 1
+#endif
+
 // S[r][c] = q_r . k_c over one head_dim chunk, accumulated into the caller's
 // fragments. Half precision: WMMA 16x16x16, each of the 8 warps owns a 16-row
 // strip and two 16-column blocks of the 64 x 64 tile.
@@ -379,10 +387,21 @@ struct TileMma {
   }
 };
 
-// Float32: exact FMAs. Thread (tx, ty) of a 16 x 16 grid owns rows ty + 16a
-// and columns tx + 16c (a, c < 4), reading 16-byte words of q and k.
-template <>
-struct TileMma<float> {
+// Four consecutive elements of a shared-memory row as floats (8-byte aligned
+// for 16-bit types, 16-byte aligned for float32).
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+template <typename T>
+__device__ __forceinline__ float4 load4(const T* p) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const T* e = reinterpret_cast<const T*>(&raw);
+  return make_float4(to_float(e[0]), to_float(e[1]), to_float(e[2]), to_float(e[3]));
+}
+
+// Float32 FMAs: exact for float32 inputs, and the bfloat16 tile where WMMA
+// has no bfloat16 fragments. Thread (tx, ty) of a 16 x 16 grid owns rows
+// ty + 16a and columns tx + 16c (a, c < 4), reading four elements at a time.
+template <typename T>
+struct TileFma {
   float acc[4][4];
   __device__ void zero() {
 #pragma unroll
@@ -390,16 +409,16 @@ struct TileMma<float> {
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[a][c] = 0.0f;
   }
-  __device__ void accumulate(const float* q_s, const float* k_s, int cols) {
-    constexpr int ld = TileLayout<float>::kStride;
+  __device__ void accumulate(const T* q_s, const T* k_s, int cols) {
+    constexpr int ld = TileLayout<T>::kStride;
     const int tx = threadIdx.x % 16;
     const int ty = threadIdx.x / 16;
     for (int k = 0; k < cols; k += 4) {
       float4 qv[4], kv[4];
 #pragma unroll
-      for (int a = 0; a < 4; ++a) qv[a] = *reinterpret_cast<const float4*>(q_s + (ty + 16 * a) * ld + k);
+      for (int a = 0; a < 4; ++a) qv[a] = load4(q_s + (ty + 16 * a) * ld + k);
 #pragma unroll
-      for (int c = 0; c < 4; ++c) kv[c] = *reinterpret_cast<const float4*>(k_s + (tx + 16 * c) * ld + k);
+      for (int c = 0; c < 4; ++c) kv[c] = load4(k_s + (tx + 16 * c) * ld + k);
 #pragma unroll
       for (int a = 0; a < 4; ++a) {
 #pragma unroll
@@ -421,6 +440,13 @@ struct TileMma<float> {
       for (int c = 0; c < 4; ++c) s_s[(ty + 16 * a) * kSStride + tx + 16 * c] = acc[a][c];
   }
 };
+
+template <>
+struct TileMma<float> : TileFma<float> {};
+#ifndef REFREEKV_BF16_WMMA
+template <>
+struct TileMma<__nv_bfloat16> : TileFma<__nv_bfloat16> {};
+#endif
 
 // Shared-memory views of one tile block.
 template <typename T>
@@ -621,9 +647,9 @@ void launch_large_window(const ImportanceKernelParams& p, cudaStream_t stream) {
 // ===========================================================================
 // Entry point
 // ===========================================================================
-bool use_small_window(const ImportanceParams& s) {
-  return s.window <= kSmallWindowMax && s.group * s.window <= kSmallRowsMax;
-}
+// Large groups with a small window stay here too: a 64-row query tile would
+// hold w <= 4 real rows, at least 16x the work.
+bool use_small_window(const ImportanceParams& s) { return s.window <= kSmallWindowMax; }
 
 at::Tensor attention_importance_cuda(const at::Tensor& query, const at::Tensor& key,
                                      double scale,
@@ -637,12 +663,15 @@ at::Tensor attention_importance_cuda(const at::Tensor& query, const at::Tensor& 
   const at::Tensor k = key.contiguous();
   at::Tensor valid;
   if (kv_valid.has_value()) valid = kv_valid->contiguous();
-  at::Tensor sinks_f32;  // converted on the device: no synchronization
-  if (sinks.has_value()) sinks_f32 = sinks->to(at::kFloat).contiguous();
+  at::Tensor sinks_f32;
+  if (sinks.has_value()) {
+    float_sinks_on_host(sinks->cpu());  // raises for a non-finite sink (see the top of the file)
+    sinks_f32 = sinks->to(at::kFloat).contiguous();
+  }
   const auto float_opts = query.options().dtype(at::kFloat);
   const int64_t out_heads = s.reduce == GroupReduce::kNone ? s.heads : s.kv_heads;
   at::Tensor out = at::empty({s.batch, out_heads, s.keys}, float_opts);
-  if (out.numel() == 0 || s.heads == 0) return out.zero_();
+  if (out.numel() == 0) return out;
 
   ImportanceKernelParams p{};
   p.query = q.const_data_ptr();
@@ -671,6 +700,7 @@ at::Tensor attention_importance_cuda(const at::Tensor& query, const at::Tensor& 
 
   if (use_small_window(s)) {
     p.tiles = ceil_div(s.keys, kSmallKeys);
+    p.row_chunks = ceil_div(s.group * s.window, kSmallRowsMax);
     at::Tensor partials = at::empty({s.batch * s.heads * s.window, p.tiles, 2}, float_opts);
     p.partials = reinterpret_cast<float2*>(partials.data_ptr<float>());
     at::Tensor logits;

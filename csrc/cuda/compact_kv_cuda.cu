@@ -75,7 +75,9 @@ __global__ void __launch_bounds__(kThreads) compact_kernel(const CompactKernelPa
       }
     }
     if (lane == 0 && bh % p.kv_heads == 0) p.valid[b * p.kept_rows + r] = r < kept;
-    const int64_t src_row = bh * p.keys + src;
+    // Padding rows read nothing; index row 0 so no pointer is formed before
+    // the start of the allocation (src = -1 in the first head would).
+    const int64_t src_row = bh * p.keys + (src >= 0 ? src : 0);
     const Word* key = reinterpret_cast<const Word*>(p.key) + src_row * p.key_words;
     Word* key_out = reinterpret_cast<Word*>(p.key_out) + row * p.key_words;
     for (int64_t w = lane; w < p.key_words; w += 32) key_out[w] = src >= 0 ? key[w] : Word{};

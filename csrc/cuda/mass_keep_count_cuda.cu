@@ -11,16 +11,17 @@
 // chunk holding a candidate that meets the rule. Every sum has a fixed order,
 // so the result is deterministic.
 //
-// Errors: the CPU kernel raises a RuntimeError for a valid_len outside
-// [0, c] and for negative or non-finite scores. Reporting either from here
-// would need a device-to-host copy and a synchronization on every call, which
-// this operator must not do; they are device-side assertions instead
-// (CUDA_KERNEL_ASSERT), which abort the kernel and surface as a CUDA error on
-// the next synchronizing call.
+// Errors: like the CPU kernel this raises a RuntimeError, with the same
+// words, for a valid_len outside [0, c] and for negative or non-finite
+// scores. The kernel clamps a bad valid_len, records the first bad sequence
+// and the first bad score (smallest flat position: the one the CPU names) in
+// a small device buffer with atomicMin, and the host reads that buffer once:
+// one synchronization per call, which callers pay anyway when they read the
+// counts. A device-side assertion instead would leave a sticky error that
+// ends CUDA for the whole process.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/macros/Macros.h>
 #include <torch/library.h>
 
 #include <cfloat>
@@ -38,11 +39,13 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kItems = 4;  // consecutive candidates per thread in phase 2
 constexpr int kChunk = kThreads * kItems;
+constexpr unsigned long long kNoError = ~0ull;
 
 struct MassKeepCountKernelParams {
   const void* scores;        // [b, H, c], contiguous
   const int64_t* valid_len;  // [b] or nullptr
   int64_t* out;              // [b, H]
+  unsigned long long* error;  // [2]: first bad valid_len, first bad score (flat index)
   int64_t heads, candidates;
   double tolerance;
 };
@@ -56,9 +59,10 @@ __global__ void __launch_bounds__(kThreads)
   int64_t valid = c;
   if (p.valid_len != nullptr) {
     valid = p.valid_len[row / p.heads];
-    // CPU: "mass_keep_count: expected valid_len[b] in [0, c] ...".
-    CUDA_KERNEL_ASSERT(valid >= 0 && valid <= c);
-    valid = valid < 0 ? 0 : (valid > c ? c : valid);  // if asserts are compiled out
+    if (valid < 0 || valid > c) {
+      if (threadIdx.x == 0) atomicMin(&p.error[0], static_cast<unsigned long long>(row / p.heads));
+      valid = valid < 0 ? 0 : c;  // reported; the kernel still reads in bounds
+    }
   }
   if (valid == 0) {  // nothing to rank, nothing to keep
     if (threadIdx.x == 0) p.out[row] = 0;
@@ -69,17 +73,21 @@ __global__ void __launch_bounds__(kThreads)
   // Phase 1: M, and one past the last non-zero score.
   double mass = 0.0;
   unsigned long long extent = 0;
-  bool all_valid = true;
+  unsigned long long first_invalid = kNoError;
   for (int64_t j = threadIdx.x; j < valid; j += kThreads) {
     const float x = to_float(a[j]);
-    all_valid &= x >= 0.0f && x <= FLT_MAX;  // NaN fails both
+    const bool usable = x >= 0.0f && x <= FLT_MAX;  // NaN fails both
+    if (!usable && first_invalid == kNoError) first_invalid = static_cast<unsigned long long>(row * c + j);
     mass += x;
-    if (x != 0.0f) extent = j + 1;  // j only grows within a thread
+    if (x != 0.0f) extent = j + 1;  // j only grows within a thread (one row per block)
   }
-  // CPU: "mass_keep_count: expected finite, non-negative ranked_scores, ...".
-  CUDA_KERNEL_ASSERT(all_valid);
+  if (first_invalid != kNoError) atomicMin(&p.error[1], first_invalid);
   const double total = block_sum(mass, scratch);
   const int64_t nonzero_end = static_cast<int64_t>(block_max(extent, scratch));
+  if (block_min(first_invalid, scratch) != kNoError) {  // reported on the host
+    if (threadIdx.x == 0) p.out[row] = valid;
+    return;
+  }
   if (nonzero_end == 0) {  // M == 0: nothing to tell apart, keep all
     if (threadIdx.x == 0) p.out[row] = valid;
     return;
@@ -134,11 +142,13 @@ at::Tensor mass_keep_count_cuda(const at::Tensor& ranked_scores, double toleranc
   at::Tensor result = at::empty({s.batch, s.heads}, scores.options().dtype(at::kLong));
   const int64_t rows = s.batch * s.heads;
   if (rows == 0) return result;
+  at::Tensor error = at::full({2}, -1, scores.options().dtype(at::kLong));  // all bits set: no error
 
   MassKeepCountKernelParams p{};
   p.scores = scores.const_data_ptr();
   p.valid_len = lens.defined() ? lens.const_data_ptr<int64_t>() : nullptr;
   p.out = result.data_ptr<int64_t>();
+  p.error = reinterpret_cast<unsigned long long*>(error.data_ptr<int64_t>());
   p.heads = s.heads;
   p.candidates = s.candidates;
   p.tolerance = tolerance;
@@ -148,6 +158,23 @@ at::Tensor mass_keep_count_cuda(const at::Tensor& ranked_scores, double toleranc
         <<<grid_size(rows), kThreads, 0, stream>>>(p);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // The one synchronization (see the top of the file).
+  const at::Tensor report = error.cpu();
+  const auto* first_bad = reinterpret_cast<const unsigned long long*>(report.const_data_ptr<int64_t>());
+  if (first_bad[0] != kNoError) {
+    const int64_t b = static_cast<int64_t>(first_bad[0]);
+    TORCH_CHECK(false, "mass_keep_count: expected valid_len[", b, "] in [0, ", s.candidates,
+                "] (the number of candidates), got ", lens[b].item<int64_t>());
+  }
+  if (first_bad[1] != kNoError) {
+    const int64_t flat = static_cast<int64_t>(first_bad[1]);
+    const int64_t j = flat % s.candidates;
+    const int64_t h = (flat / s.candidates) % s.heads;
+    const int64_t b = flat / (s.candidates * s.heads);
+    TORCH_CHECK(false, "mass_keep_count: expected finite, non-negative ranked_scores, got ranked_scores[", b,
+                ", ", h, ", ", j, "] = ", scores[b][h][j].item<float>());
+  }
   return result;
 }
 
