@@ -51,8 +51,8 @@ def attention_importance(
             style), one logit per query head, of any floating dtype on the
             device of ``query`` (used in float32): a virtual key that every row
             sees and that is never scored itself. Non-finite sinks are an
-            error (on CUDA a device-side assertion, which needs no host
-            synchronization).
+            error (on CUDA checked on a host copy: one synchronization, only
+            when sinks are given).
 
     Returns:
         float32 ``[b, H, n]`` (or ``[b, Hkv, n]`` with ``group_reduce``):
@@ -141,8 +141,8 @@ def mass_keep_count(
         ``V`` when ``M == 0`` (nothing to tell candidates apart), ``0`` when
         ``V == 0``. With ``delta = 0`` the count reaches the last non-zero
         score exactly, however small, so no mass at all is dropped. Sums are
-        in float64. Negative or non-finite scores are an error (on CUDA a
-        device-side assertion, which needs no host synchronization).
+        in float64. Negative or non-finite scores are an error (on CUDA reported
+        through a device buffer read once per call: one synchronization).
     """
     return torch.ops.refreekv.mass_keep_count.default(ranked_scores, float(tolerance), valid_len)
 

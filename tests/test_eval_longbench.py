@@ -109,7 +109,7 @@ def test_sample_record_carries_a_planted_depth_only_when_the_data_has_one():
 
     stats = CompressionStats(
         layers=(0, 1), kept=torch.tensor([[6.0, 6.0], [3.0, 4.5]]), held=torch.tensor([[6, 6], [3, 5]]), prompt_tokens=torch.tensor([6, 8]),
-        kv_bytes_before=0, kv_bytes_after=0, kv_padding_bytes=0,
+        kv_bytes_before=0, kv_bytes_after=0, kv_bytes_allocated=0, kv_padding_bytes=0,
     )  # fmt: skip
     built = ModelInput(torch.zeros(1, 8, dtype=torch.long), "text", truncated=False, chat=True)
     raw = {"_id": "n1", "input": "q", "context": "c", "answers": ["a"], "depth": 0.25}
@@ -354,6 +354,93 @@ def test_output_dir_of_another_configuration_is_refused(assets, reference_runs, 
     assert (reference_runs["refreekv"] / "config.json").read_text() == config_before
     # the same configuration with another task list or limit is fine: nothing left to do
     assert run(request(assets, reference_runs["refreekv"], tasks="lcc", limit=1))["samples_done_now"] == 0
+
+
+def cli_run(assets, output: Path, *extra: str) -> list[str]:
+    """A one-sample `run` command line on the fixtures, plus `extra`."""
+    _, model, data = assets
+    return ["run", "--model", str(model), "--data-dir", str(data), "--output-dir", str(output), "--max-input-length", "256",
+            "--tasks", "lcc", "--limit", "1", "--threads", "1", "--no-progress", *extra]  # fmt: skip
+
+
+def refused_in_one_line(capsys, *parts: str) -> None:
+    """The CLI said why in one line on stderr, argparse-style, no traceback
+    (a model that loaded may have shown its loading bar before)."""
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert last.startswith("refreekv-longbench run: error: ") and err.endswith("\n") and "Traceback" not in err, err
+    for part in parts:
+        assert part in last, err
+
+
+def test_protected_layers_past_the_model_are_refused_before_loading_and_the_corrected_run_starts(assets, tmp_path, capsys, monkeypatch):
+    output = tmp_path / "out"
+    with monkeypatch.context() as patched:
+        patched.setattr(runner, "load_model", lambda *a, **k: pytest.fail("the model was loaded although the request is invalid"))
+        assert main(cli_run(assets, output, "--option", "protected_layers=0,9")) == 2
+    refused_in_one_line(capsys, "protected_layers [9] out of range for a model with 4 layers: expected indices from -4 to 3, got (0, 9)")
+    assert not output.exists()
+    assert main(cli_run(assets, output, "--option", "protected_layers=0,3")) == 0
+    assert json.loads((output / "config.json").read_text())["config"]["options"]["protected_layers"] == [0, 3]
+
+
+def test_layer_options_only_the_loaded_model_can_check_leave_nothing_behind(assets, tmp_path, capsys, monkeypatch):
+    # As for the bundled model, whose layer count is inside its weights file.
+    monkeypatch.setattr(runner, "layer_count", lambda model: None)
+    assert main(cli_run(assets, tmp_path / "out", "--option", "protected_layers=0,9")) == 2
+    refused_in_one_line(capsys, f"cannot patch {assets[1]} with refreekv(protected_layers=(0,9)): protected_layers [9] out of range")
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_cuda_on_a_cpu_only_torch_is_refused_before_loading(assets, tmp_path, capsys, no_model_loading, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(cli_run(assets, tmp_path / "out", "--device", "cuda")) == 2
+    refused_in_one_line(capsys, "--device cuda: no cuda device is available to this torch")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_below_a_file_is_refused_before_loading(assets, tmp_path, capsys, no_model_loading):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    assert main(cli_run(assets, blocker / "out")) == 2
+    refused_in_one_line(capsys, f"--output-dir {blocker / 'out'} cannot be created: {blocker} is a file")
+    assert blocker.read_text() == "mine" and list(tmp_path.iterdir()) == [blocker]
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write in any folder")
+def test_an_unwritable_output_folder_is_refused_before_loading(assets, tmp_path, capsys, no_model_loading):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main(cli_run(assets, locked / "out")) == 2
+        refused_in_one_line(capsys, f"--output-dir {locked / 'out'}: no permission to write in {locked}")
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"chat_template": "no"}, "chat_template must be True or False, got 'no' of type str"),
+        ({"longbench_e": 1}, "longbench_e must be True or False, got 1 of type int"),
+        ({"progress": None}, "progress must be True or False, got None of type NoneType"),
+        ({"threads": 0}, "--threads must be an integer >= 1, got 0"),
+        ({"threads": 2.0}, "--threads must be an integer >= 1, got 2.0 of type float"),
+        ({"max_input_length": 256.0}, "--max-input-length must be an integer >= 2, got 256.0 of type float"),
+        ({"limit": 0}, "--limit must be an integer >= 1, got 0"),
+        ({"attn_implementation": "flash_attention_2"}, "--attn-implementation must be 'sdpa' or 'eager', got 'flash_attention_2'"),
+        ({"device": "gpu7"}, "--device 'gpu7' is not a device (cpu, cuda, cuda:N, auto)"),
+        ({"options": {"include_sinks_in_norm": "no"}}, "include_sinks_in_norm must be True or False, got 'no' of type str"),
+        ({"options": {"window_rows": 0}}, "window_rows as a row count must be >= 1, got 0"),
+        ({"options": {"protected_layers": 5}}, "protected_layers must be a sequence of layer indices"),
+    ],
+)
+def test_bad_request_values_are_refused_before_any_work(assets, tmp_path, no_model_loading, overrides, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        run(request(assets, tmp_path / "out", **overrides))
+    assert not (tmp_path / "out").exists()
 
 
 def test_malformed_data_lines_are_reported_skipped_and_counted(assets, tmp_path):

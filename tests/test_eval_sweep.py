@@ -209,13 +209,20 @@ def no_model(monkeypatch):
         ({"tasks": ["nope"]}, "unknown task"),
         ({"lengths": []}, "--lengths takes context lengths"),
         ({"lengths": [512, 512]}, "names a length twice"),
-        ({"samples": 0}, "--samples must be >= 1, got 0"),
-        ({"batch_size": 0}, "--batch-size must be >= 1, got 0"),
+        ({"samples": 0}, "--samples must be an integer >= 1, got 0"),
+        ({"samples": 2.5}, "--samples must be an integer >= 1, got 2.5 of type float"),
+        ({"batch_size": 0}, "--batch-size must be an integer >= 1, got 0"),
+        ({"lengths": [512.5]}, "--lengths takes context lengths in tokens, each >= 16"),
         ({"suite": None}, "give either --suite"),
         ({"data_dir": "/tmp"}, "give either --suite"),
-        ({"attn_implementation": "flash_attention_2"}, "--attn-implementation must be one of sdpa, eager"),
-        ({"threads": 0}, "--threads must be >= 1, got 0"),
+        ({"attn_implementation": "flash_attention_2"}, "--attn-implementation must be 'sdpa' or 'eager', got 'flash_attention_2'"),
+        ({"threads": 0}, "--threads must be an integer >= 1, got 0"),
         ({"device": "gpu7"}, "--device 'gpu7' is not a device"),
+        ({"chat_template": "no"}, "chat_template must be True or False, got 'no' of type str"),
+        ({"plain": 1}, "plain must be True or False, got 1 of type int"),
+        ({"grid": "GRID:[refreekv]\nprotected_layers = [0, 9]"},
+         r"grid point refreekv\(protected_layers=\(0,9\)\): protected_layers \[9\] out of range for a model with 4 layers"),
+        ({"grid": "GRID:[refreekv]\ninclude_sinks_in_norm = \"no\""}, "option include_sinks_in_norm: expected a boolean"),
         ({"suite": "longbench"}, "unknown suite 'longbench'"),
         ({"model": "/nonexistent/model"}, "model directory /nonexistent/model not found"),
     ],
@@ -228,6 +235,22 @@ def test_bad_requests_fail_before_any_model_is_loaded(assets, tmp_path, no_model
         overrides = {**overrides, "grid": str(path)}
     with pytest.raises(UsageError, match=message):
         run_sweep(request(assets, tmp_path / "out", **overrides))
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_cuda_on_a_cpu_only_torch_fails_before_any_model_is_loaded(assets, tmp_path, no_model, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="--device cuda: no cuda device is available to this torch"):
+        run_sweep(request(assets, tmp_path / "out", device="cuda"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_below_a_file_fails_before_any_model_is_loaded(assets, tmp_path, no_model):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    with pytest.raises(UsageError, match=f"--output-dir {blocker / 'out'} cannot be created: {blocker} is a file"):
+        run_sweep(request(assets, blocker / "out"))
+    assert list(tmp_path.iterdir()) == [blocker]
 
 
 def test_an_empty_task_file_fails_before_any_model_is_loaded(assets, tmp_path, no_model):
@@ -249,4 +272,4 @@ def test_the_cli_reports_bad_requests_in_one_line(assets, tmp_path, capsys, no_m
     _, model, grid = assets
     code = main(["sweep", "--model", str(model), "--suite", "ruler", "--lengths", "512", "--grid", str(grid),
                  "--samples", "0", "--output-dir", str(tmp_path / "o")])  # fmt: skip
-    assert code == 2 and "refreekv-longbench sweep: error: --samples must be >= 1, got 0" in capsys.readouterr().err
+    assert code == 2 and "refreekv-longbench sweep: error: --samples must be an integer >= 1, got 0" in capsys.readouterr().err

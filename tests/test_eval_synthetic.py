@@ -7,7 +7,7 @@ import re
 import pytest
 
 from refreekv.eval.data import read_samples
-from refreekv.eval.synthetic import SYNTHETIC_TASKS, generate
+from refreekv.eval.synthetic import SYNTHETIC_TASKS, generate, main
 from refreekv.eval.tasks import TASKS
 
 
@@ -65,3 +65,12 @@ def test_deterministic(generated, tmp_path):
     assert json.loads(other["passage_count"].read_text().splitlines()[0]) != json.loads(
         paths["passage_count"].read_text().splitlines()[0]
     )
+
+
+def test_cli_refuses_too_few_words_in_one_line_and_writes_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--output-dir", str(tmp_path / "out"), "--words", "50"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: words must be an integer >= 100, got 50" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -82,3 +82,11 @@ def test_the_first_token_is_the_prefill_s_and_decoding_needs_the_patch(model, ba
         prefilled.generate(cache, NEW_TOKENS)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
         prefilled.generate(cache, 0)
+
+
+def test_branch_refuses_a_non_boolean_evict():
+    # A truthy stand-in would silently pick eviction or masking.
+    one_prefill = prefill(tiny_model("llama", "sdpa"), *prompts([48]), pad_token_id=0)
+    for evict in ("no", 0, None):
+        with pytest.raises(TypeError, match=r"evict must be True or False, got .* of type"):
+            one_prefill.branch(make_method("snapkv", budget=0.4), evict=evict)

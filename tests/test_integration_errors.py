@@ -43,7 +43,7 @@ BAD_OPTIONS = {
     "pooling": (("snapkv",), {"pooling": "median"}, ValueError, r"pooling must be 'max' or 'avg', got 'median'"),
     "window": (("snapkv",), {"window": 0}, ValueError, r"window must be an integer >= 1, got 0"),
     "beta": (("pyramidkv",), {"beta": 0.5}, ValueError, r"beta must be a number >= 1, got 0.5"),
-    "window rows": (("refreekv",), {"window_rows": 0}, ValueError, r"budget as a token count must be >= 1, got 0"),
+    "window rows": (("refreekv",), {"window_rows": 0}, ValueError, r"window_rows as a row count must be >= 1, got 0"),
     "tolerance": (("coverage",), {"tolerance": 1.5}, ValueError, r"tolerance must be in \[0, 1\), got 1.5"),
     "stop": (("coverage",), {"stop": "entropy"}, ValueError, r"stop must be one of 'mass', 'norm', 'output'; got 'entropy'"),
 }

@@ -55,6 +55,11 @@ def available_methods() -> dict[str, dict[str, Any]]:
 
 def make_method(name: str, **options: Any) -> CompressionMethod:
     """Builds a method by name, rejecting unknown names and options."""
+    if not isinstance(name, str):
+        raise TypeError(
+            f"method must be a name from refreekv.methods() or a CompressionMethod instance, "
+            f"got {name!r} of type {type(name).__name__}"
+        )
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(_METHODS)}")
     cls = _METHODS[name]

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
+from refreekv.compression.checks import check_count_or_fraction, check_int, check_layer_indices
 from refreekv.ops import attention_importance
 
 __all__ = [
@@ -26,7 +27,6 @@ __all__ = [
     "LayerInputs",
     "PositionalMethod",
     "ScoredMethod",
-    "check_budget",
     "resolve_budget",
 ]
 
@@ -130,17 +130,6 @@ class KeepPlan:
         return bool((self.kept_lengths() == real_len[:, None]).all())
 
 
-def check_budget(budget: Any) -> None:
-    """A budget is a fraction of the prompt in (0, 1] or a token count >= 1."""
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise TypeError(f"budget must be a fraction in (0, 1] or a token count >= 1, got {budget!r}")
-    if isinstance(budget, numbers.Integral):
-        if budget < 1:
-            raise ValueError(f"budget as a token count must be >= 1, got {budget}")
-    elif not 0.0 < budget <= 1.0:
-        raise ValueError(f"budget as a fraction of the prompt must be in (0, 1], got {budget}")
-
-
 def resolve_budget(budget: float | int, real_len: torch.Tensor) -> torch.Tensor:
     """[b] tokens to keep per sequence, never more than it has."""
     if isinstance(budget, numbers.Integral):
@@ -148,11 +137,6 @@ def resolve_budget(budget: float | int, real_len: torch.Tensor) -> torch.Tensor:
     else:
         tokens = torch.round(real_len.double() * float(budget)).long().clamp(min=1)
     return torch.minimum(tokens, real_len)
-
-
-def _check_window(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 class CompressionMethod:
@@ -171,17 +155,16 @@ class CompressionMethod:
 
     def __init__(self, protected_layers: Optional[Sequence[int]] = None):
         layers = self.default_protected_layers if protected_layers is None else protected_layers
-        if isinstance(layers, (str, bytes)) or not all(
-            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers
-        ):
-            raise TypeError(f"protected_layers must be a sequence of layer indices, got {protected_layers!r}")
-        self.protected_layers = tuple(sorted(set(int(i) for i in layers)))
+        self.protected_layers = check_layer_indices("protected_layers", layers)
 
     def check_model(self, num_layers: int) -> None:
         """Raises before anything runs if the options do not fit the model."""
         bad = [i for i in self.protected_layers if not -num_layers <= i < num_layers]
         if bad:
-            raise ValueError(f"protected_layers {bad} out of range for a model with {num_layers} layers")
+            raise ValueError(
+                f"protected_layers {bad} out of range for a model with {num_layers} layers: "
+                f"expected indices from {-num_layers} to {num_layers - 1}, got {self.protected_layers}"
+            )
 
     def is_protected(self, layer_idx: int, num_layers: int) -> bool:
         return any(i % num_layers == layer_idx for i in self.protected_layers)
@@ -229,9 +212,7 @@ class PositionalMethod(CompressionMethod):
 
     def __init__(self, *, num_sinks: int = 4, protected_layers: Optional[Sequence[int]] = None):
         super().__init__(protected_layers)
-        if isinstance(num_sinks, bool) or not isinstance(num_sinks, numbers.Integral) or num_sinks < 0:
-            raise ValueError(f"num_sinks must be an integer >= 0, got {num_sinks!r}")
-        self.num_sinks = int(num_sinks)
+        self.num_sinks = check_int("num_sinks", num_sinks, minimum=0)
 
     def fewest_kept(self) -> int:
         return self.num_sinks + 1  # the sinks and the newest token
@@ -260,8 +241,7 @@ class ScoredMethod(CompressionMethod):
 
     def __init__(self, *, budget: float | int = 0.5, protected_layers: Optional[Sequence[int]] = None):
         super().__init__(protected_layers)
-        check_budget(budget)
-        self.budget = budget
+        self.budget = check_count_or_fraction("budget", budget)
 
     @staticmethod
     def keep_top(

@@ -9,13 +9,13 @@ option exist to reproduce the study.
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from refreekv.compression.base import CompressionMethod, KeepPlan, LayerInputs, ScoredMethod, _check_window
+from refreekv.compression.base import CompressionMethod, KeepPlan, LayerInputs, ScoredMethod
+from refreekv.compression.checks import check_choice, check_int, check_real
 from refreekv.ops import adaptive_keep_count, mass_keep_count
 
 __all__ = ["Coverage"]
@@ -69,23 +69,13 @@ class Coverage(CompressionMethod):
         protected_layers: Optional[Sequence[int]] = None,
     ):
         super().__init__(protected_layers)
-        if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not 0.0 <= tolerance < 1.0:
-            raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
-        for option, value, choices in (("stop", stop, STOPS), ("ranking", ranking, RANKINGS), ("granularity", granularity, GRANULARITIES)):
-            if value not in choices:
-                raise ValueError(f"{option} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-        _check_window("window", window)
-        if isinstance(kernel, bool) or not isinstance(kernel, numbers.Integral) or kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"kernel must be an odd integer >= 1, got {kernel!r}")
-        if isinstance(num_sinks, bool) or not isinstance(num_sinks, numbers.Integral) or num_sinks < 0:
-            raise ValueError(f"num_sinks must be an integer >= 0, got {num_sinks!r}")
-        self.tolerance = float(tolerance)
-        self.stop = stop
-        self.ranking = ranking
-        self.granularity = granularity
-        self.window = int(window)
-        self.kernel = int(kernel)
-        self.num_sinks = int(num_sinks)
+        self.tolerance = check_real("tolerance", tolerance, minimum=0.0, below=1.0)
+        self.stop = check_choice("stop", stop, STOPS)
+        self.ranking = check_choice("ranking", ranking, RANKINGS)
+        self.granularity = check_choice("granularity", granularity, GRANULARITIES)
+        self.window = check_int("window", window, minimum=1)
+        self.kernel = check_int("kernel", kernel, minimum=1, odd=True)
+        self.num_sinks = check_int("num_sinks", num_sinks, minimum=0)
 
     def decode_query_rows(self, recompress_every: int) -> int:
         return self.window

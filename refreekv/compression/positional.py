@@ -7,7 +7,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from refreekv.compression.base import KeepPlan, LayerInputs, PositionalMethod, ScoredMethod, check_budget, resolve_budget
+from refreekv.compression.base import KeepPlan, LayerInputs, PositionalMethod, ScoredMethod, resolve_budget
+from refreekv.compression.checks import check_bool, check_choice, check_count_or_fraction, check_real
 from refreekv.ops import adaptive_keep_count
 
 __all__ = ["ReFreeKV", "StreamingLLM"]
@@ -21,8 +22,7 @@ class StreamingLLM(PositionalMethod):
 
     def __init__(self, *, budget: float | int = 0.5, num_sinks: int = 4, protected_layers: Optional[Sequence[int]] = None):
         super().__init__(num_sinks=num_sinks, protected_layers=protected_layers)
-        check_budget(budget)
-        self.budget = budget
+        self.budget = check_count_or_fraction("budget", budget)
 
     def recent_count(self, inputs: LayerInputs, sinks: torch.Tensor) -> torch.Tensor:
         budget = inputs.budget_tokens(self.budget)
@@ -60,15 +60,10 @@ class ReFreeKV(PositionalMethod):
         ranking: str = "position",
     ):
         super().__init__(num_sinks=num_sinks, protected_layers=protected_layers)
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold < 1.0:
-            raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
-        check_budget(window_rows)  # same rule: a count >= 1 or a fraction in (0, 1]
-        if ranking not in ("position", "attention"):
-            raise ValueError(f"ranking must be 'position' or 'attention', got {ranking!r}")
-        self.threshold = float(threshold)
-        self.window_rows = window_rows
-        self.include_sinks_in_norm = bool(include_sinks_in_norm)
-        self.ranking = ranking
+        self.threshold = check_real("threshold", threshold, minimum=0.0, below=1.0)
+        self.window_rows = check_count_or_fraction("window_rows", window_rows, count="a row count")
+        self.include_sinks_in_norm = check_bool("include_sinks_in_norm", include_sinks_in_norm)
+        self.ranking = check_choice("ranking", ranking, ("position", "attention"))
 
     def _signal(self, inputs: LayerInputs, group_reduce: Optional[str] = None) -> torch.Tensor:
         """Attention of the last k prompt rows, averaged over the rows that

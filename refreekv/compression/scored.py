@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from refreekv.compression.base import KeepPlan, LayerInputs, ScoredMethod, _check_window
+from refreekv.compression.base import KeepPlan, LayerInputs, ScoredMethod
+from refreekv.compression.checks import check_choice, check_int, check_real
 
 __all__ = ["H2O", "PyramidKV", "SnapKV"]
 
@@ -39,11 +39,8 @@ class H2O(ScoredMethod):
         protected_layers: Optional[Sequence[int]] = None,
     ):
         super().__init__(budget=budget, protected_layers=protected_layers)
-        if observation not in ("window", "all"):
-            raise ValueError(f"observation must be 'window' or 'all', got {observation!r}")
-        _check_window("window", window)
-        self.observation = observation
-        self.window = int(window)
+        self.observation = check_choice("observation", observation, ("window", "all"))
+        self.window = check_int("window", window, minimum=1)
 
     def decode_query_rows(self, recompress_every: int) -> int:
         # "all": every query since the last event, the ones sure to be held.
@@ -76,14 +73,9 @@ class SnapKV(ScoredMethod):
         protected_layers: Optional[Sequence[int]] = None,
     ):
         super().__init__(budget=budget, protected_layers=protected_layers)
-        _check_window("window", window)
-        if isinstance(kernel, bool) or not isinstance(kernel, numbers.Integral) or kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"kernel must be an odd integer >= 1, got {kernel!r}")
-        if pooling not in ("max", "avg"):
-            raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
-        self.window = int(window)
-        self.kernel = int(kernel)
-        self.pooling = pooling
+        self.window = check_int("window", window, minimum=1)
+        self.kernel = check_int("kernel", kernel, minimum=1, odd=True)
+        self.pooling = check_choice("pooling", pooling, ("max", "avg"))
 
     def decode_query_rows(self, recompress_every: int) -> int:
         return self.window
@@ -126,9 +118,7 @@ class PyramidKV(SnapKV):
         protected_layers: Optional[Sequence[int]] = None,
     ):
         super().__init__(budget=budget, window=window, kernel=kernel, pooling=pooling, protected_layers=protected_layers)
-        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or beta < 1:
-            raise ValueError(f"beta must be a number >= 1, got {beta!r}")
-        self.beta = float(beta)
+        self.beta = check_real("beta", beta, minimum=1.0)
 
     def layer_budget(self, inputs: LayerInputs) -> torch.Tensor:
         if inputs.max_tokens is not None:

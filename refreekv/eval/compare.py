@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from refreekv.eval.config import check_output_dir
 from refreekv.eval.data import BadLine
 from refreekv.eval.quality import format_markdown, markdown_table, summarize, write_report
 from refreekv.eval.scoring import score_run
@@ -58,6 +59,7 @@ def compare_runs(run_dirs: Sequence[str | Path], output_dir: str | Path, names: 
 
     if not run_dirs:
         raise UsageError("compare needs at least one run directory")
+    check_output_dir(Path(output_dir))
     dirs = [Path(d) for d in run_dirs]
     sweeps = [d for d in dirs if (d / SWEEP_FILE).is_file()]
     if sweeps:

@@ -5,17 +5,19 @@ second process can never mix predictions of two configurations."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from refreekv.eval.errors import ConfigMismatch
+from refreekv.eval.errors import ConfigMismatch, UsageError
 from refreekv.eval.options import method_label
 from refreekv.eval.records import write_json_atomic
 
 __all__ = [
-    "CONFIG_FILE", "RunConfig", "check_or_write_config", "config_mismatch", "environment", "flatten_config", "read_config",
+    "CONFIG_FILE", "RunConfig", "check_config", "check_output_dir", "config_mismatch", "environment", "flatten_config",
+    "read_config", "write_config",
 ]  # fmt: skip
 
 CONFIG_FILE = "config.json"
@@ -62,23 +64,48 @@ def flatten_config(config: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def check_or_write_config(run_dir: Path, config: RunConfig, versions: dict[str, Any]) -> None:
-    """Writes config.json (with `versions`, from `environment()`) into a new
-    run directory, or checks that an existing one was made with the same
-    configuration."""
+def check_output_dir(path: Path) -> None:
+    """Raises UsageError unless `path` is a folder this process may write
+    in, or one it may create. Checked, not created: a refused run leaves
+    nothing behind."""
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path.absolute() else f"cannot be created: {existing} is a file"
+        raise UsageError(f"--output-dir {path} {where}; expected a folder (existing or to be created)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output-dir {path}: no permission to write in {existing}; expected a folder this user can write in")
+
+
+def check_config(run_dir: Path, config: RunConfig) -> None:
+    """Raises ConfigMismatch if `run_dir` holds a run made with another
+    configuration (or an unreadable config.json)."""
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        return
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8")).get("config")
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise ConfigMismatch(f"{path} is unreadable ({error}); use another --output-dir") from None
     wanted = config.to_json()
+    if stored != wanted:
+        raise config_mismatch(run_dir, "a run", stored or {}, wanted)
+
+
+def write_config(run_dir: Path, config: RunConfig, versions: dict[str, Any]) -> None:
+    """Writes config.json (with `versions`, from `environment()`) into a run
+    directory that has none, once the run is sure to start (`check_config`
+    has passed: an existing one holds the same configuration)."""
     path = run_dir / CONFIG_FILE
     if path.exists():
-        try:
-            stored = json.loads(path.read_text(encoding="utf-8")).get("config")
-        except (json.JSONDecodeError, AttributeError) as error:
-            raise ConfigMismatch(f"{path} is unreadable ({error}); use another --output-dir") from None
-        if stored != wanted:
-            raise config_mismatch(run_dir, "a run", stored or {}, wanted)
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # atomic: ranks racing here write the same content
-    write_json_atomic(path, {"config": wanted, "environment": versions})
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # atomic: ranks racing here write the same content
+        write_json_atomic(path, {"config": config.to_json(), "environment": versions})
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def config_mismatch(directory: Path, what: str, stored: dict[str, Any], wanted: dict[str, Any]) -> ConfigMismatch:

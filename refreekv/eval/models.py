@@ -9,10 +9,16 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["BUNDLED_MODEL", "DTYPES", "check_model", "load_model", "resolve_device", "resolve_dtype"]
+from refreekv.compression.checks import check_bool, check_choice, check_int
+
+__all__ = [
+    "ATTENTION", "BUNDLED_MODEL", "DTYPES", "check_model", "check_settings", "layer_count", "load_model", "resolve_device",
+    "resolve_dtype",
+]  # fmt: skip
 
 BUNDLED_MODEL = "bundled:smollm2"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ATTENTION = ("sdpa", "eager")
 
 
 def check_model(model: str) -> str:
@@ -30,11 +36,24 @@ def check_model(model: str) -> str:
 
 def resolve_device(device: str, local_rank: int, world: int) -> str:
     """"auto" is cuda when a GPU is there, else cpu; with several ranks each
-    takes the GPU of its local rank."""
+    takes the GPU of its local rank. A device this torch cannot use (a typo,
+    cuda on a CPU-only build, a GPU index past the last) is a ValueError,
+    found before the model loads."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and world > 1:
         device = f"cuda:{local_rank}"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:N, auto): {error}") from None
+    if parsed.type == "cpu":
+        return device
+    backend = getattr(torch, parsed.type, None)
+    if not hasattr(backend, "is_available") or not backend.is_available():
+        raise ValueError(f"--device {device}: no {parsed.type} device is available to this torch ({torch.__version__}); use cpu")
+    if parsed.index is not None and parsed.index >= backend.device_count():
+        raise ValueError(f"--device {device}: this machine has {backend.device_count()} {parsed.type} device(s), numbered from 0")
     return device
 
 
@@ -46,6 +65,33 @@ def resolve_dtype(dtype: str, device: str) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     return dtype
+
+
+def check_settings(attn_implementation: str, threads: Optional[int], **switches: Any) -> None:
+    """How the model runs, as `run` and `sweep` share it: the attention, the
+    thread count, and the on/off `switches` (chat_template=..., progress=...),
+    which must be booleans: a truthy "no" would turn them on."""
+    check_choice("--attn-implementation", attn_implementation, ATTENTION)
+    if threads is not None:
+        check_int("--threads", threads, minimum=1)
+    for name, value in switches.items():
+        check_bool(name, value)
+
+
+def layer_count(model: str) -> Optional[int]:
+    """The decoder layers of a local model folder, read from its config.json
+    (no weights loaded), so options that name layers are checked first.
+    None for the bundled model: its configuration is inside the GGUF
+    weights file, and reading it there takes seconds, most of a load."""
+    if model == BUNDLED_MODEL:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read the configuration of model {model}: {error}") from None
+    return config.get_text_config().num_hidden_layers
 
 
 def load_model(model: str, dtype: str, device: str, device_map: Optional[str], attn_implementation: str):

@@ -24,11 +24,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from refreekv.eval.config import RunConfig, check_or_write_config, environment
+from refreekv.compression.checks import check_int
+from refreekv.eval.config import RunConfig, check_config, check_output_dir, environment, write_config
 from refreekv.eval.data import Sample, needs_classes, read_samples, task_file
 from refreekv.eval.errors import ConfigMismatch, UsageError
 from refreekv.eval.generation import predict
-from refreekv.eval.models import BUNDLED_MODEL, check_model, load_model, resolve_device, resolve_dtype
+from refreekv.eval.models import (
+    BUNDLED_MODEL, check_model, check_settings, layer_count, load_model, resolve_device, resolve_dtype,
+)  # fmt: skip
 from refreekv.eval.options import jsonable, method_defaults, parse_options
 from refreekv.eval.records import completed_ids, repair_tail, shard_info, write_json_atomic, write_record
 from refreekv.eval.tasks import TASKS, resolve_tasks
@@ -78,24 +81,29 @@ class _Plan:
     report_path: Path
     rank: int
     world: int
-    local_rank: int
+    device: str
 
 
 def prepare(request: RunRequest) -> _Plan:
-    """Every check (tasks, data files, method and options, model folder, the
-    output directory's configuration) and this rank's to-do list, before the
-    model is loaded. Problems raise UsageError."""
+    """Every check (tasks, data files, method and options, also against the
+    model's layer count, model folder, device, the output directory's
+    configuration and permissions) and this rank's to-do list, before the
+    model is loaded. Writes nothing. Problems raise UsageError."""
     try:
         return _prepare(request)
     except UsageError:
         raise
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, OSError) as error:  # OSError: a file or folder that cannot be read
         raise UsageError(str(error)) from error
 
 
 def _prepare(request: RunRequest) -> _Plan:
     from refreekv.compression import make_method
 
+    check_settings(
+        request.attn_implementation, request.threads,
+        longbench_e=request.longbench_e, chat_template=request.chat_template, progress=request.progress,
+    )  # fmt: skip
     tasks = resolve_tasks(request.tasks, request.longbench_e)
     data_dir = Path(request.data_dir)
     if not data_dir.exists():
@@ -106,19 +114,23 @@ def _prepare(request: RunRequest) -> _Plan:
     missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"task file(s) not found: {', '.join(missing)}")
-    if request.max_input_length < 2:
-        raise ValueError(f"--max-input-length must be >= 2, got {request.max_input_length}")
-    if request.limit is not None and request.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {request.limit}")
+    check_int("--max-input-length", request.max_input_length, minimum=2)
+    if request.limit is not None:
+        check_int("--limit", request.limit, minimum=1)
     if request.device_map not in (None, "auto"):
         raise ValueError(f"--device-map takes 'auto', got {request.device_map!r}")
     defaults = method_defaults(request.method)
-    make_method(request.method, **request.options)  # rejects unknown options and bad values
+    method = make_method(request.method, **request.options)  # rejects unknown options and bad values
+    model = check_model(request.model)
+    layers = layer_count(model)
+    if layers is not None:
+        method.check_model(layers)
     rank, world, local_rank = shard_info()
     if request.device_map and world > 1:
         raise ValueError("--device-map auto spreads one model over all GPUs; it cannot be combined with data-parallel ranks")
+    device = resolve_device(request.device, local_rank, world)
     config = RunConfig(
-        model=check_model(request.model),
+        model=model,
         method=request.method,
         options={k: jsonable(v) for k, v in {**defaults, **request.options}.items()},
         max_input_length=request.max_input_length,
@@ -127,11 +139,10 @@ def _prepare(request: RunRequest) -> _Plan:
         chat_template=request.chat_template,
         attn_implementation=request.attn_implementation,
     )
-    # Every task file is read before the output directory is made, so a
-    # file that cannot run leaves nothing behind.
     read = {task: read_samples(files[task], request.limit, needs_classes(TASKS[task])) for task in tasks}
     run_dir = Path(request.output_dir)
-    check_or_write_config(run_dir, config, environment())
+    check_output_dir(run_dir)
+    check_config(run_dir, config)
 
     report: dict[str, Any] = {
         "rank": rank,
@@ -165,7 +176,7 @@ def _prepare(request: RunRequest) -> _Plan:
         report["skipped_lines"] += [line.to_json() for line in bad]
     report["skipped_line_count"] = len(report["skipped_lines"])
     report_path = run_dir / ("report.json" if world == 1 else f"report.rank{rank}.json")
-    return _Plan(request, config, run_dir, tasks, todo, report, report_path, rank, world, local_rank)
+    return _Plan(request, config, run_dir, tasks, todo, report, report_path, rank, world, device)
 
 
 def _save_report(plan: _Plan) -> None:
@@ -185,60 +196,76 @@ def run(request: RunRequest, *, after_sample: Optional[Callable[[str, dict[str, 
     plan = prepare(request)
     report = plan.report
     if not any(plan.todo.values()):
+        write_config(plan.run_dir, plan.config, environment())
         report["finished"] = True
         _save_report(plan)
         return report
 
     # The model, patched once; each generate's prefill refreshes the stats.
-    device = resolve_device(request.device, plan.local_rank, plan.world)
-    if request.threads:
+    if request.threads is not None:
         torch.set_num_threads(request.threads)
-    elif plan.world > 1 and device == "cpu":
+    elif plan.world > 1 and plan.device == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(plan.world)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     model, tokenizer = load_model(
-        plan.config.model, plan.config.dtype, device, request.device_map, request.attn_implementation
+        plan.config.model, plan.config.dtype, plan.device, request.device_map, request.attn_implementation
     )
+    try:
+        handle = refreekv.patch(model, request.method, **request.options)
+    except (TypeError, ValueError) as error:
+        # What only the loaded model shows (an unsupported architecture, the
+        # bundled model's layer count); the run directory is still untouched.
+        raise UsageError(f"cannot patch {plan.config.model} with {plan.config.label()}: {error}") from None
+    with handle:
+        write_config(plan.run_dir, plan.config, environment())
+        try:
+            _predict_tasks(plan, model, tokenizer, handle, after_sample)
+            report["finished"] = True
+        finally:
+            _save_report(plan)
+    return report
+
+
+def _predict_tasks(
+    plan: _Plan, model, tokenizer, handle, after_sample: Optional[Callable[[str, dict[str, Any]], None]]
+) -> None:
+    """Predicts this rank's samples task by task, each record appended and
+    fsynced as it comes, the report saved after each task."""
     from tqdm.auto import tqdm
 
-    try:
-        with refreekv.patch(model, request.method, **request.options) as handle:
-            for task in plan.tasks:
-                todo = plan.todo[task]
-                entry = report["tasks"][task]
-                if not todo:
-                    continue
-                out_path = plan.run_dir / task / f"predictions.rank{plan.rank}.jsonl"
-                out_path.parent.mkdir(parents=True, exist_ok=True)
-                repair_tail(out_path)
-                bar = tqdm(
-                    total=entry["assigned"],
-                    initial=entry["done_before"],
-                    desc=task if plan.world == 1 else f"{task} [rank {plan.rank}]",
-                    unit="sample",
-                    position=plan.rank if plan.world > 1 else None,
-                    disable=not request.progress,
-                    file=sys.stderr,
-                    dynamic_ncols=True,
-                )
-                start = time.perf_counter()
-                with open(out_path, "a", encoding="utf-8") as out:
-                    try:
-                        for sample in todo:
-                            record = predict(
-                                model, tokenizer, handle, TASKS[task], sample, request.max_input_length, request.chat_template
-                            )
-                            write_record(out, record)
-                            entry["done_now"] += 1
-                            entry["done"] += 1
-                            bar.update(1)
-                            if after_sample is not None:
-                                after_sample(task, record)
-                    finally:
-                        entry["seconds"] = round(entry["seconds"] + time.perf_counter() - start, 3)
-                        bar.close()
-                        _save_report(plan)
-        report["finished"] = True
-    finally:
-        _save_report(plan)
-    return report
+    request, report = plan.request, plan.report
+    for task in plan.tasks:
+        todo = plan.todo[task]
+        entry = report["tasks"][task]
+        if not todo:
+            continue
+        out_path = plan.run_dir / task / f"predictions.rank{plan.rank}.jsonl"
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        repair_tail(out_path)
+        bar = tqdm(
+            total=entry["assigned"],
+            initial=entry["done_before"],
+            desc=task if plan.world == 1 else f"{task} [rank {plan.rank}]",
+            unit="sample",
+            position=plan.rank if plan.world > 1 else None,
+            disable=not request.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        start = time.perf_counter()
+        with open(out_path, "a", encoding="utf-8") as out:
+            try:
+                for sample in todo:
+                    record = predict(
+                        model, tokenizer, handle, TASKS[task], sample, request.max_input_length, request.chat_template
+                    )
+                    write_record(out, record)
+                    entry["done_now"] += 1
+                    entry["done"] += 1
+                    bar.update(1)
+                    if after_sample is not None:
+                        after_sample(task, record)
+            finally:
+                entry["seconds"] = round(entry["seconds"] + time.perf_counter() - start, 3)
+                bar.close()
+                _save_report(plan)

@@ -43,12 +43,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from refreekv.eval.config import config_mismatch, environment
+from refreekv.compression.checks import check_int
+from refreekv.eval.config import check_output_dir, config_mismatch, environment
 from refreekv.eval.data import BadLine, Sample, needs_classes, read_jsonl, read_samples
 from refreekv.eval.errors import ConfigMismatch, UsageError
 from refreekv.eval.generation import eos_ids, pad_id, sample_record
 from refreekv.eval.grid import GridPoint, load_grid
-from refreekv.eval.models import check_model, load_model, resolve_device, resolve_dtype
+from refreekv.eval.models import check_model, check_settings, layer_count, load_model, resolve_device, resolve_dtype
 from refreekv.eval.prompting import ModelInput, build_input
 from refreekv.eval.records import repair_tail, write_json_atomic, write_record
 from refreekv.eval.tasks import RULER_TASKS, TASKS, resolve_tasks
@@ -59,7 +60,6 @@ SWEEP_FILE = "sweep.json"
 RECORDS_FILE = "records.jsonl"
 RECORD_FIELDS = ("point", "method", "length", "task", "_id", "pred", "answers")
 SUITES = ("ruler",)
-ATTENTION = ("sdpa", "eager")
 
 
 @dataclass
@@ -101,7 +101,7 @@ def _check(request: SweepRequest) -> _Plan:
     """Every check that needs no model: grid, tasks, lengths, data, output."""
     try:
         return _check_request(request)
-    except ValueError as error:  # UsageError included
+    except (TypeError, ValueError) as error:  # UsageError included
         raise error if isinstance(error, UsageError) else UsageError(str(error)) from None
 
 
@@ -109,7 +109,7 @@ def _check_request(request: SweepRequest) -> _Plan:
     points = load_grid(request.grid) if isinstance(request.grid, (str, Path)) else list(request.grid)
     if not points:
         raise UsageError("the grid names no point")
-    if not request.lengths or any(isinstance(n, bool) or int(n) < 16 for n in request.lengths):
+    if not request.lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 16 for n in request.lengths):
         raise UsageError(f"--lengths takes context lengths in tokens, each >= 16; got {request.lengths}")
     if len(set(request.lengths)) != len(request.lengths):
         raise UsageError(f"--lengths names a length twice: {request.lengths}")
@@ -124,20 +124,15 @@ def _check_request(request: SweepRequest) -> _Plan:
         foreign = [t for t in tasks if t not in RULER_TASKS]
         if foreign:
             raise UsageError(f"task(s) {', '.join(foreign)} are not in the ruler suite ({', '.join(RULER_TASKS)})")
-    if request.samples < 1:
-        raise UsageError(f"--samples must be >= 1, got {request.samples}")
-    if request.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {request.batch_size}")
-    if request.max_input_length is not None and request.max_input_length < 2:
-        raise UsageError(f"--max-input-length must be >= 2, got {request.max_input_length}")
-    if request.attn_implementation not in ATTENTION:
-        raise UsageError(f"--attn-implementation must be one of {', '.join(ATTENTION)}, got {request.attn_implementation!r}")
-    if request.threads is not None and request.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {request.threads}")
-    try:
-        torch.device(resolve_device(request.device, 0, 1))
-    except RuntimeError as error:
-        raise UsageError(f"--device {request.device!r} is not a device (cpu, cuda, cuda:N, auto): {error}") from None
+    check_int("--samples", request.samples, minimum=1)
+    check_int("--batch-size", request.batch_size, minimum=1)
+    if request.max_input_length is not None:
+        check_int("--max-input-length", request.max_input_length, minimum=2)
+    check_settings(
+        request.attn_implementation, request.threads,
+        chat_template=request.chat_template, progress=request.progress, plain=request.plain,
+    )  # fmt: skip
+    resolve_device(request.device, 0, 1)
     if request.data_dir is not None:
         for length in request.lengths:
             for task in tasks:
@@ -148,6 +143,9 @@ def _check_request(request: SweepRequest) -> _Plan:
         model = check_model(request.model)
     except FileNotFoundError as error:
         raise UsageError(str(error)) from None
+    layers = layer_count(model)
+    if layers is not None:
+        _check_layers(points, layers)
     dtype = resolve_dtype(request.dtype, request.device)
     config = {
         "model": model,
@@ -160,10 +158,18 @@ def _check_request(request: SweepRequest) -> _Plan:
         "data_dir": None if request.data_dir is None else str(Path(request.data_dir).resolve()),
     }
     output_dir = Path(request.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError(f"--output-dir {output_dir} is a file, not a directory")
+    check_output_dir(output_dir)
     _check_stored_config(output_dir, config, points)
     return _Plan(request, points, tasks, output_dir, config)
+
+
+def _check_layers(points: list[GridPoint], layers: int) -> None:
+    """Refuses grid points whose options name layers the model lacks."""
+    for point in points:
+        try:
+            point.make().check_model(layers)
+        except ValueError as error:
+            raise UsageError(f"grid point {point.label}: {error}") from None
 
 
 def _check_stored_config(output_dir: Path, config: dict[str, Any], points: list[GridPoint]) -> None:
@@ -375,6 +381,7 @@ def run_sweep(
     if request.threads:
         torch.set_num_threads(request.threads)
     model, tokenizer = load_model(plan.config["model"], plan.config["dtype"], device, None, request.attn_implementation)
+    _check_layers(plan.points, model.config.num_hidden_layers)  # the bundled model's count is known only now
     _write_sweep_file(plan)
 
     records_path = plan.output_dir / RECORDS_FILE

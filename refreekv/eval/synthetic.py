@@ -27,6 +27,8 @@ import random
 from pathlib import Path
 from typing import Optional
 
+from refreekv.compression.checks import check_int
+
 __all__ = ["generate", "main"]
 
 SYNTHETIC_TASKS = ("passage_retrieval_en", "passage_count", "multifieldqa_en")
@@ -130,8 +132,8 @@ _MAKERS = {"passage_retrieval_en": passage_retrieval, "passage_count": passage_c
 def generate(output_dir: str | Path, samples: int = 10, words: int = 1800, seed: int = 0,
              tasks: tuple[str, ...] = SYNTHETIC_TASKS) -> dict[str, Path]:  # fmt: skip
     """Writes `<task>.jsonl` for each task; returns the paths."""
-    if samples < 1 or words < 100:
-        raise ValueError("need samples >= 1 and words >= 100")
+    check_int("samples", samples, minimum=1)
+    check_int("words", words, minimum=100)
     corpus = _words()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +155,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--words", type=int, default=1800, help="context words per sample (default 1800, ~2.2k tokens)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for task, path in generate(args.output_dir, args.samples, args.words, args.seed).items():
+    try:
+        paths = generate(args.output_dir, args.samples, args.words, args.seed)
+    except ValueError as error:  # a bad --samples or --words
+        parser.error(str(error))
+    for task, path in paths.items():
         print(f"{task}: {args.samples} samples -> {path}")
 
 

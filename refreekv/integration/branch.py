@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 
 from refreekv.compression import CompressionMethod, LayerInputs
+from refreekv.compression.checks import check_bool
 from refreekv.integration import compat
 from refreekv.integration.cache import GrowingLayer, compress_layer
 from refreekv.integration.stats import CompressionStats
@@ -77,6 +78,7 @@ class Prefill:
         """(cache, stats) exactly as `refreekv.patch(model, method, evict=evict)`
         leaves them after this prefill. Layers a method does not cut share
         their tensors with the prefill; nothing is copied for them."""
+        evict = check_bool("evict", evict)
         first = self.layers[0]
         method.check_model(first.num_layers)
         cache_layers = []
