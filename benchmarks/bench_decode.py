@@ -40,6 +40,7 @@ import torch
 
 import refreekv
 from refreekv.assets import essays, load_bundled_model
+from refreekv.integration.stats import kv_memory
 
 CONFIGS = {
     "full cache": None,
@@ -65,11 +66,9 @@ def long_prompt(tokenizer) -> torch.Tensor:
 def held_rows(cache) -> tuple[int, int, float]:
     """(KV bytes in the rows held, KV bytes allocated (the buffers under
     them, headroom included), rows held per layer on average)."""
-    layers = [layer for layer in cache.layers if layer.keys is not None]
-    rows = sum(layer.keys.shape[2] for layer in layers) / len(layers)
-    used = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
-    allocated = sum(layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes() for layer in layers)
-    return used, allocated, rows
+    memory = kv_memory(cache)
+    rows = sum(cache.layers[index].keys.shape[2] for index in memory.layers) / len(memory.layers)
+    return memory.in_use_bytes, memory.allocated_bytes, rows
 
 
 @torch.no_grad()

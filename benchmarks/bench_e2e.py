@@ -10,8 +10,11 @@ process-wide high-water mark).
 
 Figures (keys of the JSON):
   prefill_overhead   prefill time with ReFreeKV (and Coverage) patched / unpatched
-  kv_bytes           per method, KV bytes held after prefill / full cache,
-                     next to the budget the patch reports
+  kv_bytes           per method, KV bytes in use and allocated / full
+                     cache, after prefill (the patch's stats) and after 16
+                     greedy tokens (`kv_memory`, against the unpatched
+                     cache at the same step), next to the budget the patch
+                     reports
   decode_speedup     decode tokens/s with the compressed cache / full cache,
                      with the budget kept; past the model's 8192 trained
                      positions with linear rope interpolation
@@ -37,11 +40,15 @@ import refreekv
 from proc_status import reset_peak_rss, status_bytes
 from refreekv import reference
 from refreekv.assets import essays, load_bundled_model
+from refreekv.integration.stats import kv_memory
 
 THRESHOLD = 0.01
 NUM_SINKS = 4
 PROTECTED = (0, 1)
 REFERENCE_TOKENS, REFERENCE_TOKENS_QUICK = 2048, 512
+# Decoded tokens after which kv_bytes reads the cache again: compressed
+# layers reserve their free rows on the first append, after the stats.
+KV_DECODE_STEPS = 16
 
 
 def prompt_ids(tokenizer, tokens: int) -> torch.Tensor:
@@ -120,18 +127,40 @@ def linear_rope(model, factor: float) -> dict:
     return {**model.config.rope_parameters, "rope_type": "linear", "factor": factor}
 
 
-def kv_bytes(model, ids, methods: dict[str, dict]) -> dict[str, dict]:
+@torch.no_grad()
+def decoded_cache(model, ids, steps: int):
+    """The cache after prefill and `steps` greedy decode steps."""
+    out = prefill(model, ids)
+    for _ in range(steps):
+        out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+    return out.past_key_values
+
+
+def kv_bytes(model, ids, methods: dict[str, dict], decode_steps: int = 0) -> dict[str, dict]:
+    """Per method, the KV bytes in use and allocated after prefill / the
+    full cache's, with the budget reported; with `decode_steps`, also after
+    that many greedy tokens / the unpatched cache's after as many."""
+    full = kv_memory(decoded_cache(model, ids, decode_steps)) if decode_steps else None
     rows = {}
     for name, options in methods.items():
         with refreekv.patch(model, name, **options) as kv:
-            prefill(model, ids)
+            cache = decoded_cache(model, ids, decode_steps)
         stats = kv.stats
         rows[name] = {
             "kv_bytes_ratio": stats.kv_bytes_ratio,
+            "kv_allocated_ratio": stats.kv_allocated_ratio,
             "reported_budget": stats.budget,
             "padding_bytes": stats.kv_padding_bytes,
             "kv_mib": stats.kv_bytes_after / 2**20,
+            "kv_allocated_mib": stats.kv_bytes_allocated / 2**20,
         }
+        if full is not None:
+            decoded = kv_memory(cache)
+            rows[name].update(
+                decode_steps=decode_steps,
+                decoded_kv_bytes_ratio=decoded.in_use_bytes / full.in_use_bytes,
+                decoded_kv_allocated_ratio=decoded.allocated_bytes / full.allocated_bytes,
+            )
     return rows
 
 
@@ -214,10 +243,15 @@ def main() -> None:
     tokens = prefill_sizes[-1] if args.quick else 4096
     ids = prompt_ids(tokenizer, tokens)
     methods = {"refreekv": {}, "coverage": {}, "streamingllm": {"budget": 0.5}, "h2o": {"budget": 0.5}, "snapkv": {"budget": 0.5}, "pyramidkv": {"budget": 0.5}}
-    results["kv_bytes"] = kv_bytes(model, ids, methods)
-    print(f"kv_bytes at {tokens} tokens: held / full-cache bytes vs the reported budget")
+    results["kv_bytes"] = kv_bytes(model, ids, methods, KV_DECODE_STEPS)
+    print(f"kv_bytes at {tokens} tokens: bytes in use / allocated vs the full cache, after prefill and after {KV_DECODE_STEPS} "
+          "decoded tokens, and the reported budget")  # fmt: skip
     for name, row in results["kv_bytes"].items():
-        print(f"  {name:<13} bytes ratio {row['kv_bytes_ratio']:.4f}  reported budget {row['reported_budget']:.4f}  padding {row['padding_bytes']} B")
+        print(
+            f"  {name:<13} prefill {row['kv_bytes_ratio']:.4f} / {row['kv_allocated_ratio']:.4f}  "
+            f"decoded {row['decoded_kv_bytes_ratio']:.4f} / {row['decoded_kv_allocated_ratio']:.4f}  "
+            f"reported budget {row['reported_budget']:.4f}  padding {row['padding_bytes']} B"
+        )
 
     # SmolLM2 was trained on 8192 positions. Past them its attention spreads
     # out and ReFreeKV keeps nearly everything (measured below as

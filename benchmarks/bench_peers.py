@@ -20,9 +20,10 @@ closest adaptive press.
 
 Per method and length, medians over the repeats of: prefill plus
 compression time, peak RSS of the prefill (VmHWM after a reset) and its growth
-over the RSS before it, KV bytes the cache holds, decode tokens/s (one over
-the median of 32 step times); whether the 33 greedy tokens are the same in
-both libraries. Ratios are refreekv / kvpress; the "none" row is the
+over the RSS before it, KV bytes the cache holds in its rows and allocates
+under them (headroom included), after prefill and after the decode steps,
+decode tokens/s (one over the median of 32 step times); whether the 33
+greedy tokens are the same in both libraries. Ratios are refreekv / kvpress; the "none" row is the
 transformers-version baseline to read the others against. Prints a table and
 asserts nothing about time.
 """
@@ -55,7 +56,10 @@ PAIRED = {  # method -> (what refreekv runs, what kvpress runs)
     "h2o_all": ("h2o 50%, observation='all', window 1 (sdpa)", "ObservedAttentionPress(0.5) (eager)"),
     "adaptive": ("refreekv, paper defaults", "SimLayerKVPress(lazy_threshold=0.9)"),
 }
-FIGURES = ["prefill_s", "compression_s", "peak_rss_bytes", "peak_growth_bytes", "kv_bytes", "decode_tok_s", "budget"]
+FIGURES = [
+    "prefill_s", "compression_s", "peak_rss_bytes", "peak_growth_bytes", "kv_bytes", "kv_bytes_allocated",
+    "decoded_kv_bytes", "decoded_kv_bytes_allocated", "decode_tok_s", "budget",
+]  # fmt: skip
 
 
 def export_model() -> Path:
@@ -152,7 +156,8 @@ def summarize(runs: dict, lengths: list[int]) -> dict:
 def format_table(table: dict) -> str:
     lines = [
         "ratios refreekv / kvpress (medians); 'none' is the transformers-version baseline",
-        f"{'tokens':>6} {'method':13s} {'prefill':>8} {'peak RSS':>9} {'growth':>7} {'KV bytes':>9} {'decode':>7}"
+        f"{'tokens':>6} {'method':13s} {'prefill':>8} {'peak RSS':>9} {'growth':>7} {'KV bytes':>9} {'KV alloc':>9}"
+        f" {'decoded KV alloc':>16} {'decode':>7}"
         f" {'budget ours/theirs':>19} {'compress share ours/theirs':>27}  tokens",
     ]
     for length, rows in table.items():
@@ -161,7 +166,8 @@ def format_table(table: dict) -> str:
             same = "identical" if row["tokens_identical"] else f"same first {row['tokens_identical_prefix']}/{len(row['refreekv']['tokens'])}"
             lines.append(
                 f"{length:>6} {method:13s} {r['prefill_s']:8.3f} {r['peak_rss_bytes']:9.3f} {r['peak_growth_bytes']:7.3f}"
-                f" {r.get('kv_bytes', float('nan')):9.3f} {r['decode_tok_s']:7.3f}"
+                f" {r.get('kv_bytes', float('nan')):9.3f} {r.get('kv_bytes_allocated', float('nan')):9.3f}"
+                f" {r.get('decoded_kv_bytes_allocated', float('nan')):16.3f} {r['decode_tok_s']:7.3f}"
                 f" {row['refreekv']['budget']:9.3f}/{row['kvpress']['budget']:.3f}"
                 f" {row['compression_share']['refreekv']:17.2%}/{row['compression_share']['kvpress']:.2%}  {same}"
             )

@@ -8,9 +8,10 @@ Loads the exported model (float32, sdpa; eager where a method needs it),
 warms every method up on a short prompt, then for each method in turn:
 prefill plus compression through the library's own entry point (timed), the
 peak RSS of that prefill (VmHWM after a reset), the KV bytes the cache
-holds, and 32 greedy decode steps (each timed). It imports only torch,
-transformers and the library under test, so it runs unchanged in .venv and
-in .venv-peers; the caller compares the two.
+holds in its rows and allocates under them, 32 greedy decode steps (each
+timed), and the KV bytes in use and allocated again after them. It imports
+only torch, transformers and the library under test, so it runs unchanged
+in .venv and in .venv-peers; the caller compares the two.
 """
 
 from __future__ import annotations
@@ -66,15 +67,17 @@ ALIGNED = {
 }
 
 
-def held_kv_bytes(cache) -> int:
-    """Bytes of the storage behind every layer's keys and values (headroom
-    and shared buffers counted once)."""
-    storages = {}
+def kv_bytes(cache) -> tuple[int, int]:
+    """(bytes of the rows every layer's keys and values hold, bytes of the
+    storage under them: headroom included, shared buffers counted once).
+    refreekv's `kv_memory` measures the same; kvpress's environment has no
+    refreekv, and one yardstick serves both libraries."""
+    in_use, storages = 0, {}
     for layer in cache.layers:
         for tensor in (layer.keys, layer.values):
-            storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+            in_use += tensor.nbytes
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return in_use, sum(storages.values())
 
 
 class Library:
@@ -159,7 +162,7 @@ def measure(library: Library, model, ids: torch.Tensor, method: str, decode_step
     context, cache, logits, budget = library.prefill(model, ids, method)
     prefill_s = time.perf_counter() - start
     peak = status_bytes("VmHWM")
-    kv_bytes = held_kv_bytes(cache)
+    prefill_kv = kv_bytes(cache)
     try:
         token = logits[:, -1:].argmax(-1)
         tokens, steps = [int(token)], []
@@ -169,6 +172,7 @@ def measure(library: Library, model, ids: torch.Tensor, method: str, decode_step
             token = out.logits[:, -1:].argmax(-1)
             steps.append(time.perf_counter() - start)
             tokens.append(int(token))
+        decoded_kv = kv_bytes(cache)
     finally:
         if context is not None:
             context.__exit__(None, None, None)
@@ -177,7 +181,10 @@ def measure(library: Library, model, ids: torch.Tensor, method: str, decode_step
         "compression_s": library.compression_s,
         "peak_rss_bytes": peak,
         "peak_growth_bytes": peak - rss_before,
-        "kv_bytes": kv_bytes,
+        "kv_bytes": prefill_kv[0],
+        "kv_bytes_allocated": prefill_kv[1],
+        "decoded_kv_bytes": decoded_kv[0],
+        "decoded_kv_bytes_allocated": decoded_kv[1],
         "budget": float(budget),
         "decode_tok_s": 1.0 / statistics.median(steps),
         "tokens": tokens,

@@ -71,9 +71,12 @@ def summary(results: dict) -> str:
         if "coverage_ratio" in row:
             lines.append(f"| prefill_overhead coverage @ {tokens} tokens | {row['coverage_ratio']:.3f} | <= 1.03 |")
     for name, row in results["kv_bytes"].items():
-        lines.append(
-            f"| kv_bytes {name} (held / full) | {row['kv_bytes_ratio']:.4f} (reported budget {row['reported_budget']:.4f}) | = budget |"
-        )
+        lines += [
+            f"| kv_bytes {name} after prefill (in use / full; allocated / full) | {row['kv_bytes_ratio']:.4f}; "
+            f"{row['kv_allocated_ratio']:.4f} (reported budget {row['reported_budget']:.4f}) | = budget |",
+            f"| kv_bytes {name} after {row['decode_steps']} decoded tokens (in use / full; allocated / full) | "
+            f"{row['decoded_kv_bytes_ratio']:.4f}; {row['decoded_kv_allocated_ratio']:.4f} | allocated <= 1.0 |",
+        ]
     for tokens, row in results["decode_speedup"].items():
         lines.append(
             f"| decode_speedup @ {tokens} tokens, rope {row['rope']} (ReFreeKV / full; {row['budget']:.1%} kept) | {row['ratio']:.3f} | >= 1.0 |"
@@ -115,6 +118,10 @@ def summary(results: dict) -> str:
                 f"{ratio['prefill_s']:.3f}, {ratio['peak_growth_bytes']:.3f}, {ratio.get('kv_bytes', float('nan')):.3f}, "
                 f"{ratio['decode_tok_s']:.3f}; tokens {'identical' if row['tokens_identical'] else 'differ'} | "
                 f"<= 1.00, <= 0.7, <= 1.0, >= 1.0 |"
+            )
+            lines.append(
+                f"| peers @ {tokens} tokens, {method} (refreekv / kvpress: KV bytes allocated after prefill, after decoding) | "
+                f"{ratio.get('kv_bytes_allocated', float('nan')):.3f}, {ratio.get('decoded_kv_bytes_allocated', float('nan')):.3f} | |"
             )
     for operator in ("attention_importance", "adaptive_keep_count", "mass_keep_count", "compact_kv"):
         for row in results["ops"][operator]:

@@ -17,6 +17,7 @@ __all__ = [
     "attention_importance",
     "built_with_cuda",
     "compact_kv",
+    "kv_memory",
     "mass_keep_count",
     "methods",
     "patch",
@@ -39,3 +40,11 @@ def patch(model, method="refreekv", **options):
     from refreekv.integration import patch as _patch
 
     return _patch(model, method, **options)
+
+
+def kv_memory(cache, layers=None):
+    """Bytes a cache's keys and values hold and allocate now, per layer; see
+    `refreekv.integration.stats.kv_memory`."""
+    from refreekv.integration import kv_memory as _kv_memory
+
+    return _kv_memory(cache, layers)

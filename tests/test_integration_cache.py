@@ -3,10 +3,19 @@ hold exactly what transformers' concatenating layer holds, whatever
 transformers does to it in between, and never write into the tensors it
 was built from (a branched prefill shares them between caches)."""
 
+import pytest
 import torch
 
-from refreekv.integration.cache import GrowingLayer
+from refreekv.integration.cache import CompressedLayer, GrowingLayer, patched_forward
 from refreekv.integration.compat import DynamicLayer
+
+
+@pytest.fixture(autouse=True)
+def inside_a_patched_forward():
+    """These tests append to compressed layers by hand, as a patched model's
+    forward does (outside one they refuse; tests/test_integration_calls.py)."""
+    with patched_forward():
+        yield
 
 
 def kv(batch=3, heads=2, rows=5, dim=4, seed=0):
@@ -26,19 +35,38 @@ def assert_same(growing, plain):
     assert growing.get_seq_length() == plain.get_seq_length()
 
 
+def capacity(layer):
+    return layer.keys.untyped_storage().nbytes() // (layer.keys.nbytes // layer.keys.shape[2])
+
+
 def test_appends_equal_concatenation_and_reallocate_rarely():
+    """A layer that evicted rows grows into them by an eighth at a time."""
     keys, values = kv(rows=1000)
-    growing, plain = GrowingLayer(keys, values), concatenating(keys, values)
+    growing, plain = CompressedLayer(keys, values, None, evicted=1000), concatenating(keys, values)
     buffers = set()
     for step in range(300):
         new_keys, new_values = kv(rows=1, seed=step + 1)
         out = growing.update(new_keys, new_values)
         plain.update(new_keys, new_values)
         assert out[0] is growing.keys and out[1] is growing.values
-        assert_same(growing, plain)
+        assert torch.equal(growing.keys, plain.keys) and torch.equal(growing.values, plain.values)
         buffers.add(growing.keys.data_ptr())
-    # 1000 rows, then 256 spare rows, then an eighth more: two allocations for 300 appends.
-    assert len(buffers) == 2
+    # 1001 rows, then 1127 (1001 + 1001 // 8 is full), then 1268: three allocations for 300 appends.
+    assert len(buffers) == 3
+
+
+def test_never_allocates_past_the_logical_length():
+    """No more rows than transformers' layer holds at the same step: a
+    layer that evicted nothing reallocates exactly on every append, one
+    that evicted a few grows by no more than those."""
+    for evicted in (0, 3):
+        growing = CompressedLayer(*kv(rows=40), None, evicted=evicted)
+        for step in range(20):
+            growing.update(*kv(rows=1 + step % 3, seed=step + 1))
+            assert growing.keys.shape[2] <= capacity(growing) <= growing.get_seq_length()
+    growing = GrowingLayer(*kv(rows=40))
+    growing.update(*kv(rows=2, seed=1))
+    assert capacity(growing) == growing.get_seq_length() == 42
 
 
 def test_never_writes_into_the_tensors_it_starts_from():
@@ -61,6 +89,7 @@ def test_crop_then_append_matches_concatenation():
     growing.update(*kv(rows=2, seed=3))
     plain.update(*kv(rows=2, seed=3))
     assert_same(growing, plain)
+    assert capacity(growing) == growing.get_seq_length(), "the buffer the crop left is not kept"
 
 
 def test_batch_selection_and_reordering_then_append_match_concatenation():
@@ -78,3 +107,33 @@ def test_batch_selection_and_reordering_then_append_match_concatenation():
     growing.update(*kv(batch=4, rows=3, seed=3))
     plain.update(*kv(batch=4, rows=3, seed=3))
     assert_same(growing, plain)
+
+
+def test_appends_after_inference_mode_go_into_ordinary_tensors():
+    keys, values = kv(rows=8)
+    with torch.inference_mode():
+        growing = CompressedLayer(keys, values, None, evicted=8)
+        growing.update(*kv(rows=1, seed=1))  # a buffer with free rows, made of inference tensors
+    assert growing.keys.is_inference() and capacity(growing) > growing.keys.shape[2]
+    growing.update(*kv(rows=1, seed=2))
+    assert not growing.keys.is_inference() and not growing.values.is_inference()
+    expected_keys = torch.cat([keys, kv(rows=1, seed=1)[0], kv(rows=1, seed=2)[0]], dim=2)
+    assert torch.equal(growing.keys, expected_keys)
+
+
+def test_crop_removes_appended_tokens_only():
+    keys, values = kv(rows=6)
+    compressed, plain = CompressedLayer(keys, values, None, evicted=10), concatenating(keys, values)
+    for seed in (1, 2):
+        compressed.update(*kv(rows=3, seed=seed))
+        plain.update(*kv(rows=3, seed=seed))
+    compressed.crop(-4)
+    plain.crop(-4)
+    assert torch.equal(compressed.keys, plain.keys) and torch.equal(compressed.values, plain.values)
+    assert compressed.get_seq_length() == plain.get_seq_length() + 10
+    compressed.crop(compressed.get_seq_length() - 1)  # transformers' older form: the length to keep
+    assert compressed.keys.shape[-2] == 6 + 1
+    with pytest.raises(NotImplementedError, match=r"cannot crop 2 tokens off a cache layer compressed by refreekv: it holds 1"):
+        compressed.crop(-2)
+    compressed.crop(0)
+    assert compressed.keys.shape[-2] == 7

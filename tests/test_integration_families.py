@@ -17,6 +17,7 @@ import refreekv
 from refreekv.compression import CompressionMethod, LayerInputs
 from refreekv.integration import compat
 from refreekv.integration.cache import CompressedLayer
+from refreekv.integration.stats import kv_memory
 
 from integration_models import ALL_FAMILIES, assert_batch_equals_each_alone, float32_logit_error, greedy, prompts, tiny_model
 
@@ -118,6 +119,9 @@ def test_stats_match_the_cache_held_and_other_layers_are_untouched(model, batch)
     assert torch.equal(kv.stats.prompt_tokens, real_len)
     assert kv.stats.kv_bytes_before == sum(plain.layers[i].keys.nbytes + plain.layers[i].values.nbytes for i in kv.stats.layers)
     assert kv.stats.kv_bytes_after == sum(cache.layers[i].keys.nbytes + cache.layers[i].values.nbytes for i in kv.stats.layers)
+    counted = kv_memory(cache, kv.stats.layers)
+    assert (counted.in_use_bytes, counted.allocated_bytes) == (kv.stats.kv_bytes_after, kv.stats.kv_bytes_allocated)
+    assert kv_memory(cache).layers == kv_memory(plain).layers, "every layer that holds keys, compressed or not"
     for row, index in enumerate(kv.stats.layers):
         layer = cache.layers[index]
         assert isinstance(layer, CompressedLayer)

@@ -9,7 +9,9 @@ wrapper then maps those masks onto the rows actually held.
 
 from __future__ import annotations
 
-from typing import Optional
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 
@@ -17,7 +19,46 @@ from refreekv.compression import CompressionMethod, KeepPlan, LayerInputs
 from refreekv.integration.compat import DynamicLayer
 from refreekv.ops import compact_kv
 
-__all__ = ["CompressedLayer", "GrowingLayer", "compress_layer", "kept_positions", "left_aligned_layer"]
+__all__ = [
+    "CompressedLayer",
+    "GrowingLayer",
+    "compress_layer",
+    "kept_positions",
+    "left_aligned_layer",
+    "patched_forward",
+    "patched_forward_began",
+    "patched_forward_ended",
+]
+
+
+class _PatchedForwards(threading.local):
+    """How deep the calling thread is in forwards of refreekv-patched models.
+    A compressed layer appends only there: an unpatched model would attend
+    over its rows with masks built for the positions it stands for."""
+
+    depth = 0
+
+
+_patched_forwards = _PatchedForwards()
+
+
+def patched_forward_began() -> None:
+    _patched_forwards.depth += 1
+
+
+def patched_forward_ended() -> None:
+    _patched_forwards.depth -= 1
+
+
+@contextmanager
+def patched_forward() -> Iterator[None]:
+    """Appending to compressed layers outside a model's forward (tests,
+    tools that fill a cache by hand) as a patched forward would."""
+    patched_forward_began()
+    try:
+        yield
+    finally:
+        patched_forward_ended()
 
 
 class GrowingLayer(DynamicLayer):
@@ -27,14 +68,23 @@ class GrowingLayer(DynamicLayer):
     whole cache per layer and decoded token that costs more than the
     attention itself. This one writes into a buffer with headroom and holds
     views of its filled part; it reallocates (one copy) when the headroom
-    runs out, growing by an eighth, at least `MIN_HEADROOM` rows. The tensors
-    it starts from are never written to: they may be shared (a branched
-    prefill hands the same prompt to many caches). Neither are tensors that
-    transformers assigns (cropping, beam reordering, batch selection): an
-    update after such an assignment adopts them and appends by reallocating.
-    """
+    runs out, growing by an eighth (at least one row).
 
-    MIN_HEADROOM = 256
+    Its buffer never has more rows than its logical length (`get_seq_length`
+    after the append): what transformers' layer holds at the same step, so
+    no step allocates more than the uncompressed cache would. A layer that
+    holds every row it stands for (an uncompressed prompt, or evicted rows
+    kept and masked) therefore reallocates on every append, as transformers'
+    layer does; a compressed one grows into the rows it evicted.
+
+    The tensors it starts from are never written to: they may be shared (a
+    branched prefill hands the same prompt to many caches). Neither are
+    tensors that transformers assigns (cropping, beam reordering, batch
+    selection): an update after such an assignment adopts them and appends
+    by reallocating. Nor are inference tensors outside inference mode (torch
+    forbids it): a cache filled under `torch.inference_mode()` and continued
+    without it reallocates once, into ordinary tensors.
+    """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, *, buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
         """`buffers`: tensors this layer may write into, whose first rows are
@@ -60,8 +110,9 @@ class GrowingLayer(DynamicLayer):
             self._adopt()
         length = self.keys.shape[-2]
         needed = length + key_states.shape[-2]
-        if not self._owns_buffers or needed > self._key_buffer.shape[-2]:
-            capacity = needed + max(self.MIN_HEADROOM, needed // 8)
+        logical_length = self.get_seq_length() + key_states.shape[-2]
+        if not self._can_append_in_place(needed, logical_length):
+            capacity = min(needed + max(1, needed // 8), logical_length)
             self._key_buffer = _with_capacity(self.keys, capacity)
             self._value_buffer = _with_capacity(self.values, capacity)
             self._owns_buffers = True
@@ -70,6 +121,13 @@ class GrowingLayer(DynamicLayer):
         self.keys = self._key_buffer[..., :needed, :]
         self.values = self._value_buffer[..., :needed, :]
         return self.keys, self.values
+
+    def _can_append_in_place(self, needed: int, logical_length: int) -> bool:
+        # A buffer past the logical length is left by a crop (which keeps the
+        # storage, as transformers' layer does until its next concatenation).
+        capacity = self._key_buffer.shape[-2]
+        writable = torch.is_inference_mode_enabled() or not self._key_buffer.is_inference()
+        return self._owns_buffers and writable and needed <= capacity <= logical_length
 
     def _holds_buffer_views(self) -> bool:
         return _starts_at(self.keys, self._key_buffer) and _starts_at(self.values, self._value_buffer)
@@ -102,8 +160,8 @@ class CompressedLayer(GrowingLayer):
     evicted: prompt rows no longer held (logical minus physical length).
     """
 
-    # Cropping (assisted decoding) counts in logical positions that this layer
-    # no longer holds one-to-one; transformers refuses it up front instead.
+    # Cropping counts in logical positions that this layer no longer holds
+    # one-to-one before its appended tokens (see `crop`).
     is_croppable = False
 
     def __init__(
@@ -132,6 +190,34 @@ class CompressedLayer(GrowingLayer):
             return valid
         appended = valid[..., self.prompt_rows :].expand(-1, self.prompt_valid.shape[1], -1)
         return torch.cat([self.prompt_valid, appended], dim=-1)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if _patched_forwards.depth == 0:
+            raise RuntimeError(
+                f"this cache holds a prompt compressed by refreekv ({self.keys.shape[-2]} rows held for "
+                f"{self.get_seq_length()} positions), which only a model patched by refreekv can continue (its "
+                "attention maps transformers' masks onto the rows held). Continue it inside "
+                "refreekv.patch(model, ...) (any method), or start from a new cache"
+            )
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Removes the newest tokens, as transformers' layer does (a positive
+        value, transformers' older form, is the length to keep). Only tokens
+        appended since the last cut can go: the rows before them are a
+        compressed prompt that no crop can restore."""
+        if tokens_to_remove > 0:
+            tokens_to_remove = max(self.get_seq_length() - tokens_to_remove, 0)
+        else:
+            tokens_to_remove = -tokens_to_remove
+        appended = self.keys.shape[-2] - self.prompt_rows
+        if tokens_to_remove > appended:
+            raise NotImplementedError(
+                f"cannot crop {tokens_to_remove} tokens off a cache layer compressed by refreekv: it holds {appended} "
+                "tokens appended since its last cut, after a compressed prompt that cropping cannot restore "
+                "(transformers crops for assisted decoding and prompt lookup, which refreekv.patch refuses)"
+            )
+        super().crop(-tokens_to_remove)
 
     def get_seq_length(self) -> int:
         return super().get_seq_length() + self.evicted
@@ -183,8 +269,8 @@ def compress_layer(
     layer stays as it is. With `evict=False` every row stays held and the
     evicted ones are masked out instead. `headroom`, for decode-time
     compression, right-aligns each sequence's kept rows (padding first)
-    and leaves that many rows free for the tokens decoded until the next
-    cut (`left_aligned_layer`)."""
+    and leaves that many rows free (no more than it evicts) for the tokens
+    decoded until the next cut (`left_aligned_layer`)."""
     plan = method.plan(inputs)
     if plan is None or plan.keeps_everything(inputs.real_len):
         return None
@@ -211,10 +297,13 @@ def left_aligned_layer(
     which is what a later decode-time cut is handed. Padding rows hold a
     copy of a kept row and are masked out. One `compact_kv` writes the rows
     and `headroom` empty rows after them, which the layer then appends into
-    (so an event costs one copy of what it keeps)."""
+    (so an event costs one copy of what it keeps); fewer when rows and
+    headroom would pass `logical_length`, what the uncompressed cache holds
+    (`GrowingLayer` grows from there when they run out)."""
     if plan.head_len is not None:
         raise ValueError("a left-aligned cut needs one count per sequence; this plan has a count per head")
     rows = int(plan.keep_len.max())
+    headroom = min(headroom, logical_length - rows)
     padding = rows - plan.keep_len  # [b]
     slots = torch.arange(rows, device=key.device)[None, :]
     source = (slots - padding[:, None]).clamp(min=0)  # padding slots repeat the first kept row

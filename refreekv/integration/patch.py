@@ -11,20 +11,33 @@ How it plugs in (transformers' public extension points, no forward replaced):
   layer actually holds;
 * a forward pre-hook on the decoder model supplies a cache when the caller
   gave none, and tells prefill (an empty cache) from decoding;
-* a forward hook reads what was kept into `stats` once prefill is done.
+* a forward hook, which runs even when the forward raises, reads what was
+  kept into `stats` once prefill is done;
+* `model.generate` is wrapped on the instance to refuse, before anything
+  runs, the generation modes that verify draft tokens (assisted decoding,
+  prompt lookup): they need a cache they can crop back to any length.
+
+State of a call (the forward in progress, what its prefill kept) is kept
+per thread: transformers runs the hooks and the attention function in the
+thread that calls the model, so threads sharing a patched model do not see
+each other's calls. A cache carries what its own prefill kept, so whichever
+call continues it reports and re-cuts that cache.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from refreekv.compression import CompressionMethod, LayerInputs, make_method
+from refreekv.compression.checks import check_bool
 from refreekv.integration import compat
-from refreekv.integration.cache import CompressedLayer, compress_layer
+from refreekv.integration.cache import CompressedLayer, compress_layer, patched_forward_began, patched_forward_ended
 from refreekv.integration.recompress import DecodeCompression, Timeline, recompress_layer
 from refreekv.integration.stats import CompressionStats
 
@@ -68,6 +81,7 @@ def patch(
     Returns:
         A `PatchHandle`: a context manager with `.remove()` and `.stats`.
     """
+    evict = check_bool("evict", evict)
     if isinstance(method, CompressionMethod):
         if options:
             raise TypeError(f"options {sorted(options)} given with a method instance; set them on the instance")
@@ -113,6 +127,56 @@ class _Decoding:
         self.queries[layer_idx] = query if query.shape[2] <= rows else query[:, :, -rows:].clone()
 
 
+@dataclass
+class _Forward:
+    """The decoder forward in progress in one thread."""
+
+    cache: Any  # the DynamicCache it reads and fills; None without a cache
+    prefill: Optional[_Prefill] = None
+    decoding: Optional[_Decoding] = None
+
+
+@dataclass
+class _CacheRecord:
+    """What a patch leaves on a cache it prefilled (as `cache._refreekv`), so
+    that any later call continuing the cache, in any thread, reports and
+    re-cuts that cache (a copied cache continues on its own)."""
+
+    patch: str  # the name of the patch that prefilled it
+    stats: CompressionStats
+    decoding: Optional[_Decoding]  # with recompress_every
+
+
+class _ThreadState(threading.local):
+    """The calls of one thread: each thread that calls a patched model gets
+    its own (threading.local runs `__init__` once per thread)."""
+
+    def __init__(self):
+        self.forward: Optional[_Forward] = None
+        self.stats: Optional[CompressionStats] = None
+        self.no_stats = "no prefill has run since the model was patched (stats describe the calling thread's last call)"
+        self.timeline = Timeline()
+
+    def report(self, record: _CacheRecord) -> None:
+        self.stats = record.stats
+        self.timeline = Timeline() if record.decoding is None else record.decoding.timeline
+
+    def compressed_nothing(self, why: str) -> None:
+        self.stats = None
+        self.no_stats = f"the last call in this thread compressed nothing: {why}"
+        self.timeline = Timeline()
+
+
+# Every patch registers its attention function under a name of its own; a
+# count, unlike id(), is never reused by a later patch, so a cache's record
+# names the patch that prefilled it for good.
+_PATCH_NUMBERS = itertools.count()
+
+# generate() options that make it verify draft tokens (assisted decoding):
+# transformers' GenerationConfig.get_generation_mode, with assistant_model.
+_DRAFT_OPTIONS = ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
+
+
 class PatchHandle:
     """A patched model. Use as a context manager or call `remove()`."""
 
@@ -125,8 +189,11 @@ class PatchHandle:
         recompress_every: Optional[int] = None,
         max_cache_tokens: Optional[int] = None,
     ):
-        if getattr(model, "_refreekv_handle", None) is not None:
-            raise RuntimeError("this model is already patched by refreekv; call .remove() on the existing handle first")
+        existing = getattr(model, "_refreekv_handle", None)
+        if existing is not None:
+            if not existing._copied:
+                raise RuntimeError("this model is already patched by refreekv; call .remove() on the existing handle first")
+            existing.remove()  # the copied hooks of a copy of a patched model: the copy is patched in its own right
         self.layout = compat.check_supported(model)
         self.model = model
         self.method = method
@@ -139,51 +206,83 @@ class PatchHandle:
         self._base_attention = compat.base_attention_function(
             model.model.layers[self.layout.full_layers[0]].self_attn, self._base_implementation
         )
-        self._name = f"refreekv_{id(self):x}"
+        self._name = f"refreekv_{next(_PATCH_NUMBERS)}"
         self._decoder = model.model
         self._decoder_signature = inspect.signature(self._decoder.forward)
-        self._cache = None
-        self._prefill: Optional[_Prefill] = None
-        self._stats: Optional[CompressionStats] = None
-        # The decode-time state of the cache being decoded (it travels with
-        # the cache: a copied cache continues on its own), and the last one.
-        self._decoding: Optional[_Decoding] = None
-        self._last_decoding = _Decoding()
+        self._thread = _ThreadState()
+        self._copied = False  # set on the copy a copy of the patched model carries (see __getstate__)
 
         compat.register_attention(self._name, self._attention, self._base_implementation)
         model.config._attn_implementation = self._name
         self._hooks = [
             self._decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            self._decoder.register_forward_hook(self._after_forward, with_kwargs=True),
+            self._decoder.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
         ]
+        self._shadowed_generate = vars(model).get("generate")  # an instance's own generate, put back on remove()
+        self._model_generate = model.generate
+        model.generate = self._generate
         model._refreekv_handle = self
 
     # -- public -------------------------------------------------------------
 
     @property
     def stats(self) -> CompressionStats:
-        """What the last prefill kept (see `CompressionStats`)."""
-        if self._stats is None:
-            raise RuntimeError("no prefill has run since the model was patched")
-        return self._stats
+        """What the prefill of the calling thread's last call kept (see
+        `CompressionStats`). A call is a forward of the model or a
+        `generate`; one that continues a cache this patch prefilled reports
+        that cache's prefill. Each thread reads its own calls, so threads
+        sharing the model do not see each other's figures.
+
+        Raises RuntimeError, saying why, when that call compressed nothing:
+        it ran without a cache (use_cache=False), raised before its prefill
+        finished, or continued a cache this patch did not prefill."""
+        thread = self._thread
+        if thread.stats is None:
+            raise RuntimeError(thread.no_stats)
+        return thread.stats
 
     @property
     def timeline(self) -> Timeline:
-        """The decode-time compression events since the last prefill (empty
-        without `recompress_every`)."""
-        return self._last_decoding.timeline
+        """The decode-time compression events of the cache the calling
+        thread's last call used, since its prefill (empty without
+        `recompress_every`, or when that call compressed nothing)."""
+        return self._thread.timeline
 
     def remove(self) -> None:
-        """Restores the model exactly as it was. Removing twice does nothing."""
+        """Restores the model as it was (an attention implementation or a
+        `generate` the caller set while patched stays). Removing twice does
+        nothing. A cache compressed under the patch can only be continued
+        under a patch."""
         if self._hooks is None:
             return
         for hook in self._hooks:
             hook.remove()
         self._hooks = None
-        self.model.config._attn_implementation = self._base_implementation
-        compat.unregister_attention(self._name)
+        if self.model.config._attn_implementation == self._name:
+            self.model.config._attn_implementation = self._base_implementation
+        if not self._copied:  # the name is the original patch's, still in use there
+            compat.unregister_attention(self._name)
+        if vars(self.model).get("generate") == self._generate:
+            if self._shadowed_generate is None:
+                del self.model.generate
+            else:
+                self.model.generate = self._shadowed_generate
         del self.model._refreekv_handle
-        self._cache = self._prefill = None
+
+    def __getstate__(self) -> dict:
+        # A copy of the patched model (copy.deepcopy, pickle) copies this
+        # handle with it, and its hooks, which would call the original's
+        # attention function under the original's name. The copied handle
+        # refuses to run instead (`_check_in_place`); patching the copy
+        # replaces it.
+        state = dict(self.__dict__)
+        del state["_thread"]
+        state["_copied"] = True
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._thread = _ThreadState()
 
     def __enter__(self) -> "PatchHandle":
         return self
@@ -195,9 +294,75 @@ class PatchHandle:
         state = "removed" if self._hooks is None else "active"
         return f"PatchHandle({self.method!r}, evict={self.evict}, {state})"
 
+    # -- generate -----------------------------------------------------------
+
+    def _generate(self, *args, **kwargs):
+        """`model.generate` while patched: refuses draft verification before
+        anything runs, and a call that raises before its prefill finished
+        leaves `stats` saying why."""
+        self._check_in_place()
+        thread = self._thread
+        thread.compressed_nothing("it ran no prefill")
+        try:
+            self._refuse_draft_verification(args, kwargs)
+            return self._model_generate(*args, **kwargs)
+        except Exception as error:
+            if thread.stats is None:
+                thread.no_stats += f" ({type(error).__name__}: {error})"
+            raise
+
+    def _refuse_draft_verification(self, args, kwargs) -> None:
+        """Assisted decoding, prompt lookup, early-exit and multi-token-
+        prediction drafts run the prompt and the first draft tokens in one
+        forward, which refreekv would take for the prefill (and compress the
+        drafts as prompt), then crop the rejected drafts off the cache,
+        which a compressed layer cannot undo."""
+        try:
+            bound = inspect.signature(self._model_generate).bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            return  # generate reports its own argument errors
+        options = bound.get("kwargs", {})
+        configs = [config for config in (bound.get("generation_config"), self.model.generation_config) if config is not None]
+        requested = [] if bound.get("assistant_model") is None else [f"assistant_model={type(bound['assistant_model']).__name__}"]
+        for name in _DRAFT_OPTIONS:
+            if name in options:
+                value = options[name]
+            else:
+                value = next((getattr(c, name) for c in configs if getattr(c, name, None) is not None), None)
+            if value is not None and value is not False:
+                requested.append(f"{name}={value!r}")
+        if requested:
+            raise ValueError(
+                f"refreekv does not support assisted decoding or prompt lookup (generate got {', '.join(requested)}): "
+                "they verify draft tokens in the same forward as the prompt, which refreekv would compress as prompt, "
+                "and crop rejected drafts off a cache that compression has already cut. Generate without them "
+                "under the patch, or call .remove() first to use them without compression"
+            )
+
     # -- hooks --------------------------------------------------------------
 
+    def _check_in_place(self) -> None:
+        """Refuses, before anything runs, a model that no longer runs
+        through this patch."""
+        if self._copied:
+            raise RuntimeError(
+                "this model is a copy (copy.deepcopy or pickle) of a model patched by refreekv: it carries the "
+                "patch's hooks but not the patch, which belongs to the original model. Patch the copy in its own "
+                "right (refreekv.patch(copy, ...) replaces the copied hooks; .remove() on that handle leaves the copy "
+                "unpatched), or copy the model before patching it or after .remove()"
+            )
+        implementation = self.model.config._attn_implementation
+        if implementation != self._name:
+            raise RuntimeError(
+                f"the model's attention implementation was changed to {implementation!r} while refreekv's patch "
+                f"was on (the patch set {self._name!r}, its wrapper of {self._base_implementation!r}), so the "
+                "attention no longer goes through refreekv. Change the attention implementation before "
+                "refreekv.patch or after .remove() (which keeps the one you set), then patch again"
+            )
+
     def _before_forward(self, module, args, kwargs):
+        self._check_in_place()
+        thread = self._thread
         bound = self._decoder_signature.bind_partial(*args, **kwargs).arguments
         cache = bound.get("past_key_values")
         use_cache = bound.get("use_cache")
@@ -208,46 +373,70 @@ class PatchHandle:
             # the attention function find it.
             cache = compat.new_cache(self.model)
             kwargs["past_key_values"] = cache
-        self._cache = cache
-        self._prefill = None
-        self._decoding = None
+        forward = thread.forward = _Forward(cache)
+        patched_forward_began()  # ended by `_after_forward`, which runs even when the forward raises
         tokens = bound.get("input_ids")
         if tokens is None:
             tokens = bound.get("inputs_embeds")
-        if cache is None or tokens is None:
-            return args, kwargs  # nothing to compress (the model reports missing inputs itself)
-        if cache.get_seq_length() == 0:
+        if cache is None:
+            thread.compressed_nothing("it ran without a cache (use_cache=False)")
+        elif tokens is None:
+            thread.compressed_nothing("it was given neither input_ids nor inputs_embeds")  # the model says so too
+        elif cache.get_seq_length() == 0:
+            thread.compressed_nothing("its prefill raised before it finished")  # until `_after_forward` reports it
             compat.check_cache(cache)
-            self._prefill = self._start_prefill(bound.get("attention_mask"), tokens.shape[0], tokens.shape[1], tokens.device)
+            forward.prefill = self._start_prefill(bound.get("attention_mask"), tokens.shape[0], tokens.shape[1], tokens.device)
             if self.decode is not None:
-                self._decoding = self._last_decoding = _Decoding()
-                cache._refreekv_decoding = (self._name, self._decoding)
-        elif self.decode is not None:
-            owner, self._decoding = getattr(cache, "_refreekv_decoding", (None, None))
-            if owner != self._name:
-                raise RuntimeError(
-                    "decode-time compression (recompress_every) continues a cache that this patch prefilled; this "
-                    "cache was filled elsewhere (before patching, by another patch or by a branched prefill)"
+                forward.decoding = _Decoding()
+        else:
+            record = getattr(cache, "_refreekv", None)
+            if record is None or record.patch != self._name:
+                record = None
+                thread.compressed_nothing(
+                    "it continued a cache that this patch did not prefill (one filled before patching, by another "
+                    "patch, by a prefill that raised, or by a branched prefill, whose stats Prefill.branch returns)"
                 )
-            self._last_decoding = self._decoding
-            self._decoding.advance(tokens.shape[1], self.decode.every)
+            else:
+                thread.report(record)
+            if self.decode is not None:
+                if record is None:
+                    raise RuntimeError(
+                        "decode-time compression (recompress_every) continues a cache that this patch prefilled; this "
+                        "cache was filled elsewhere (before patching, by another patch or by a branched prefill)"
+                    )
+                forward.decoding = record.decoding
+                forward.decoding.advance(tokens.shape[1], self.decode.every)
         return args, kwargs
 
     def _after_forward(self, module, args, kwargs, output):
-        if self._prefill is not None:
-            prefill, self._prefill = self._prefill, None
-            missed = sorted(self._full_layers - prefill.seen_layers)
+        """Runs after every forward, also one that raised (output None):
+        the forward's state is dropped either way, so the handle keeps no
+        call's cache alive."""
+        if self._copied:
+            return
+        thread = self._thread
+        forward, thread.forward = thread.forward, None
+        if forward is not None:
+            patched_forward_ended()
+        if forward is None or output is None:
+            return  # the forward raised; `_before_forward` left stats saying what was under way
+        if forward.prefill is not None:
+            missed = sorted(self._full_layers - forward.prefill.seen_layers)
             if missed:
                 raise RuntimeError(
                     f"the attention of layers {missed} did not go through transformers' attention-function registry "
                     "during prefill, so refreekv could not compress them; this model is not supported"
                 )
-            self._stats = self._read_stats(prefill)
-        elif self._decoding is not None and self._decoding.event_due:
-            self._recompress()
+            record = _CacheRecord(self._name, self._read_stats(forward.cache, forward.prefill), forward.decoding)
+            forward.cache._refreekv = record
+            thread.report(record)
+        elif forward.decoding is not None and forward.decoding.event_due:
+            self._recompress(forward)
 
     @staticmethod
     def _start_prefill(attention_mask, batch: int, length: int, device) -> _Prefill:
+        if length == 0:
+            raise ValueError("refreekv got an empty prompt (0 tokens); a prefill needs at least one token per sequence")
         if attention_mask is None:
             prompt_valid = torch.ones(batch, length, dtype=torch.bool, device=device)
         elif attention_mask.dim() != 2:
@@ -257,11 +446,17 @@ class PatchHandle:
         else:
             prompt_valid = attention_mask.to(device=device, dtype=torch.bool)
         real_len = prompt_valid.sum(-1)
-        left_padded = (prompt_valid.long().diff(dim=-1) >= 0).all()
-        if not bool(left_padded) or bool((real_len == 0).any()):
+        empty = (real_len == 0).nonzero().flatten().tolist()
+        if empty:
             raise ValueError(
-                "refreekv expects left-padded prompts with at least one real token each "
-                "(tokenizer.padding_side = 'left'); got an attention_mask with padding elsewhere"
+                f"refreekv got sequences without a real token: the attention_mask is all padding in rows {empty} of "
+                f"the batch of {batch}; every sequence needs at least one real token"
+            )
+        padded_after = (prompt_valid.long().diff(dim=-1) < 0).any(-1).nonzero().flatten().tolist()
+        if padded_after:
+            raise ValueError(
+                "refreekv expects left-padded prompts (tokenizer.padding_side = 'left'); the attention_mask has "
+                f"padding after a real token in rows {padded_after} of the batch"
             )
         return _Prefill(prompt_valid=prompt_valid, real_len=real_len)
 
@@ -269,31 +464,34 @@ class PatchHandle:
 
     def _attention(self, module, query, key, value, attention_mask, **kwargs):
         layer_idx = module.layer_idx
-        if self._prefill is not None:
+        forward = self._thread.forward  # None for a layer called outside the decoder's forward
+        if forward is not None and forward.prefill is not None:
             output = self._base_attention(module, query, key, value, attention_mask, **kwargs)
             if layer_idx in self._full_layers:
-                self._compress(module, query, key, value, kwargs)
+                self._compress(forward, module, query, key, value, kwargs)
             return output
+        cache = None if forward is None else forward.cache
         source = self.layout.cache_source[layer_idx]
-        layer = self._cache.layers[source] if self._cache is not None and source is not None else None
-        if self._decoding is not None and layer_idx in self._decoding.variants:
-            self._decoding.keep_queries(layer_idx, query, self.decode.query_rows)
+        layer = cache.layers[source] if cache is not None and source is not None else None
+        decoding = None if forward is None else forward.decoding
+        if decoding is not None and layer_idx in decoding.variants:
+            decoding.keep_queries(layer_idx, query, self.decode.query_rows)
         if isinstance(layer, CompressedLayer):
             attention_mask = self._held_rows_mask(layer, attention_mask, query, key.shape[2])
         if compat.masked_sdpa_applies(self._base_implementation, query, attention_mask):
             return compat.masked_sdpa_attention(module, query, key, value, attention_mask, **kwargs)
         return self._base_attention(module, query, key, value, attention_mask, **kwargs)
 
-    def _compress(self, module, query, key, value, attention_kwargs: dict) -> None:
+    def _compress(self, forward: _Forward, module, query, key, value, attention_kwargs: dict) -> None:
         layer_idx = module.layer_idx
-        prefill = self._prefill
+        prefill = forward.prefill
         prefill.seen_layers.add(layer_idx)
         prefill.kv_bytes_before += key.nbytes + value.nbytes
         if self.method.is_protected(layer_idx, self.num_layers):
             return
         variant = compat.attention_variant(module, self._base_attention, attention_kwargs)
         if self.decode is not None:
-            self._decoding.variants[layer_idx] = variant
+            forward.decoding.variants[layer_idx] = variant
         inputs = LayerInputs(
             query=query,
             key=key,
@@ -314,19 +512,19 @@ class PatchHandle:
                 compressed = CompressedLayer(key, value, padding, evicted=0)
             compressed.recompressing = True
         if compressed is not None:
-            self._cache.layers[layer_idx] = compressed
+            forward.cache.layers[layer_idx] = compressed
 
-    def _recompress(self) -> None:
+    def _recompress(self, forward: _Forward) -> None:
         """A decode-time event (SPEC 8): every compressed layer re-cuts the
         rows it holds, after the forward of the step that made it due."""
-        decoding = self._decoding
+        decoding, cache = forward.decoding, forward.cache
         for layer_idx, variant in decoding.variants.items():
             new_layer, event = recompress_layer(
-                self.method, self._cache.layers[layer_idx], decoding.queries[layer_idx], variant,
+                self.method, cache.layers[layer_idx], decoding.queries[layer_idx], variant,
                 layer_idx=layer_idx, num_layers=self.num_layers, max_tokens=self.decode.max_cache_tokens,
                 step=decoding.generated, evict=self.evict, headroom=self.decode.every,
             )  # fmt: skip
-            self._cache.layers[layer_idx] = new_layer
+            cache.layers[layer_idx] = new_layer
             decoding.timeline.events.append(event)
         decoding.event_due = False
 
@@ -364,9 +562,9 @@ class PatchHandle:
 
     # -- stats --------------------------------------------------------------
 
-    def _read_stats(self, prefill: _Prefill) -> CompressionStats:
+    def _read_stats(self, cache, prefill: _Prefill) -> CompressionStats:
         full_layers = self.layout.full_layers
         return CompressionStats.from_cache(
-            [self._cache.layers[i] for i in full_layers], prefill.real_len, prefill.kv_bytes_before,
+            [cache.layers[i] for i in full_layers], prefill.real_len, prefill.kv_bytes_before,
             evict=self.evict, layers=full_layers,
         )  # fmt: skip

@@ -146,7 +146,9 @@ def recompress_layer(
 ) -> tuple[CompressedLayer, CompressionEvent]:
     """Re-cuts the rows `layer` holds. `queries` [b, H, q, d] are those of
     the newest q tokens, all held; `variant` is the layer's softmax;
-    `headroom` rows are left free after the kept ones for the next tokens."""
+    `headroom` rows are left free after the kept ones for the next tokens
+    (no more than the rows it no longer holds, so that the layer allocates
+    no more than the uncompressed cache; see `left_aligned_layer`)."""
     valid = layer.attended_rows()  # [b, Hkv or 1, L]
     order = None
     keys, values = layer.keys, layer.values

@@ -1,12 +1,68 @@
-"""What a compression actually kept, read from the cache that is held."""
+"""What a compression actually kept, and the memory a cache takes, read
+from the cache that is held."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["CompressionStats"]
+__all__ = ["CompressionStats", "KVMemory", "kv_memory"]
+
+
+@dataclass(frozen=True)
+class KVMemory:
+    """The bytes a cache's keys and values take at one moment, per layer.
+
+    layers: the cache layer number of each entry below.
+    in_use: bytes of the rows each layer holds (its keys' and values'
+        `nbytes`): the rows attended to, the padding rows of a batch's
+        shorter sequences, and in masking mode (`evict=False`) the evicted
+        rows too.
+    allocated: bytes of the memory under those rows (their storages, each
+        counted once): `in_use` plus the free rows a layer reserves for the
+        tokens it appends next, and whatever else the storage of a view
+        holds (a sliding-window layer of transformers holds its rows as a
+        view of a larger tensor). A layer that refreekv compressed reserves
+        an eighth of its rows (one at least) when it grows and
+        `recompress_every` rows at a decode-time cut, never so many that
+        it would pass the rows the uncompressed cache holds at that step.
+    """
+
+    layers: tuple[int, ...]
+    in_use: tuple[int, ...]
+    allocated: tuple[int, ...]
+
+    @property
+    def in_use_bytes(self) -> int:
+        return sum(self.in_use)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(self.allocated)
+
+
+def kv_memory(cache, layers: Optional[Sequence[int]] = None) -> KVMemory:
+    """What `cache` takes now: any transformers cache whose layers hold
+    `keys` and `values`, patched or not, e.g. the `past_key_values` of a
+    forward or of `generate(..., return_dict_in_generate=True)`. `layers`
+    picks cache layers; by default every layer that holds keys (not the
+    linear-attention ones). `kv_memory(cache, kv.stats.layers)` measures
+    the layers `kv.stats` counts: right after prefill its `in_use_bytes` and
+    `allocated_bytes` are `kv_bytes_after` and `kv_bytes_allocated`; after
+    decoding they show what the appended tokens and their headroom take.
+    """
+    if layers is None:
+        layers = [index for index, layer in enumerate(cache.layers) if torch.is_tensor(getattr(layer, "keys", None))]
+    in_use, allocated = zip(*(_layer_bytes(cache.layers[index]) for index in layers)) if layers else ((), ())
+    return KVMemory(layers=tuple(layers), in_use=tuple(in_use), allocated=tuple(allocated))
+
+
+def _layer_bytes(layer) -> tuple[int, int]:
+    """(in use, allocated) bytes of one cache layer's keys and values."""
+    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in (layer.keys, layer.values)}
+    return layer.keys.nbytes + layer.values.nbytes, sum(storages.values())
 
 
 @dataclass(frozen=True)
@@ -23,10 +79,17 @@ class CompressionStats:
         the sequence: a row some head attends to (a per-head cut pads every
         head to the largest), every real row when evicted rows are masked.
     prompt_tokens: [b] int64, real (non-padding) prompt tokens.
-    kv_bytes_before: bytes the full prompt cache held right after prefill.
-    kv_bytes_after: bytes held after compression (padding rows included;
-        with `recompress_every`, the free rows each cut leaves for the next
-        tokens are not counted).
+    kv_bytes_before: bytes the full prompt cache held right after prefill
+        (what an unpatched model holds then).
+    kv_bytes_after: bytes of the rows held after compression, in use
+        (`KVMemory.in_use`): padding rows included, free rows not.
+    kv_bytes_allocated: bytes allocated under them right after compression
+        (`KVMemory.allocated`): `kv_bytes_after` plus, with
+        `recompress_every`, the free rows the cut leaves for the next
+        tokens. Decoding appends into free rows that each compressed layer
+        reserves when it grows (see `KVMemory.allocated`), which these
+        figures, taken at prefill, cannot show: `kv_memory(cache)` reads
+        what a cache holds and allocates at any step.
     kv_padding_bytes: bytes of held rows that are padding (left padding of
         uncompressed layers, end padding of compressed ones).
     """
@@ -37,6 +100,7 @@ class CompressionStats:
     prompt_tokens: torch.Tensor
     kv_bytes_before: int
     kv_bytes_after: int
+    kv_bytes_allocated: int
     kv_padding_bytes: int
 
     @property
@@ -62,7 +126,13 @@ class CompressionStats:
 
     @property
     def kv_bytes_ratio(self) -> float:
+        """Bytes in use after compression / the full prompt cache."""
         return self.kv_bytes_after / self.kv_bytes_before
+
+    @property
+    def kv_allocated_ratio(self) -> float:
+        """Bytes allocated after compression / the full prompt cache."""
+        return self.kv_bytes_allocated / self.kv_bytes_before
 
     @classmethod
     def from_cache(
@@ -74,10 +144,12 @@ class CompressionStats:
         from refreekv.integration.cache import CompressedLayer
 
         real_len = real_len.cpu()
-        kept, held, held_bytes, padding_bytes = [], [], 0, 0
+        kept, held, in_use_bytes, allocated_bytes, padding_bytes = [], [], 0, 0, 0
         for layer in cache_layers:
-            row_bytes = (layer.keys.nbytes + layer.values.nbytes) // (layer.keys.shape[0] * layer.keys.shape[2])
-            held_bytes += layer.keys.nbytes + layer.values.nbytes
+            in_use, allocated = _layer_bytes(layer)
+            in_use_bytes += in_use
+            allocated_bytes += allocated
+            row_bytes = in_use // (layer.keys.shape[0] * layer.keys.shape[2])
             if isinstance(layer, CompressedLayer):
                 layer_kept = layer.kept_per_sequence()
                 held.append(layer.held_per_sequence() if evict else real_len)
@@ -96,12 +168,14 @@ class CompressionStats:
             held=torch.stack(held),
             prompt_tokens=real_len,
             kv_bytes_before=kv_bytes_before,
-            kv_bytes_after=held_bytes,
+            kv_bytes_after=in_use_bytes,
+            kv_bytes_allocated=allocated_bytes,
             kv_padding_bytes=padding_bytes,
         )
 
     def summary(self) -> str:
         return (
             f"kept {100 * self.budget:.2f}% of the prompt KV on average "
-            f"({self.kv_bytes_after / 2**20:.2f} MiB held, of {self.kv_bytes_before / 2**20:.2f} MiB)"
+            f"({self.kv_bytes_after / 2**20:.2f} MiB held in {self.kv_bytes_allocated / 2**20:.2f} MiB allocated, "
+            f"of {self.kv_bytes_before / 2**20:.2f} MiB)"
         )
