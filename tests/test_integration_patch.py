@@ -8,7 +8,7 @@ import refreekv
 from refreekv import reference
 from refreekv.integration.cache import CompressedLayer
 
-from integration_models import ATTENTION, FAMILIES, assert_batch_equals_each_alone, greedy, greedy_loop, prompts, tiny_model
+from integration_models import ATTENTION, FAMILIES, assert_batch_equals_each_alone, float32_logit_error, greedy, greedy_loop, prompts, tiny_model
 
 METHODS = {
     "refreekv": {},
@@ -42,15 +42,23 @@ def unpatched(model, batch):
     return greedy(model, *batch)
 
 
+@pytest.fixture(scope="module")
+def float32_error(model, batch):
+    return float32_logit_error(model, batch, new_tokens=6)
+
+
 @pytest.mark.parametrize("case", METHODS)
-def test_eviction_equals_masking(model, batch, case):
+def test_eviction_equals_masking(model, batch, float32_error, case):
     method, options = method_args(case)
     with refreekv.patch(model, method, **options) as evicting:
         tokens, logits = greedy(model, *batch)
     with refreekv.patch(model, method, evict=False, **options) as masking:
         masked_tokens, masked_logits = greedy(model, *batch)
     assert torch.equal(tokens, masked_tokens)
-    torch.testing.assert_close(logits, masked_logits)
+    # Two float32 runs over differently laid out rows (held vs masked) differ
+    # by float32 rounding: judged against the unpatched model's own float32
+    # error (flash-attention's rule), as in tests/test_integration_families.py.
+    assert (logits - masked_logits).abs().max() <= 2 * float32_error
     assert torch.equal(evicting.stats.kept, masking.stats.kept)
     if case not in ("fullkv",):
         assert evicting.stats.budget < 1.0, "the test should evict something"
