@@ -250,32 +250,6 @@ def test_keep_count_valid_len_and_dtypes(dtype, generator):
     assert_keep_count_parity(scores, 0.05)
 
 
-def per_head_zero_tails(scores, tail_starts):
-    """Scores ranked per head (descending), then zero from tail_starts[b][h]
-    on: heads whose last non-zero score comes at different ranks, as when
-    float32 exp underflows in some heads' attention rows and not others."""
-    scores = scores.sort(dim=-1, descending=True).values
-    for b, starts in enumerate(tail_starts):
-        for h, start in enumerate(starts):
-            scores[b, h, start:] = 0
-    return scores
-
-
-def test_keep_count_per_head_zero_tails(generator):
-    # A later head whose last non-zero score comes earlier in a thread's
-    # stride must not shorten T = 0's extent: 1024 here, not 512.
-    scores = torch.rand(1, 2, 1024, generator=generator) + 0.5
-    scores[0, 1, 512:] = 0
-    assert_keep_count_parity(scores, 0.0)
-    scores = per_head_zero_tails(
-        attention_like_scores(3, 4, 3000, generator),
-        [[2900, 100, 2500, 700], [3000, 2049, 1, 2048], [10, 20, 30, 2999]],
-    )
-    for threshold in (0.0, 0.001, 0.05):
-        assert_keep_count_parity(scores, threshold)
-    assert_keep_count_parity(scores, 0.0, valid_len=torch.tensor([2600, 3000, 25]))
-
-
 def test_keep_count_randomized_sweep():
     rng = random.Random(31)
     generator = torch.Generator().manual_seed(3)
@@ -329,19 +303,6 @@ def test_mass_keep_count_valid_len_and_dtypes(dtype, generator):
     assert_mass_parity(scores, 0.05)
 
 
-def test_mass_keep_count_per_head_zero_tails(generator):
-    scores = torch.rand(1, 2, 1024, generator=generator) + 0.5
-    scores[0, 1, 512:] = 0
-    assert_mass_parity(scores, 0.0)
-    scores = per_head_zero_tails(
-        attention_like_scores(3, 4, 3000, generator),
-        [[2900, 100, 2500, 700], [3000, 2049, 1, 2048], [10, 20, 30, 2999]],
-    )
-    for tolerance in (0.0, 0.001, 0.05):
-        assert_mass_parity(scores, tolerance)
-    assert_mass_parity(scores, 0.0, valid_len=torch.tensor([2600, 3000, 25]))
-
-
 def test_mass_keep_count_randomized_sweep():
     rng = random.Random(57)
     generator = torch.Generator().manual_seed(21)
@@ -356,6 +317,33 @@ def test_mass_keep_count_randomized_sweep():
             assert_mass_parity(scores, tolerance, valid_len)
         except AssertionError as failure:
             raise AssertionError(f"case {case}: {tuple(scores.shape)} delta={tolerance} valid_len={valid_len}") from failure
+
+
+def per_head_zero_tails(scores, tail_starts):
+    """Scores ranked per head (descending), then zero from tail_starts[b][h]
+    on: heads whose last non-zero score comes at different ranks, as when
+    float32 exp underflows in some heads' attention rows and not others."""
+    scores = scores.sort(dim=-1, descending=True).values
+    for b, starts in enumerate(tail_starts):
+        for h, start in enumerate(starts):
+            scores[b, h, start:] = 0
+    return scores
+
+
+@pytest.mark.parametrize("assert_parity", [assert_keep_count_parity, assert_mass_parity], ids=["adaptive", "mass"])
+def test_keep_counts_with_per_head_zero_tails(assert_parity, generator):
+    # A later head whose last non-zero score comes earlier in a thread's
+    # stride must not shorten T = 0's extent: 1024 here, not 512.
+    scores = torch.rand(1, 2, 1024, generator=generator) + 0.5
+    scores[0, 1, 512:] = 0
+    assert_parity(scores, 0.0)
+    scores = per_head_zero_tails(
+        attention_like_scores(3, 4, 3000, generator),
+        [[2900, 100, 2500, 700], [3000, 2049, 1, 2048], [10, 20, 30, 2999]],
+    )
+    for fraction in (0.0, 0.001, 0.05):
+        assert_parity(scores, fraction)
+    assert_parity(scores, 0.0, torch.tensor([2600, 3000, 25]))
 
 
 def test_mass_keep_count_is_deterministic(generator):

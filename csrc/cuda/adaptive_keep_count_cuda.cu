@@ -35,7 +35,6 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kItems = 4;  // consecutive candidates per thread in phase 2
 constexpr int kChunk = kThreads * kItems;
-constexpr unsigned long long kNoError = ~0ull;
 
 struct KeepCountKernelParams {
   const void* scores;        // [b, H, c], contiguous
@@ -157,14 +156,14 @@ at::Tensor adaptive_keep_count_cuda(const at::Tensor& ranked_scores, double thre
   // Scratch for the per-head running sums; written by the kernel before it is
   // read, so no fill (and no second launch) is needed.
   at::Tensor carry = at::empty({s.batch, s.heads}, scores.options().dtype(at::kDouble));
-  at::Tensor error = at::full({2}, -1, scores.options().dtype(at::kLong));  // all bits set: no error
+  ErrorReport<2> errors(scores.options());
 
   KeepCountKernelParams p{};
   p.scores = scores.const_data_ptr();
   p.valid_len = lens.defined() ? lens.const_data_ptr<int64_t>() : nullptr;
   p.carry = carry.data_ptr<double>();
   p.out = result.data_ptr<int64_t>();
-  p.error = reinterpret_cast<unsigned long long*>(error.data_ptr<int64_t>());
+  p.error = errors.device_slots();
   p.heads = s.heads;
   p.candidates = s.candidates;
   p.threshold = threshold;
@@ -175,9 +174,7 @@ at::Tensor adaptive_keep_count_cuda(const at::Tensor& ranked_scores, double thre
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // The one synchronization (see the top of the file).
-  const at::Tensor report = error.cpu();
-  const auto* first_bad = reinterpret_cast<const unsigned long long*>(report.const_data_ptr<int64_t>());
+  const auto first_bad = errors.read();  // the one synchronization (see the top of the file)
   if (first_bad[0] != kNoError) {
     const int64_t b = static_cast<int64_t>(first_bad[0]);
     TORCH_CHECK(false, "adaptive_keep_count: expected valid_len[", b, "] in [0, ", s.candidates,

@@ -9,7 +9,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cstdint>
+#include <cstring>
 
 namespace refreekv {
 namespace cuda {
@@ -122,6 +124,35 @@ __device__ __forceinline__ void load_tile(T* dst, int dst_stride, int dst_cols,
     }
   }
 }
+
+// Where kernels report bad input values instead of asserting on the device
+// (a device-side assertion leaves a sticky error that ends CUDA for the whole
+// process): kSlots counters that kernels lower with atomicMin to the first
+// bad index of each kind, so the report is deterministic. The host reads them
+// once after the launch, one synchronization, and raises with the CPU's words.
+constexpr unsigned long long kNoError = ~0ull;
+
+template <int kSlots>
+class ErrorReport {
+ public:
+  explicit ErrorReport(const at::TensorOptions& options)
+      : buffer_(at::full({kSlots}, -1, options.dtype(at::kLong))) {}  // all bits set: kNoError
+
+  unsigned long long* device_slots() {
+    return reinterpret_cast<unsigned long long*>(buffer_.data_ptr<int64_t>());
+  }
+
+  // Waits for the kernels: per slot, the first bad index or kNoError.
+  std::array<unsigned long long, kSlots> read() const {
+    const at::Tensor host = buffer_.cpu();
+    std::array<unsigned long long, kSlots> slots;
+    std::memcpy(slots.data(), host.const_data_ptr<int64_t>(), sizeof(slots));
+    return slots;
+  }
+
+ private:
+  at::Tensor buffer_;
+};
 
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll

@@ -26,7 +26,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr unsigned long long kNoError = ~0ull;
 
 struct CompactKernelParams {
   const char* key;          // [b, Hkv, n, dk] bytes
@@ -114,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compact_kv_cuda(
   at::Tensor value_out = at::empty({s.batch, s.kv_heads, s.kept_rows, s.value_dim}, v.options());
   at::Tensor valid = at::empty({s.batch, s.kept_rows}, lens.options().dtype(at::kBool));
   if (s.batch == 0) return {key_out, value_out, valid};
-  at::Tensor error = at::full({2}, -1, lens.options());  // all bits set: no error
+  ErrorReport<2> errors(lens.options());
 
   CompactKernelParams p{};
   p.key = static_cast<const char*>(k.const_data_ptr());
@@ -124,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compact_kv_cuda(
   p.key_out = static_cast<char*>(key_out.data_ptr());
   p.value_out = static_cast<char*>(value_out.data_ptr());
   p.valid = valid.data_ptr<bool>();
-  p.error = reinterpret_cast<unsigned long long*>(error.data_ptr<int64_t>());
+  p.error = errors.device_slots();
   p.batch = s.batch;
   p.kv_heads = s.kv_heads;
   p.keys = s.keys;
@@ -148,9 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compact_kv_cuda(
     launch_compact<uint16_t>(p, key_bytes, value_bytes, stream);
   }
 
-  // The one synchronization (see the top of the file).
-  const at::Tensor report = error.cpu();
-  const auto* first_bad = reinterpret_cast<const unsigned long long*>(report.const_data_ptr<int64_t>());
+  const auto first_bad = errors.read();  // the one synchronization (see the top of the file)
   if (first_bad[0] != kNoError) {
     const int64_t b = static_cast<int64_t>(first_bad[0]);
     TORCH_CHECK(false, "compact_kv: expected keep_len[", b, "] in [0, ", s.kept_rows,

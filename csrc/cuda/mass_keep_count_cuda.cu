@@ -39,7 +39,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kItems = 4;  // consecutive candidates per thread in phase 2
 constexpr int kChunk = kThreads * kItems;
-constexpr unsigned long long kNoError = ~0ull;
 
 struct MassKeepCountKernelParams {
   const void* scores;        // [b, H, c], contiguous
@@ -142,13 +141,13 @@ at::Tensor mass_keep_count_cuda(const at::Tensor& ranked_scores, double toleranc
   at::Tensor result = at::empty({s.batch, s.heads}, scores.options().dtype(at::kLong));
   const int64_t rows = s.batch * s.heads;
   if (rows == 0) return result;
-  at::Tensor error = at::full({2}, -1, scores.options().dtype(at::kLong));  // all bits set: no error
+  ErrorReport<2> errors(scores.options());
 
   MassKeepCountKernelParams p{};
   p.scores = scores.const_data_ptr();
   p.valid_len = lens.defined() ? lens.const_data_ptr<int64_t>() : nullptr;
   p.out = result.data_ptr<int64_t>();
-  p.error = reinterpret_cast<unsigned long long*>(error.data_ptr<int64_t>());
+  p.error = errors.device_slots();
   p.heads = s.heads;
   p.candidates = s.candidates;
   p.tolerance = tolerance;
@@ -159,9 +158,7 @@ at::Tensor mass_keep_count_cuda(const at::Tensor& ranked_scores, double toleranc
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // The one synchronization (see the top of the file).
-  const at::Tensor report = error.cpu();
-  const auto* first_bad = reinterpret_cast<const unsigned long long*>(report.const_data_ptr<int64_t>());
+  const auto first_bad = errors.read();  // the one synchronization (see the top of the file)
   if (first_bad[0] != kNoError) {
     const int64_t b = static_cast<int64_t>(first_bad[0]);
     TORCH_CHECK(false, "mass_keep_count: expected valid_len[", b, "] in [0, ", s.candidates,
