@@ -87,8 +87,10 @@ stopping-rules: build
 # with torch built for CUDA 13.0, the extension compiled out of tree with the
 # CUDA kernels for sm_75, sm_80 and sm_90 (the in-place CPU build that `make test`
 # uses is left alone), then proof that it links and registers CUDA kernels,
-# and the whole test suite against that build (its CUDA tests run on a GPU
-# machine and are skipped, saying so, elsewhere).
+# and the tests of what differs between the two builds against it: the
+# extension, its operators and the build decisions (the Python layers above
+# the operators are the same files, run by `make test`; the CUDA tests run on
+# a GPU machine and are skipped, saying so, elsewhere).
 CUDA_VENV  ?= .venv-cuda
 CUDA_PY    := $(CUDA_VENV)/bin/python
 CUDA_DEPS  := $(CUDA_VENV)/.deps-installed
@@ -112,7 +114,8 @@ cuda-build: $(CUDA_DEPS)
 		$(CUDA_PY) setup.py --quiet build_ext --build-temp build/cuda-temp --build-lib $(CUDA_LIB)
 	# -P: the source tree (with its CPU-only extension) must not shadow the build.
 	PYTHONPATH=$(CURDIR)/$(CUDA_LIB) CUDA_HOME=$(CUDA_HOME) $(CUDA_PY) -P .ci/check_cuda_build.py --archs "$(CUDA_ARCHS)"
-	PYTHONPATH=$(CURDIR)/$(CUDA_LIB):$(CURDIR)/.ci $(CUDA_VENV)/bin/pytest -q -p no:cacheprovider -p pytest_cuda_build
+	PYTHONPATH=$(CURDIR)/$(CUDA_LIB):$(CURDIR)/.ci $(CUDA_VENV)/bin/pytest -q -p no:cacheprovider -p pytest_cuda_build \
+		tests/test_native.py tests/test_setup.py tests/test_ops_*.py
 
 clean:
 	rm -rf build refreekv/_C*.so *.egg-info $(VENV) $(CUDA_VENV) $(PEERS_VENV)
