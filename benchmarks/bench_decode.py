@@ -39,7 +39,8 @@ import time
 import torch
 
 import refreekv
-from refreekv.assets import essays, load_bundled_model
+from refreekv.assets import load_bundled_model
+from refreekv.haystack import essays
 from refreekv.integration.stats import kv_memory
 
 CONFIGS = {

@@ -39,7 +39,8 @@ import torch
 import refreekv
 from proc_status import reset_peak_rss, status_bytes
 from refreekv import reference
-from refreekv.assets import essays, load_bundled_model
+from refreekv.assets import load_bundled_model
+from refreekv.haystack import essays
 from refreekv.integration.stats import kv_memory
 
 THRESHOLD = 0.01

@@ -89,7 +89,7 @@ def write_prompts(lengths: list[int], path: Path) -> None:
     """{length: ids}: essay tokens cut so that the question ends at `length`."""
     from transformers import AutoTokenizer
 
-    from refreekv.assets import essays
+    from refreekv.haystack import essays
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     text = tokenizer(" ".join(essays()))["input_ids"]

@@ -24,7 +24,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from refreekv.eval.sweep import SweepRequest, read_records, run_sweep
+from refreekv.eval.rundir import read_records
+from refreekv.eval.sweep import SweepRequest, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "quality"

@@ -10,7 +10,7 @@ baseline curve comes from the same run and the same samples. Stage 2 runs
 the settings named in sweeps/stopping_rules_long.toml with the baselines at
 4k tokens (fewer samples: a 4k prefill is the costliest part on a CPU).
 
-Each point is judged as SPEC 9 says (refreekv.eval.frontier): lossless when
+Each point is judged as SPEC 9 says (refreekv.eval.report.frontier): lossless when
 every task family is within 2 points of the full cache, on the frontier
 when its score is at or above every fixed-budget baseline interpolated at
 the budget it reached. Writes benchmarks/results/stopping_rules/:
@@ -34,10 +34,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from refreekv.eval.frontier import FIXED_BUDGET_METHODS, judge_point
+from refreekv.eval.report.frontier import FIXED_BUDGET_METHODS, judge_point
 from refreekv.eval.grid import load_grid
-from refreekv.eval.quality import FULL_CACHE_METHOD, markdown_table, summarize, write_report
-from refreekv.eval.sweep import SweepRequest, read_records, run_sweep
+from refreekv.eval.report import summarize, write_quality_report
+from refreekv.eval.report.figures import study_figure
+from refreekv.eval.report.tables import family_table, study_table
+from refreekv.eval.rundir import read_records
+from refreekv.eval.sweep import SweepRequest, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = ROOT / "sweeps"
@@ -86,64 +89,6 @@ def pick(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"point": best, "lossless_everywhere": False, "mean_budget": mean_budget[best], "worst_drop": worst[best]}
 
 
-def study_table(rows: list[dict[str, Any]]) -> str:
-    header = ["point", "length", "kept %", "held %", "score", "full", "worst family (drop)", "lossless",
-              *[f"{m} @ budget" for m in FIXED_BUDGET_METHODS], "on frontier", "at held"]  # fmt: skip
-    body = []
-    for r in sorted(rows, key=lambda r: (r["length"], r["budget"])):
-        baselines = [("-" if r["baselines"].get(m) is None else f"{r['baselines'][m]:.1f}") for m in FIXED_BUDGET_METHODS]
-        frontier, at_held = ("-" if v is None else ("yes" if v else "no") for v in (r["on_frontier"], r["on_frontier_at_held"]))
-        body.append([
-            r["point"], str(r["length"]), f"{100 * r['budget']:.1f}",
-            "-" if r["held_budget"] is None else f"{100 * r['held_budget']:.1f}", f"{r['score']:.1f}", f"{r['full_score']:.1f}",
-            f"{r['worst_family']} ({r['worst_drop']:+.1f})", "yes" if r["lossless"] else "no", *baselines, frontier, at_held,
-        ])  # fmt: skip
-    return markdown_table(header, body)
-
-
-def family_table(rows: list[dict[str, Any]], point: str) -> str:
-    """Per task family: kept budget (and score drop) of one point, per length."""
-    mine = sorted((r for r in rows if r["point"] == point), key=lambda r: r["length"])
-    tasks = sorted({t for r in mine for t in r["families"]})
-    header = ["task", *[f"{r['length']}: kept % (drop)" for r in mine]]
-    body = [
-        [task, *[f"{100 * r['families'][task]['budget']:.1f} ({r['families'][task]['drop']:+.1f})" for r in mine]]
-        for task in tasks
-    ]
-    return markdown_table(header, body)
-
-
-def plot(summaries: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(s, length) for s in summaries for length in s["lengths"]]
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 3, 4.4), squeeze=False, layout="constrained")
-    for ax, (summary, length) in zip(axes[0], panels):
-        overall = [c for c in summary["cells"] if c["length"] == length and c["task"] == "overall" and c["complete"]]
-        for method in FIXED_BUDGET_METHODS:
-            curve = sorted((100 * c["kept_budget"], c["score"]) for c in overall if c["method"] == method)
-            if curve:
-                ax.plot(*zip(*curve), marker="o", linewidth=1, alpha=0.7, label=method)
-        full = [c["score"] for c in overall if c["method"] == FULL_CACHE_METHOD]
-        if full:
-            ax.axhline(full[0], color="black", linestyle="--", linewidth=1, label="full cache")
-        for row in (r for r in rows if r["length"] == length):
-            marker = "*" if row["lossless"] else ("^" if row["point"].startswith("coverage") else "x")
-            ax.scatter(100 * row["budget"], row["score"], marker=marker, s=60, color="crimson" if marker != "x" else "grey", zorder=3)
-            ax.annotate(row["point"].removeprefix("coverage"), (100 * row["budget"], row["score"]),
-                        textcoords="offset points", xytext=(3, 3), fontsize=5)  # fmt: skip
-        ax.set(title=f"{length} tokens", xlabel="mean kept KV cache (% of prompt)", ylabel="overall score", xlim=(0, 105))
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside right upper", fontsize=8)
-    figure.suptitle("Stopping rules: coverage (triangles; stars = lossless) and refreekv (x) against the baselines")
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=10, help="samples per task at 1k and 2k tokens")
@@ -177,8 +122,8 @@ def main() -> None:
 
     output.mkdir(parents=True, exist_ok=True)
     for stage, summary in zip(("short", "long"), summaries):
-        write_report(summary, output / stage, title=f"Quality map, stage {stage}")
-    plot(summaries, rows, output / "frontier.png")
+        write_quality_report(summary, output / stage, title=f"Quality map, stage {stage}")
+    study_figure(summaries, rows, FIXED_BUDGET_METHODS, output / "frontier.png")
     markdown = "\n\n".join([
         "# Stopping rules on SmolLM2-135M-Instruct",
         "Kept % is the measured mean budget (tokens attended, averaged over KV heads); held % the prompt rows "
@@ -186,7 +131,7 @@ def main() -> None:
         "full cache (lossless: every drop <= 2 points); baselines are each fixed-budget method's overall score "
         "interpolated at the point's budget (- below its lowest measured budget); on frontier: at or above every "
         "baseline there; at held: the same judged at the held budget.",
-        study_table(rows),
+        study_table(rows, FIXED_BUDGET_METHODS),
         f"Choice: `{choice['point']}` ({'lossless at every length' if choice['lossless_everywhere'] else 'closest to lossless'}, "
         f"mean kept {100 * choice['mean_budget']:.1f}%). Per task family:",
         family_table(rows, choice["point"]),

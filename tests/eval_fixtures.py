@@ -17,7 +17,7 @@ TOKENIZER_CHAT_TEMPLATE = (
 
 
 def essay_words() -> list[str]:
-    from refreekv.assets import essays
+    from refreekv.haystack import essays
 
     return " ".join(essays()[:6]).split(" ")
 
@@ -113,3 +113,16 @@ def write_fixture_data(folder: Path, per_task: int = 3, seed: int = 0) -> dict[s
         path.write_text("".join(json.dumps(s) + "\n" for s in samples), encoding="utf-8")
         paths[task] = path
     return paths
+
+
+def with_settings(values: dict, overrides: dict) -> dict:
+    """A request's keyword arguments: `values` with `overrides`, those that
+    name a ModelSettings field going to its `settings` (one thread and no
+    progress bar unless overridden)."""
+    from dataclasses import fields
+
+    from refreekv.eval.models import ModelSettings
+
+    names = {f.name for f in fields(ModelSettings)}
+    settings = {"threads": 1, "progress": False, **{k: v for k, v in overrides.items() if k in names}}
+    return {**values, **{k: v for k, v in overrides.items() if k not in names}, "settings": ModelSettings(**settings)}

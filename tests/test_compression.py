@@ -5,8 +5,8 @@ import torch
 
 import refreekv
 from refreekv import reference
-from refreekv.compression import H2O, LayerInputs, PyramidKV, ReFreeKV, ScoredMethod, SnapKV, StreamingLLM
-from refreekv.compression.base import resolve_budget
+from refreekv.compression import H2O, LayerInputs, PyramidKV, ReFreeKV, SnapKV, StreamingLLM, fixed_budget_methods
+from refreekv.compression.base import keep_top, resolve_budget
 
 
 def layer_inputs(real_lengths, n=None, heads=4, kv_heads=2, head_dim=8, layer_idx=2, num_layers=6, seed=0):
@@ -97,7 +97,7 @@ def test_keep_top_selects_by_score_and_forces_positions():
     scores = torch.tensor([[[0.1, 0.9, 0.3, 0.8, 0.2, 0.05]]])
     candidates = torch.tensor([[True, True, True, True, False, False]])
     forced = torch.tensor([[False, False, False, False, True, True]])
-    plan = ScoredMethod.keep_top(scores, torch.tensor([2]), candidates, forced)
+    plan = keep_top(scores, torch.tensor([2]), candidates, forced)
     assert kept_positions(plan, 0) == [1, 3, 4, 5] and plan.keep_len.tolist() == [4]
 
 
@@ -133,7 +133,7 @@ def test_keep_top_equals_a_stable_sort_with_ties(per_head, seed):
         counts[0, 0], counts[1, 1] = 0, available[1]
     else:
         counts = torch.stack([torch.randint(0, int(a) + 1, (), generator=generator) for a in available])
-    plan = ScoredMethod.keep_top(scores, counts, candidates, forced)
+    plan = keep_top(scores, counts, candidates, forced)
     expected = stable_sort_keep_top(scores, counts, candidates, forced)
     lengths = plan.kept_lengths().expand(batch, kv_heads)
     for b in range(batch):
@@ -147,7 +147,7 @@ def test_keep_top_refuses_nan_scores():
     candidates = torch.tensor([[True, True, True, False]])
     forced = ~candidates
     with pytest.raises(ValueError, match="expected finite scores, got NaN"):
-        ScoredMethod.keep_top(scores, torch.tensor([2]), candidates, forced)
+        keep_top(scores, torch.tensor([2]), candidates, forced)
 
 
 def test_snapkv_and_h2o_keep_the_window_and_the_budget():
@@ -191,3 +191,7 @@ def test_methods_listing():
     assert listing["snapkv"] == {"budget": 0.5, "window": 8, "kernel": 7, "pooling": "max", "protected_layers": ()}
     assert listing["fullkv"] == {}
     assert listing["coverage"]["stop"] == "mass" and listing["coverage"]["protected_layers"] == ()
+
+
+def test_fixed_budget_methods_are_read_from_the_methods_in_listing_order():
+    assert fixed_budget_methods() == ("streamingllm", "h2o", "snapkv", "pyramidkv")

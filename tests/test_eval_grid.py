@@ -96,3 +96,24 @@ def test_the_shipped_grids_are_valid(name):
     methods = {p.method for p in points}
     assert methods == {"fullkv", "refreekv", "streamingllm", "h2o", "snapkv", "pyramidkv"}
     assert parse_grid({"fullkv": {}})[0].label == "fullkv"
+
+
+def test_a_point_is_checked_by_building_its_method_once(monkeypatch):
+    """`GridPoint.of` (a grid's points, `run --method --option`) builds the
+    method once; that instance answers the layer check."""
+    from refreekv import compression
+    from refreekv.eval.grid import GridPoint
+
+    built = []
+    make_method = compression.make_method
+    monkeypatch.setattr(compression, "make_method", lambda *a, **k: built.append(a) or make_method(*a, **k))
+    point = GridPoint.of("refreekv", {"protected_layers": (0, 9)})
+    point.check_layers(12)
+    with pytest.raises(ValueError, match=r"protected_layers \[9\] out of range for a model with 4 layers"):
+        point.check_layers(4)
+    assert built == [("refreekv",)] and point.built.protected_layers == (0, 9)
+    assert point.label == "refreekv(protected_layers=(0,9))" and point.all_options["protected_layers"] == [0, 9]
+    with pytest.raises(ValueError, match="budget"):
+        GridPoint.of("snapkv", {"budget": 1.5})
+    with pytest.raises(UsageError, match="unknown method 'nope'"):
+        GridPoint.of("nope", {})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from eval_fixtures import TREC_CLASSES, save_tiny_model, write_fixture_data
+from eval_fixtures import TREC_CLASSES, save_tiny_model, with_settings, write_fixture_data
 
 from refreekv.eval import runner
 from refreekv.eval.data import Sample
@@ -42,12 +42,8 @@ def assets(tmp_path_factory, one_thread):
 
 def request(assets, output: Path, **overrides) -> RunRequest:
     _, model, data = assets
-    values = dict(
-        model=str(model), data_dir=str(data), output_dir=str(output), max_input_length=256,
-        tasks=",".join(FIXTURE_TASKS), threads=1, progress=False,
-    )  # fmt: skip
-    values.update(overrides)
-    return RunRequest(**values)
+    values = dict(model=str(model), data_dir=str(data), output_dir=str(output), max_input_length=256, tasks=",".join(FIXTURE_TASKS))
+    return RunRequest(**with_settings(values, overrides))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 from eval_fixtures import build_tokenizer
 
+from refreekv.eval import ruler
 from refreekv.eval.data import Sample, read_samples
 from refreekv.eval.prompting import build_input, format_prompt
 from refreekv.eval.ruler import (
@@ -61,6 +62,7 @@ class TestRegistry:
                                "variable_tracking", "common_words", "frequent_words", "qa_planted")  # fmt: skip
         assert resolve_tasks(",".join(RULER_TASKS)) == list(RULER_TASKS)
         assert all(TASKS[name].answer_prefix and TASKS[name].language == "en" for name in RULER_TASKS)
+        assert all(TASKS[name] is ruler.TASKS[name] for name in RULER_TASKS) and ruler.RULER_TASKS == RULER_TASKS
 
     def test_longbench_lists_stay_longbench(self):
         assert len(ALL_TASKS) == 21 and len(ENGLISH_TASKS) == 16

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from eval_fixtures import save_tiny_model
+from eval_fixtures import save_tiny_model, with_settings
 
-from refreekv.eval import sweep as sweep_module
+from refreekv.eval import runner
 from refreekv.eval.errors import ConfigMismatch, UsageError
+from refreekv.eval.generation import decode_groups
 from refreekv.eval.grid import parse_grid
 from refreekv.eval.longbench import main
-from refreekv.eval.sweep import SweepRequest, read_records, run_sweep
+from refreekv.eval.rundir import read_records
+from refreekv.eval.sweep import SweepRequest, run_sweep
 
 LENGTHS = [512, 768]
 TASKS = ["niah_single", "niah_multivalue", "variable_tracking", "common_words"]
@@ -53,9 +55,8 @@ def assets(tmp_path_factory, one_thread):
 def request(assets, output: Path, **overrides) -> SweepRequest:
     _, model, grid = assets
     values = dict(model=str(model), output_dir=str(output), grid=str(grid), lengths=LENGTHS, tasks=TASKS, suite="ruler",
-                  samples=SAMPLES, batch_size=3, threads=1, progress=False)  # fmt: skip
-    values.update(overrides)
-    return SweepRequest(**values)
+                  samples=SAMPLES, batch_size=3)  # fmt: skip
+    return SweepRequest(**with_settings(values, overrides))
 
 
 def keyed(records):
@@ -100,7 +101,7 @@ def test_tasks_that_decode_alike_share_batches():
     tokenizer = SimpleNamespace(eos_token_id=2, pad_token_id=0, encode=lambda text, add_special_tokens: [13])
     work = {(512, task): [f"{task}-{i}" for i in range(2)] for task in ("niah_single", "variable_tracking", "niah_multikey", "samsum")}
     work[768, "niah_single"] = ["long-0"]
-    groups = sweep_module._decode_groups(work, model, tokenizer)
+    groups = decode_groups(work, model, tokenizer)
     summary = [(length, settings.max_new_tokens, settings.eos, [task for task, _ in items]) for length, settings, items in groups]
     assert summary == [
         (512, 48, (2,), ["niah_single", "niah_single", "niah_multikey", "niah_multikey"]),
@@ -195,7 +196,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the request was checked")
 
-    monkeypatch.setattr(sweep_module, "load_model", refuse)
+    monkeypatch.setattr(runner, "load_model", refuse)
 
 
 @pytest.mark.parametrize(

@@ -137,3 +137,23 @@ def test_crop_removes_appended_tokens_only():
         compressed.crop(-2)
     compressed.crop(0)
     assert compressed.keys.shape[-2] == 7
+
+
+def test_the_layer_counts_the_rows_it_attends_to_appended_ones_included():
+    keys, values = kv(batch=2, heads=2, rows=5)
+    prompt_valid = torch.tensor([[[False, True, True, True, True], [False, False, True, True, True]], [[True] * 5] * 2])
+    layer = CompressedLayer(keys, values, prompt_valid, evicted=3)
+    layer.update(*kv(batch=2, heads=2, rows=2, seed=1))
+    expected = torch.cat([prompt_valid, torch.ones(2, 2, 2, dtype=torch.bool)], dim=-1)
+    assert torch.equal(layer.attended_prompt_rows(), prompt_valid)
+    assert torch.equal(layer.attended_rows(), expected)
+    assert layer.attended_counts().tolist() == [[6, 5], [7, 7]]
+    assert layer.kept_per_sequence().tolist() == [5.5, 7.0] and layer.held_per_sequence().tolist() == [6, 7]
+
+
+def test_a_layer_given_an_all_true_mask_attends_to_every_row_unmasked():
+    keys, values = kv(rows=4)
+    layer = CompressedLayer(keys, values, torch.ones(3, 1, 4, dtype=torch.bool), evicted=2)
+    assert layer.prompt_valid is None  # the attention then skips masking the prompt
+    assert torch.equal(layer.attended_rows(), torch.ones(3, 1, 4, dtype=torch.bool))
+    assert layer.attended_counts().tolist() == [[4]] * 3

@@ -7,8 +7,12 @@ from typing import Any
 
 from refreekv.compression.base import CompressionMethod, KeepPlan, LayerInputs, PositionalMethod, ScoredMethod
 from refreekv.compression.coverage import Coverage
-from refreekv.compression.positional import ReFreeKV, StreamingLLM
-from refreekv.compression.scored import H2O, PyramidKV, SnapKV
+from refreekv.compression.fullkv import FullKV
+from refreekv.compression.h2o import H2O
+from refreekv.compression.pyramidkv import PyramidKV
+from refreekv.compression.refreekv import ReFreeKV
+from refreekv.compression.snapkv import SnapKV
+from refreekv.compression.streamingllm import StreamingLLM
 
 __all__ = [
     "CompressionMethod",
@@ -24,23 +28,9 @@ __all__ = [
     "SnapKV",
     "StreamingLLM",
     "available_methods",
+    "fixed_budget_methods",
     "make_method",
 ]
-
-
-class FullKV(CompressionMethod):
-    """No compression: the reference every other method is compared with."""
-
-    name = "fullkv"
-
-    def __init__(self):
-        super().__init__(protected_layers=())
-
-    def plan(self, inputs: LayerInputs) -> None:
-        return None
-
-    def recompression_refusal(self) -> str:
-        return "fullkv never cuts, so re-cutting while decoding would only add work"
 
 
 _METHODS: dict[str, type[CompressionMethod]] = {
@@ -51,6 +41,12 @@ _METHODS: dict[str, type[CompressionMethod]] = {
 def available_methods() -> dict[str, dict[str, Any]]:
     """Every method's name with its options and their defaults."""
     return {name: cls.option_defaults() for name, cls in _METHODS.items()}
+
+
+def fixed_budget_methods() -> tuple[str, ...]:
+    """The methods that keep a fixed budget (and so take `max_cache_tokens`
+    while decoding), in the order of `available_methods`."""
+    return tuple(name for name, cls in _METHODS.items() if cls.fixed_budget)
 
 
 def make_method(name: str, **options: Any) -> CompressionMethod:

@@ -1,12 +1,16 @@
-"""The contract between the integration and a compression method.
+"""The contract between the integration and a compression method, and the
+selection the methods share.
 
 After a layer's prefill the integration hands the method a `LayerInputs`
 (the prompt's post-rotary queries and cached keys, and where each sequence's
 real tokens are) and gets back a `KeepPlan` (which cache rows to keep). The
 integration does the cache surgery, masking and bookkeeping; a method only
-decides. Methods that pick per-key scores (H2O, SnapKV, ...) derive from
-`ScoredMethod`; methods that keep the first sinks plus a recent span
-(StreamingLLM, ReFreeKV) from `PositionalMethod`.
+decides. Methods that keep a fixed budget of the best-scored keys (H2O,
+SnapKV, ...) derive from `ScoredMethod` and only score; methods that keep
+the first sinks plus a recent span (StreamingLLM, ReFreeKV) derive from
+`PositionalMethod` and only count the span. The selection every method
+builds its plan with (`resolve_budget`, `split_ends`, `keep_top`) lives here
+too: the base classes need it, and it produces the contract's `KeepPlan`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
-from refreekv.compression.checks import check_count_or_fraction, check_int, check_layer_indices
+from refreekv.compression.checks import check_budget, check_layer_indices, check_num_sinks, check_window
 from refreekv.ops import attention_importance
 
 __all__ = [
@@ -27,7 +31,9 @@ __all__ = [
     "LayerInputs",
     "PositionalMethod",
     "ScoredMethod",
+    "keep_top",
     "resolve_budget",
+    "split_ends",
 ]
 
 
@@ -139,6 +145,63 @@ def resolve_budget(budget: float | int, real_len: torch.Tensor) -> torch.Tensor:
     return torch.minimum(tokens, real_len)
 
 
+def split_ends(inputs: LayerInputs, *, num_sinks: int = 0, window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(forced, candidates), [b, n] bool each: each sequence's first
+    `num_sinks` real tokens and the last `window` after them are forced, its
+    other real tokens are candidates."""
+    sinks = inputs.real_len.clamp(max=num_sinks)
+    recent = (inputs.real_len - sinks).clamp(max=window)
+    positions = inputs.positions()[None, :]
+    forced = inputs.prompt_valid & (
+        (positions < (inputs.first_real + sinks)[:, None]) | (positions >= (inputs.prompt_len - recent)[:, None])
+    )
+    return forced, inputs.prompt_valid & ~forced
+
+
+def keep_top(
+    scores: torch.Tensor, counts: torch.Tensor, candidates: torch.Tensor, forced: torch.Tensor
+) -> KeepPlan:
+    """Per KV head, the top counts candidates by score, plus forced.
+
+    scores: [b, Hkv, n] float; counts: [b] int64 (one count for every
+    head) or [b, Hkv] (a count per head, giving a plan with head_len),
+    at most the number of candidates of each sequence; candidates,
+    forced: [b, n] bool, disjoint.
+    """
+    batch, kv_heads, n = scores.shape
+    per_head = counts.dim() == 2
+    head_counts = counts if per_head else counts[:, None].expand(batch, kv_heads)
+    is_candidate = candidates[:, None, :]
+    ranked = scores.masked_fill(~is_candidate, float("-inf"))
+    if bool(ranked.isnan().any()):
+        # A NaN ranks neither above nor equal to anything: the plan would come out short.
+        raise ValueError("keep_top: expected finite scores, got NaN (non-finite queries or keys upstream?)")
+    k_max = int(counts.max())
+    # The top head_counts scores, ties (frequent after max pooling) broken
+    # by position, so a sequence keeps the same tokens whatever padding
+    # precedes it: every score above the count-th largest, then the
+    # earliest of those equal to it. A threshold instead of a full sort:
+    # on 3 x 4096 scores a stable sort took 0.67 ms, this top-k 0.04 ms.
+    chosen = forced[:, None, :].expand(batch, kv_heads, n).clone()
+    if k_max > 0:
+        top_values = ranked.topk(k_max, dim=-1).values
+        kth = top_values.gather(-1, (head_counts - 1).clamp(min=0)[:, :, None])
+        above = ranked > kth
+        tied = (ranked == kth) & is_candidate
+        still_needed = head_counts[:, :, None] - above.sum(-1, keepdim=True)
+        take_tied = tied & (tied.cumsum(-1) <= still_needed)
+        chosen |= (above | take_tied) & (head_counts[:, :, None] > 0)
+    head_len = head_counts + forced.sum(-1)[:, None]
+    keep_len = head_len.amax(dim=1)
+    # Kept positions in ascending order: each chosen position goes to the
+    # slot its rank among the chosen gives it, the others to a spare slot.
+    rows = int(keep_len.max())
+    slot = torch.where(chosen, chosen.cumsum(-1) - 1, rows)
+    ordered = torch.zeros(batch, kv_heads, rows + 1, dtype=torch.long, device=scores.device)
+    ordered.scatter_(-1, slot, torch.arange(n, device=scores.device).expand(batch, kv_heads, n))
+    return KeepPlan(ordered[..., :rows], keep_len, head_len if per_head else None)
+
+
 class CompressionMethod:
     """Base of every method: option bookkeeping and the protected layers.
 
@@ -208,11 +271,12 @@ class CompressionMethod:
 
 class PositionalMethod(CompressionMethod):
     """Keeps each sequence's first `num_sinks` real tokens and its `recent`
-    most recent ones: the same positions for every head."""
+    most recent ones: the same positions for every head. Subclasses
+    implement `recent_count`."""
 
     def __init__(self, *, num_sinks: int = 4, protected_layers: Optional[Sequence[int]] = None):
         super().__init__(protected_layers)
-        self.num_sinks = check_int("num_sinks", num_sinks, minimum=0)
+        self.num_sinks = check_num_sinks(num_sinks)
 
     def fewest_kept(self) -> int:
         return self.num_sinks + 1  # the sinks and the newest token
@@ -235,54 +299,37 @@ class PositionalMethod(CompressionMethod):
 
 
 class ScoredMethod(CompressionMethod):
-    """Keeps, per KV head, the best-scored candidates plus forced positions."""
+    """A fixed budget per sequence: its last `window` tokens, always kept,
+    plus, per KV head, the candidates before them that `scores` ranks best.
+    Subclasses implement `scores`; `layer_budget` may differ by layer."""
 
     fixed_budget = True
 
-    def __init__(self, *, budget: float | int = 0.5, protected_layers: Optional[Sequence[int]] = None):
+    def __init__(self, *, budget: float | int = 0.5, window: int = 8, protected_layers: Optional[Sequence[int]] = None):
         super().__init__(protected_layers)
-        self.budget = check_count_or_fraction("budget", budget)
+        self.budget = check_budget(budget)
+        self.window = check_window(window)
 
-    @staticmethod
-    def keep_top(
-        scores: torch.Tensor, counts: torch.Tensor, candidates: torch.Tensor, forced: torch.Tensor
-    ) -> KeepPlan:
-        """Per KV head, the top counts candidates by score, plus forced.
+    def decode_query_rows(self, recompress_every: int) -> int:
+        return self.window
 
-        scores: [b, Hkv, n] float; counts: [b] int64 (one count for every
-        head) or [b, Hkv] (a count per head, giving a plan with head_len),
-        at most the number of candidates of each sequence; candidates,
-        forced: [b, n] bool, disjoint.
-        """
-        batch, kv_heads, n = scores.shape
-        per_head = counts.dim() == 2
-        head_counts = counts if per_head else counts[:, None].expand(batch, kv_heads)
-        is_candidate = candidates[:, None, :]
-        ranked = scores.masked_fill(~is_candidate, float("-inf"))
-        if bool(ranked.isnan().any()):
-            # A NaN ranks neither above nor equal to anything: the plan would come out short.
-            raise ValueError("keep_top: expected finite scores, got NaN (non-finite queries or keys upstream?)")
-        k_max = int(counts.max())
-        # The top head_counts scores, ties (frequent after max pooling) broken
-        # by position, so a sequence keeps the same tokens whatever padding
-        # precedes it: every score above the count-th largest, then the
-        # earliest of those equal to it. A threshold instead of a full sort:
-        # on 3 x 4096 scores a stable sort took 0.67 ms, this top-k 0.04 ms.
-        chosen = forced[:, None, :].expand(batch, kv_heads, n).clone()
-        if k_max > 0:
-            top_values = ranked.topk(k_max, dim=-1).values
-            kth = top_values.gather(-1, (head_counts - 1).clamp(min=0)[:, :, None])
-            above = ranked > kth
-            tied = (ranked == kth) & is_candidate
-            still_needed = head_counts[:, :, None] - above.sum(-1, keepdim=True)
-            take_tied = tied & (tied.cumsum(-1) <= still_needed)
-            chosen |= (above | take_tied) & (head_counts[:, :, None] > 0)
-        head_len = head_counts + forced.sum(-1)[:, None]
-        keep_len = head_len.amax(dim=1)
-        # Kept positions in ascending order: each chosen position goes to the
-        # slot its rank among the chosen gives it, the others to a spare slot.
-        rows = int(keep_len.max())
-        slot = torch.where(chosen, chosen.cumsum(-1) - 1, rows)
-        ordered = torch.zeros(batch, kv_heads, rows + 1, dtype=torch.long, device=scores.device)
-        ordered.scatter_(-1, slot, torch.arange(n, device=scores.device).expand(batch, kv_heads, n))
-        return KeepPlan(ordered[..., :rows], keep_len, head_len if per_head else None)
+    def fewest_kept(self) -> int:
+        return self.window  # the forced window, the newest token included
+
+    def scores(self, inputs: LayerInputs) -> torch.Tensor:
+        """[b, Hkv, n] float: how much each key is worth keeping."""
+        raise NotImplementedError
+
+    def window_len(self, inputs: LayerInputs) -> torch.Tensor:
+        """[b] tokens of each sequence's forced window."""
+        return inputs.real_len.clamp(max=self.window)
+
+    def layer_budget(self, inputs: LayerInputs) -> torch.Tensor:
+        """[b] tokens this layer keeps, the window included."""
+        return inputs.budget_tokens(self.budget)
+
+    def plan(self, inputs: LayerInputs) -> KeepPlan:
+        scores = self.scores(inputs)
+        forced, candidates = split_ends(inputs, window=self.window)
+        counts = (self.layer_budget(inputs) - self.window_len(inputs)).clamp(min=0)
+        return keep_top(scores, torch.minimum(counts, candidates.sum(-1)), candidates, forced)

@@ -16,7 +16,20 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any, Sequence
 
-__all__ = ["check_bool", "check_choice", "check_count_or_fraction", "check_int", "check_layer_indices", "check_real"]
+__all__ = [
+    "check_bool",
+    "check_budget",
+    "check_choice",
+    "check_count_or_fraction",
+    "check_int",
+    "check_kernel",
+    "check_layer_indices",
+    "check_num_sinks",
+    "check_real",
+    "check_tolerance",
+    "check_window",
+    "is_integer",
+]
 
 
 def _wrong_type(name: str, expected: str, value: Any) -> TypeError:
@@ -27,6 +40,11 @@ def _is_bool(value: Any) -> bool:
     # A NumPy bool can only exist once NumPy is imported, so this never imports it.
     numpy = sys.modules.get("numpy")
     return isinstance(value, bool) or (numpy is not None and isinstance(value, numpy.bool_))
+
+
+def is_integer(value: Any) -> bool:
+    """Whether `value` is an integer (a NumPy one too) and not a bool."""
+    return not _is_bool(value) and isinstance(value, numbers.Integral)
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -40,7 +58,7 @@ def check_bool(name: str, value: Any) -> bool:
 def check_int(name: str, value: Any, *, minimum: int, odd: bool = False) -> int:
     """An integer >= `minimum` (odd with `odd`); 4.0 and True are refused."""
     expected = f"{'an odd' if odd else 'an'} integer >= {minimum}"
-    if _is_bool(value) or not isinstance(value, numbers.Integral):
+    if not is_integer(value):
         raise _wrong_type(name, expected, value)
     if value < minimum or (odd and value % 2 == 0):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
@@ -97,7 +115,35 @@ def check_layer_indices(name: str, value: Any) -> tuple[int, ...]:
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
         raise _wrong_type(name, expected, value)
     items = tuple(value)  # once: an iterator would be empty the second time
-    wrong = [i for i in items if _is_bool(i) or not isinstance(i, numbers.Integral)]
+    wrong = [i for i in items if not is_integer(i)]
     if wrong:
         raise TypeError(f"{name} must be {expected}, got {value!r}: {', '.join(map(repr, wrong))} not an integer")
     return tuple(sorted({int(i) for i in items}))
+
+
+# The options several methods share, checked alike in each of them.
+
+
+def check_budget(value: Any) -> int | float:
+    """A fixed budget: a token count or a fraction of the prompt."""
+    return check_count_or_fraction("budget", value)
+
+
+def check_window(value: Any) -> int:
+    """The recent tokens a method always keeps (and reads the queries of)."""
+    return check_int("window", value, minimum=1)
+
+
+def check_kernel(value: Any) -> int:
+    """A pooling width along the keys: odd, so it is centred on each key."""
+    return check_int("kernel", value, minimum=1, odd=True)
+
+
+def check_num_sinks(value: Any) -> int:
+    """The first real tokens a method always keeps."""
+    return check_int("num_sinks", value, minimum=0)
+
+
+def check_tolerance(name: str, value: Any) -> float:
+    """The share of the signal a threshold-free cut may lose, in [0, 1)."""
+    return check_real(name, value, minimum=0.0, below=1.0)

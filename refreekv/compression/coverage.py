@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from refreekv.compression.base import CompressionMethod, KeepPlan, LayerInputs, ScoredMethod
-from refreekv.compression.checks import check_choice, check_int, check_real
+from refreekv.compression.base import CompressionMethod, KeepPlan, LayerInputs, keep_top, split_ends
+from refreekv.compression.checks import check_choice, check_kernel, check_num_sinks, check_tolerance, check_window
 from refreekv.ops import adaptive_keep_count, mass_keep_count
 
 __all__ = ["Coverage"]
@@ -69,13 +69,13 @@ class Coverage(CompressionMethod):
         protected_layers: Optional[Sequence[int]] = None,
     ):
         super().__init__(protected_layers)
-        self.tolerance = check_real("tolerance", tolerance, minimum=0.0, below=1.0)
+        self.tolerance = check_tolerance("tolerance", tolerance)
         self.stop = check_choice("stop", stop, STOPS)
         self.ranking = check_choice("ranking", ranking, RANKINGS)
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
-        self.window = check_int("window", window, minimum=1)
-        self.kernel = check_int("kernel", kernel, minimum=1, odd=True)
-        self.num_sinks = check_int("num_sinks", num_sinks, minimum=0)
+        self.window = check_window(window)
+        self.kernel = check_kernel(kernel)
+        self.num_sinks = check_num_sinks(num_sinks)
 
     def decode_query_rows(self, recompress_every: int) -> int:
         return self.window
@@ -96,23 +96,17 @@ class Coverage(CompressionMethod):
         if self.kernel > 1:
             signal = F.max_pool1d(signal, self.kernel, stride=1, padding=self.kernel // 2)
             signal = signal.masked_fill(~inputs.prompt_valid[:, None, :], 0.0)  # pooling spills into padding
-        positions = inputs.positions()[None, :]
-        sinks = inputs.real_len.clamp(max=self.num_sinks)
-        recent = (inputs.real_len - sinks).clamp(max=self.window)
-        forced = inputs.prompt_valid & (
-            (positions < (inputs.first_real + sinks)[:, None]) | (positions >= (inputs.prompt_len - recent)[:, None])
-        )
-        candidates = inputs.prompt_valid & ~forced
+        forced, candidates = split_ends(inputs, num_sinks=self.num_sinks, window=self.window)
         if self.ranking == "score":
             rank_key = signal
         else:
-            rank_key = positions.to(signal.dtype).expand_as(signal)
+            rank_key = inputs.positions()[None, :].to(signal.dtype).expand_as(signal)
         order = rank_key.masked_fill(~candidates[:, None, :], float("-inf")).sort(dim=-1, descending=True, stable=True).indices
         valid_len = candidates.sum(-1)
         counts = self._counts(signal, order, valid_len, inputs)  # [b, Hkv]
         if self.granularity == "layer":
             counts = counts.amax(dim=1)
-        return ScoredMethod.keep_top(rank_key, counts, candidates, forced)
+        return keep_top(rank_key, counts, candidates, forced)
 
     def _counts(self, signal: torch.Tensor, order: torch.Tensor, valid_len: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
         """[b, Hkv] candidates each head keeps under the stopping rule."""

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigMismatch", "UsageError"]
+from contextlib import contextmanager
+from typing import Iterator
+
+__all__ = ["ConfigMismatch", "UsageError", "usage_errors"]
 
 
 class UsageError(ValueError):
@@ -12,3 +15,15 @@ class UsageError(ValueError):
 
 class ConfigMismatch(UsageError):
     """The output directory holds a run made with another configuration."""
+
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    """Checks of a request: a ValueError or TypeError (a bad value), or an
+    OSError (a file or folder that cannot be read), becomes a UsageError."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, TypeError, OSError) as error:
+        raise UsageError(str(error)) from error

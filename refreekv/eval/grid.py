@@ -28,12 +28,12 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from refreekv.eval.errors import UsageError
-from refreekv.eval.options import coerce_option, jsonable, method_label
+from refreekv.eval.options import coerce_option, jsonable, method_defaults, method_label
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,12 +45,27 @@ __all__ = ["GridPoint", "load_grid", "parse_grid"]
 
 @dataclass(frozen=True)
 class GridPoint:
-    """One method with its settings. `options` holds what the grid set;
-    `all_options` every option of the method, defaults included."""
+    """One method with its settings. `options` holds what the grid (or
+    `run --option`) set; `all_options` every option of the method, defaults
+    included. Made by `GridPoint.of`, which checks the options."""
 
     method: str
     options: dict[str, Any]
     all_options: dict[str, Any]
+    # the instance `of` built to check the options; layer counts are checked
+    # on it, and a run of this point alone patches the model with it
+    built: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, method: str, options: dict[str, Any]) -> GridPoint:
+        """The point of `method` with typed `options`, checked by building
+        the method once: an unknown method is a UsageError, an unknown
+        option or a bad value the method's TypeError or ValueError."""
+        from refreekv.compression import make_method
+
+        defaults = method_defaults(method)
+        instance = make_method(method, **options)
+        return cls(method, dict(options), {k: jsonable(v) for k, v in {**defaults, **options}.items()}, instance)
 
     @property
     def label(self) -> str:
@@ -63,6 +78,10 @@ class GridPoint:
         from refreekv.compression import make_method
 
         return make_method(self.method, **self.options)
+
+    def check_layers(self, layers: int) -> None:
+        """ValueError if an option names a layer a model of `layers` layers lacks."""
+        (self.built if self.built is not None else self.make()).check_model(layers)
 
     def to_json(self) -> dict[str, Any]:
         return {"label": self.label, "method": self.method, "options": self.all_options}
@@ -109,8 +128,6 @@ def parse_grid(document: dict[str, Any]) -> list[GridPoint]:
 
 
 def _expand(method: str, table: dict[str, Any], defaults: dict[str, Any]) -> list[GridPoint]:
-    from refreekv.compression import make_method
-
     axes: list[list[tuple[str, Any]]] = []
     for key, value in table.items():
         swept = isinstance(value, list) and (
@@ -124,10 +141,8 @@ def _expand(method: str, table: dict[str, Any], defaults: dict[str, Any]) -> lis
     for combination in itertools.product(*axes):
         options = dict(combination)
         try:
-            make_method(method, **options)
+            points.append(GridPoint.of(method, options))
         except (TypeError, ValueError) as error:
             shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
             raise UsageError(f"[{method}] {shown}: {error}") from None
-        all_options = {k: jsonable(v) for k, v in {**defaults, **options}.items()}
-        points.append(GridPoint(method, options, all_options))
     return points

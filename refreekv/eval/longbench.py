@@ -36,16 +36,18 @@ def _add_model_arguments(parser: argparse.ArgumentParser, threads_help: str) -> 
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _model_options(args: argparse.Namespace) -> dict:
-    """The request fields `_add_model_arguments` fills."""
-    return {
-        "dtype": args.dtype,
-        "device": args.device,
-        "attn_implementation": args.attn_implementation,
-        "chat_template": not args.no_chat_template,
-        "threads": args.threads,
-        "progress": not args.no_progress,
-    }
+def _model_settings(args: argparse.Namespace):
+    """The settings `_add_model_arguments` fills."""
+    from refreekv.eval.models import ModelSettings
+
+    return ModelSettings(
+        dtype=args.dtype,
+        device=args.device,
+        attn_implementation=args.attn_implementation,
+        chat_template=not args.no_chat_template,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 longbench_e=args.longbench_e,
                 limit=args.limit,
                 device_map=args.device_map,
-                **_model_options(args),
+                settings=_model_settings(args),
             )
             report = run(request)
             rank = f" (rank {report['rank']} of {report['world_size']})" if report["world_size"] > 1 else ""
@@ -157,7 +159,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     batch_size=args.batch_size,
                     max_input_length=args.max_input_length,
                     plain=args.plain,
-                    **_model_options(args),
+                    settings=_model_settings(args),
                 )
             )
             print((Path(args.output_dir) / "quality.md").read_text(encoding="utf-8"))

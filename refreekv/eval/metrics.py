@@ -53,6 +53,7 @@ __all__ = [
     "normalize_zh_answer",
     "qa_f1_score",
     "qa_f1_zh_score",
+    "record_score",
     "retrieval_score",
     "retrieval_zh_score",
     "rouge_score",
@@ -228,6 +229,12 @@ def sample_score(metric: str, prediction: str, answers: Sequence[str], all_class
     if metric in ANSWER_SET_METRICS:
         return float(function(prediction, answers, all_classes=all_classes))
     return max((float(function(prediction, answer, all_classes=all_classes)) for answer in answers), default=0.0)
+
+
+def record_score(task, record: dict) -> float:
+    """`sample_score` of one prediction record under `task`'s metric and
+    handling: the one scoring call of `score` and the quality map."""
+    return sample_score(task.metric, record["pred"], record["answers"], record.get("all_classes"), task.first_line_only)
 
 
 # -- the metric packages, imported on first use ---------------------------

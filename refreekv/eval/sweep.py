@@ -37,28 +37,25 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
 from refreekv.compression.checks import check_int
-from refreekv.eval.config import check_output_dir, config_mismatch, environment
-from refreekv.eval.data import BadLine, Sample, needs_classes, read_jsonl, read_samples
-from refreekv.eval.errors import ConfigMismatch, UsageError
-from refreekv.eval.generation import eos_ids, pad_id, sample_record
+from refreekv.eval.data import Sample
+from refreekv.eval.errors import UsageError, usage_errors
+from refreekv.eval.generation import Decoder, decode_groups, left_pad, sample_record, until_end
 from refreekv.eval.grid import GridPoint, load_grid
-from refreekv.eval.models import check_model, check_settings, layer_count, load_model, resolve_device, resolve_dtype
-from refreekv.eval.prompting import ModelInput, build_input
-from refreekv.eval.records import repair_tail, write_json_atomic, write_record
+from refreekv.eval.models import ModelSettings
+from refreekv.eval.prompting import build_input
+from refreekv.eval.rundir import SWEEP, SWEEP_FILE, environment, read_records, write_record
+from refreekv.eval.runner import Plan, check_layers, load, plan, read_task
 from refreekv.eval.tasks import RULER_TASKS, TASKS, resolve_tasks
 
-__all__ = ["SweepRequest", "read_records", "run_sweep"]
+__all__ = ["SweepRequest", "run_sweep", "write_sweep_report"]
 
-SWEEP_FILE = "sweep.json"
-RECORDS_FILE = "records.jsonl"
-RECORD_FIELDS = ("point", "method", "length", "task", "_id", "pred", "answers")
 SUITES = ("ruler",)
 
 
@@ -79,33 +76,17 @@ class SweepRequest:
     seed: int = 0
     batch_size: int = 8
     max_input_length: Optional[int] = None  # None: never cut the input
-    dtype: str = "auto"
-    device: str = "auto"
-    attn_implementation: str = "sdpa"
-    chat_template: bool = True
-    threads: Optional[int] = None
-    progress: bool = True
     plain: bool = False
+    settings: ModelSettings = field(default_factory=ModelSettings)
 
 
-@dataclass
-class _Plan:
-    request: SweepRequest
-    points: list[GridPoint]
-    tasks: list[str]
-    output_dir: Path
-    config: dict[str, Any]
-
-
-def _check(request: SweepRequest) -> _Plan:
+def _check(request: SweepRequest) -> Plan:
     """Every check that needs no model: grid, tasks, lengths, data, output."""
-    try:
+    with usage_errors():
         return _check_request(request)
-    except (TypeError, ValueError) as error:  # UsageError included
-        raise error if isinstance(error, UsageError) else UsageError(str(error)) from None
 
 
-def _check_request(request: SweepRequest) -> _Plan:
+def _check_request(request: SweepRequest) -> Plan:
     points = load_grid(request.grid) if isinstance(request.grid, (str, Path)) else list(request.grid)
     if not points:
         raise UsageError("the grid names no point")
@@ -128,79 +109,47 @@ def _check_request(request: SweepRequest) -> _Plan:
     check_int("--batch-size", request.batch_size, minimum=1)
     if request.max_input_length is not None:
         check_int("--max-input-length", request.max_input_length, minimum=2)
-    check_settings(
-        request.attn_implementation, request.threads,
-        chat_template=request.chat_template, progress=request.progress, plain=request.plain,
-    )  # fmt: skip
-    resolve_device(request.device, 0, 1)
+    settings = request.settings
+    settings.check(plain=request.plain)
     if request.data_dir is not None:
         for length in request.lengths:
             for task in tasks:
                 path = Path(request.data_dir) / str(length) / f"{task}.jsonl"
                 if not path.is_file():
                     raise UsageError(f"task file {path} not found (--data-dir holds <length>/<task>.jsonl)")
-    try:
-        model = check_model(request.model)
-    except FileNotFoundError as error:
-        raise UsageError(str(error)) from None
-    layers = layer_count(model)
-    if layers is not None:
-        _check_layers(points, layers)
-    dtype = resolve_dtype(request.dtype, request.device)
-    config = {
-        "model": model,
-        "dtype": dtype,
-        "attn_implementation": request.attn_implementation,
-        "chat_template": request.chat_template,
-        "max_input_length": request.max_input_length,
-        "suite": request.suite,
-        "seed": request.seed if request.suite else None,
-        "data_dir": None if request.data_dir is None else str(Path(request.data_dir).resolve()),
-    }
-    output_dir = Path(request.output_dir)
-    check_output_dir(output_dir)
-    _check_stored_config(output_dir, config, points)
-    return _Plan(request, points, tasks, output_dir, config)
 
+    def config(model: str, dtype: str) -> dict[str, Any]:
+        return {
+            "model": model,
+            "dtype": dtype,
+            "attn_implementation": settings.attn_implementation,
+            "chat_template": settings.chat_template,
+            "max_input_length": request.max_input_length,
+            "suite": request.suite,
+            "seed": request.seed if request.suite else None,
+            "data_dir": None if request.data_dir is None else str(Path(request.data_dir).resolve()),
+        }
 
-def _check_layers(points: list[GridPoint], layers: int) -> None:
-    """Refuses grid points whose options name layers the model lacks."""
-    for point in points:
-        try:
-            point.make().check_model(layers)
-        except ValueError as error:
-            raise UsageError(f"grid point {point.label}: {error}") from None
-
-
-def _check_stored_config(output_dir: Path, config: dict[str, Any], points: list[GridPoint]) -> None:
-    path = output_dir / SWEEP_FILE
-    if not path.exists():
-        return
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        stored_config, stored_points = stored["config"], stored["points"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ConfigMismatch(f"{path} is unreadable ({error}); use another --output-dir") from None
-    if stored_config != config:
-        raise config_mismatch(output_dir, "a sweep", stored_config, config)
+    checked = plan(
+        request.model, settings, points, request.output_dir, SWEEP, config, tasks, pin_keys=("config", "points"), sharded=False
+    )
     # Records are keyed by label; a label must keep meaning the same options
     # (a method default that changed between versions would otherwise pass).
-    before = {p["label"]: p for p in stored_points}
+    before = {p["label"]: p for p in (checked.pinned or {}).get("points", [])}
     for point in points:
         if point.label in before and before[point.label]["options"] != point.all_options:
-            raise config_mismatch(
-                output_dir, f"the point {point.label}", {"options": before[point.label]["options"]}, {"options": point.all_options}
+            raise checked.run_dir.mismatch(
+                f"the point {point.label}", {"options": before[point.label]["options"]}, {"options": point.all_options}
             )
+    return checked
 
 
-def _write_sweep_file(plan: _Plan) -> None:
+def _write_sweep_file(plan: Plan, request: SweepRequest) -> None:
     """sweep.json: the configuration, and the points, lengths and tasks of
     every session so far (a resumed sweep may add some)."""
-    path = plan.output_dir / SWEEP_FILE
-    previous = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    previous = plan.run_dir.pinned() or {}
     points = {p["label"]: p for p in previous.get("points", [])}
     points.update({p.label: p.to_json() for p in plan.points})
-    request = plan.request
     document = {
         "config": plan.config,
         "points": list(points.values()),
@@ -208,10 +157,10 @@ def _write_sweep_file(plan: _Plan) -> None:
         "tasks": list(dict.fromkeys(previous.get("tasks", []) + plan.tasks)),
         "samples": max(previous.get("samples", 0), request.samples),
         "seed": request.seed,
-        "model": plan.config["model"],
+        "model": plan.model,
         "environment": {**environment(), "machine": _machine()},
     }
-    write_json_atomic(path, document)
+    plan.run_dir.pin(document)
 
 
 def _machine() -> dict[str, Any]:
@@ -230,42 +179,22 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def read_records(output_dir: str | Path) -> tuple[list[dict[str, Any]], list[BadLine]]:
-    """(the complete records of a sweep, its malformed lines). A last line
-    still being written, or cut short by a crash, is neither."""
-    path = Path(output_dir) / RECORDS_FILE
-    records: list[dict[str, Any]] = []
-    bad: list[BadLine] = []
-    if not path.exists():
-        return records, bad
-    for number, record, problem in read_jsonl(path, terminated_only=True):
-        missing = [name for name in RECORD_FIELDS if problem is None and name not in record]
-        if missing:
-            problem = BadLine(str(path), number, f"not a sweep record (missing {', '.join(missing)})")
-        if problem is None:
-            records.append(record)
-        else:
-            bad.append(problem)
-    return records, bad
-
-
 def _record_key(point: str, length: int, task: str, sample_id: str) -> tuple[str, int, str, str]:
     return point, int(length), task, str(sample_id)
 
 
-def _task_files(plan: _Plan) -> dict[tuple[int, str], Path]:
+def _task_files(plan: Plan, request: SweepRequest) -> dict[tuple[int, str], Path]:
     """Every (length, task) file of the sweep; a generated suite is written
     first, counted in the tokens of the model's tokenizer."""
-    request = plan.request
     if request.data_dir is not None:
         root = Path(request.data_dir)
         return {(n, t): root / str(n) / f"{t}.jsonl" for n in request.lengths for t in plan.tasks}
     from refreekv.eval.ruler import generate_suite, load_tokenizer
 
-    tokenizer = load_tokenizer(plan.config["model"])
+    tokenizer = load_tokenizer(plan.model)
     try:
         return generate_suite(
-            plan.output_dir / "data", tokenizer, request.lengths, request.samples, seed=request.seed, tasks=tuple(plan.tasks)
+            plan.run_dir.path / "data", tokenizer, request.lengths, request.samples, seed=request.seed, tasks=tuple(plan.tasks)
         )
     except ValueError as error:  # e.g. a length too short for a task's instructions
         raise UsageError(f"cannot generate the {request.suite} suite: {error}") from None
@@ -275,98 +204,14 @@ def _load_samples(path: Path, task: str, limit: int) -> list[Sample]:
     """The first `limit` samples of a task file; a file without a single
     valid sample is an error (its cells would silently be missing)."""
     try:
-        samples, bad = read_samples(path, limit, classes_required=needs_classes(TASKS[task]))
+        samples, bad = read_task(path, task, limit)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    for line in bad:
-        print(f"warning: skipped {line}", file=sys.stderr)
     if not samples:
         raise UsageError(f"{path} has no valid sample ({len(bad)} malformed line(s)); expected up to {limit}")
     if len(samples) < limit:
         print(f"warning: {path} has {len(samples)} valid sample(s), fewer than the {limit} asked for", file=sys.stderr)
     return samples
-
-
-def _left_pad(inputs: list[ModelInput], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(item.input_ids.shape[1] for item in inputs)
-    input_ids = torch.full((len(inputs), longest), pad, dtype=torch.long)
-    attention_mask = torch.zeros(len(inputs), longest, dtype=torch.long)
-    for row, item in enumerate(inputs):
-        n = item.input_ids.shape[1]
-        input_ids[row, longest - n :] = item.input_ids[0]
-        attention_mask[row, longest - n :] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
-@dataclass(frozen=True)
-class _DecodeSettings:
-    """How a task's answers are generated; tasks that share them share batches."""
-
-    max_new_tokens: int
-    eos: tuple[int, ...]
-    pad: int
-    min_new_tokens: int
-
-    @property
-    def options(self) -> dict[str, Any]:
-        return {"eos_token_id": list(self.eos), "pad_token_id": self.pad, "min_new_tokens": self.min_new_tokens}
-
-
-def _decode_groups(work: dict[tuple[int, str], list[Sample]], model, tokenizer):
-    """(length, settings, [(task, sample), ...]) per context length and
-    decode settings, tasks in sweep order. Batching across the tasks of a
-    group (the needle tasks share theirs) reads the model's weights once per
-    decoding step for more sequences, which is most of a step's cost on a
-    CPU; a sequence's tokens do not depend on its batch (SPEC 5)."""
-    groups: dict[tuple[int, _DecodeSettings], list[tuple[str, Sample]]] = {}
-    for (length, task_name), samples in work.items():
-        task = TASKS[task_name]
-        eos = eos_ids(model, tokenizer, task.stop_at_newline)
-        settings = _DecodeSettings(task.max_new_tokens, tuple(eos), pad_id(tokenizer, eos), 1 if task.stop_at_newline else 0)
-        groups.setdefault((length, settings), []).extend((task_name, s) for s in samples)
-    return [(length, settings, items) for (length, settings), items in groups.items()]
-
-
-def _until_end(tokens: torch.Tensor, eos: list[int]) -> list[int]:
-    """A row's generated tokens up to and including its first end token
-    (what a batch-of-one `generate` returns for it)."""
-    row = tokens.tolist()
-    for i, token in enumerate(row):
-        if token in eos:
-            return row[: i + 1]
-    return row
-
-
-class _Decoder:
-    """Decodes every grid point for one batch: branched from one prefill,
-    or (plain) one patched `generate` per point."""
-
-    def __init__(self, model, plain: bool):
-        self.model = model
-        self.plain = plain
-
-    def points(self, points: list[GridPoint], input_ids, attention_mask, max_new_tokens: int, options: dict[str, Any]):
-        """Yields (point, tokens [b, <= max_new_tokens], stats) per point."""
-        import refreekv
-        from refreekv.integration.branch import prefill
-
-        if self.plain:
-            for point in points:
-                with refreekv.patch(self.model, point.make()) as handle:
-                    output = self.model.generate(
-                        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                        do_sample=False, num_beams=1, **options,
-                    )  # fmt: skip
-                yield point, output[:, input_ids.shape[1] :], handle.stats
-            return
-        prefilled = prefill(self.model, input_ids, attention_mask, **options)
-        for point in points:
-            method = point.make()
-            cache, stats = prefilled.branch(method)
-            with refreekv.patch(self.model, method):
-                tokens = prefilled.generate(cache, max_new_tokens)
-            yield point, tokens, stats
-            del cache
 
 
 def run_sweep(
@@ -375,21 +220,14 @@ def run_sweep(
     """Runs (or resumes) a sweep; writes the report; returns report.json's
     content. `after_record(record)` is called after each record is on disk."""
     plan = _check(request)
-    plan.output_dir.mkdir(parents=True, exist_ok=True)
-    work = {key: _load_samples(path, key[1], request.samples) for key, path in _task_files(plan).items()}
-    device = resolve_device(request.device, 0, 1)
-    if request.threads:
-        torch.set_num_threads(request.threads)
-    model, tokenizer = load_model(plan.config["model"], plan.config["dtype"], device, None, request.attn_implementation)
-    _check_layers(plan.points, model.config.num_hidden_layers)  # the bundled model's count is known only now
-    _write_sweep_file(plan)
+    plan.run_dir.path.mkdir(parents=True, exist_ok=True)
+    files = _task_files(plan, request)
+    plan.todo = work = {key: _load_samples(path, key[1], request.samples) for key, path in files.items()}
+    model, tokenizer = load(plan)
+    check_layers(plan.points, model.config.num_hidden_layers)  # the bundled model's count is known only now
+    _write_sweep_file(plan, request)
 
-    records_path = plan.output_dir / RECORDS_FILE
-    repair_tail(records_path)
-    records, bad = read_records(plan.output_dir)
-    for line in bad:
-        print(f"warning: {line} (it will be redone if it was a record)", file=sys.stderr)
-    done = {_record_key(r["point"], r["length"], r["task"], r["_id"]) for r in records}
+    done = plan.run_dir.completed(lambda r: _record_key(r["point"], r["length"], r["task"], r["_id"]))
     total = sum(len(samples) for samples in work.values()) * len(plan.points)
     todo = sum(
         1
@@ -398,7 +236,7 @@ def run_sweep(
         for p in plan.points
         if _record_key(p.label, length, task, s.id) not in done
     )
-    report = {
+    plan.report = report = {
         "sample_points": total,
         "done_before": total - todo,
         "done_now": 0,
@@ -409,32 +247,31 @@ def run_sweep(
     }
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=total - todo, unit="point", desc="sweep", disable=not request.progress,
+    bar = tqdm(total=total, initial=total - todo, unit="point", desc="sweep", disable=not plan.settings.progress,
                file=sys.stderr, dynamic_ncols=True)  # fmt: skip
-    decoder = _Decoder(model, request.plain)
+    decoder = Decoder(model, request.plain)
     start = time.perf_counter()
     try:
-        with open(records_path, "a", encoding="utf-8") as out, torch.no_grad():
-            for length, settings, items in _decode_groups(work, model, tokenizer):
+        with plan.run_dir.open_records() as out, torch.no_grad():
+            for length, settings, items in decode_groups(work, model, tokenizer):
                 pending = [(t, s) for t, s in items if any(_record_key(p.label, length, t, s.id) not in done for p in plan.points)]
                 for first in range(0, len(pending), request.batch_size):
                     batch = pending[first : first + request.batch_size]
                     inputs = [
-                        build_input(tokenizer, TASKS[t], s, request.max_input_length or sys.maxsize, request.chat_template)
+                        build_input(tokenizer, TASKS[t], s, request.max_input_length or sys.maxsize, plan.settings.chat_template)
                         for t, s in batch
                     ]
-                    input_ids, attention_mask = _left_pad(inputs, settings.pad, device)
+                    input_ids, attention_mask = left_pad(inputs, settings.pad, plan.device)
                     missing = [
                         p for p in plan.points
                         if any(_record_key(p.label, length, t, s.id) not in done for t, s in batch)
                     ]  # fmt: skip
-                    decoded = decoder.points(missing, input_ids, attention_mask, settings.max_new_tokens, settings.options)
-                    for point, tokens, stats in decoded:
+                    for point, tokens, stats in decoder.points(missing, input_ids, attention_mask, settings):
                         for row, (task_name, sample) in enumerate(batch):
                             key = _record_key(point.label, length, task_name, sample.id)
                             if key in done:
                                 continue
-                            new_tokens = _until_end(tokens[row], settings.eos)
+                            new_tokens = until_end(tokens[row], settings.eos)
                             record = {
                                 **sample_record(sample, inputs[row], new_tokens, tokenizer, stats, row),
                                 # the suite's length in tokens, not the sample's words
@@ -455,15 +292,15 @@ def run_sweep(
         bar.close()
         report["seconds"] = round(time.perf_counter() - start, 3)
         report["sample_points_per_second"] = round(report["done_now"] / report["seconds"], 4) if report["seconds"] else None
-        write_json_atomic(plan.output_dir / "report.json", report)
-    write_sweep_report(plan.output_dir)
+        plan.run_dir.write_report(report)
+    write_sweep_report(plan.run_dir.path)
     return report
 
 
 def write_sweep_report(output_dir: str | Path) -> list[Path]:
     """The tables and pictures of a sweep directory, written into it."""
-    from refreekv.eval.quality import summarize, write_report
+    from refreekv.eval.report import summarize, write_quality_report
 
     output_dir = Path(output_dir)
     sweep = json.loads((output_dir / SWEEP_FILE).read_text(encoding="utf-8"))
-    return write_report(summarize(read_records(output_dir)[0], sweep["points"]), output_dir)
+    return write_quality_report(summarize(read_records(output_dir)[0], sweep["points"]), output_dir)

@@ -25,46 +25,16 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from refreekv.compression.checks import check_int
+from refreekv.haystack import FACT_TEMPLATES, essay_words, fact_values, plant
 
-__all__ = ["generate", "main"]
+__all__ = ["generate", "main", "sample_id"]
 
 SYNTHETIC_TASKS = ("passage_retrieval_en", "passage_count", "multifieldqa_en")
 
-# Made-up facts: (statement, question, answer), filled from the lists below.
-_FACT_TEMPLATES = [
-    ("The secret code of the {color} vault is {number}.", "What is the secret code of the {color} vault?", "{number}"),
-    ("The lighthouse keeper's {animal} is named {name}.", "What is the lighthouse keeper's {animal} named?", "{name}"),
-    ("The first ship to reach {island} Island was called the {Color} {bird}.",
-     "What was the first ship to reach {island} Island called?", "{Color} {bird}"),
-    ("The best bakery in {town} is run by a woman named {name}.", "Who runs the best bakery in {town}?", "{name}"),
-    ("The annual {festival} festival in {town} always starts on {weekday}.",
-     "On which day does the annual {festival} festival in {town} start?", "{weekday}"),
-    ("The password to the {town} library archive is {word}.",
-     "What is the password to the {town} library archive?", "{word}"),
-]  # fmt: skip
-_FILL = {
-    "color": ["blue", "crimson", "green", "silver", "amber", "violet", "golden", "white"],
-    "animal": ["cat", "dog", "parrot", "goat", "tortoise"],
-    "name": ["Pepper", "Oskar", "Matilda", "Ferdinand", "Ingrid", "Rosalind", "Casimir", "Wilhelmina"],
-    "island": ["Harrow", "Kestrel", "Moorfield", "Tamsin", "Brackwater"],
-    "bird": ["Heron", "Falcon", "Swallow", "Albatross", "Kingfisher"],
-    "town": ["Vellmar", "Ashbourne", "Quillton", "Redmere", "Oakhollow", "Pellingford"],
-    "festival": ["lantern", "harvest", "kite", "cheese", "music"],
-    "weekday": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
-    "word": ["marigold", "thunderclap", "periwinkle", "quicksilver", "lodestone", "buttercup"],
-}
-
-
-def _words() -> list[str]:
-    from refreekv.assets import essays
-
-    return " ".join(essays()).split(" ")
-
-
-def _paragraphs(words: list[str], rng: random.Random, count: int, size: int) -> list[str]:
+def _paragraphs(words: Sequence[str], rng: random.Random, count: int, size: int) -> list[str]:
     """`count` distinct stretches of about `size` words, from random places."""
     starts: set[int] = set()
     while len(starts) < count:
@@ -72,7 +42,9 @@ def _paragraphs(words: list[str], rng: random.Random, count: int, size: int) -> 
     return [" ".join(words[s : s + size]) for s in sorted(starts, key=lambda _: rng.random())]
 
 
-def _id(task: str, index: int, seed: int) -> str:
+def sample_id(task: str, index: int, seed: int) -> str:
+    """A sample's `_id`: a hash of where it comes from, so a regenerated
+    file has the same ids."""
     return hashlib.sha1(f"{task}/{seed}/{index}".encode()).hexdigest()[:24]
 
 
@@ -85,7 +57,7 @@ def _record(task: str, index: int, seed: int, context: str, question: str, answe
         "dataset": task,
         "language": "en",
         "all_classes": None,
-        "_id": _id(task, index, seed),
+        "_id": sample_id(task, index, seed),
     }
 
 
@@ -108,22 +80,11 @@ def passage_count(words, rng, index, seed, total_words) -> dict:
     return _record("passage_count", index, seed, context, "", str(unique))
 
 
-def fact_values(rng: random.Random) -> dict[str, str]:
-    """One random filling of every field the fact templates use."""
-    values = {key: rng.choice(options) for key, options in _FILL.items()}
-    values["number"] = str(rng.randint(1000, 9999))
-    values["Color"] = values["color"].capitalize()
-    return values
-
-
 def planted_fact(words, rng, index, seed, total_words) -> dict:
-    statement, question, answer = _FACT_TEMPLATES[index % len(_FACT_TEMPLATES)]
-    values = fact_values(rng)
+    fact = FACT_TEMPLATES[index % len(FACT_TEMPLATES)].filled(fact_values(rng))
     start = rng.randrange(0, len(words) - total_words)
-    haystack = words[start : start + total_words]
-    cut = int(len(haystack) * rng.uniform(0.1, 0.9))
-    context = " ".join(haystack[:cut] + [statement.format(**values)] + haystack[cut:])
-    return _record("multifieldqa_en", index, seed, context, question.format(**values), answer.format(**values))
+    context = plant(words[start : start + total_words], fact.statement, rng.uniform(0.1, 0.9))
+    return _record("multifieldqa_en", index, seed, context, fact.question, fact.answer)
 
 
 _MAKERS = {"passage_retrieval_en": passage_retrieval, "passage_count": passage_count, "multifieldqa_en": planted_fact}
@@ -134,7 +95,7 @@ def generate(output_dir: str | Path, samples: int = 10, words: int = 1800, seed:
     """Writes `<task>.jsonl` for each task; returns the paths."""
     check_int("samples", samples, minimum=1)
     check_int("words", words, minimum=100)
-    corpus = _words()
+    corpus = essay_words()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}

@@ -5,14 +5,15 @@ Every task reads `<task>.jsonl` (LongBench-E: `<task>_e.jsonl`) from the
 benchmark's data archive; each line holds `input`, `context`, `answers`,
 `length`, `dataset`, `language`, `all_classes` and `_id`.
 
-The registry also holds the RULER-style synthetic tasks (RULER_TASKS, at the
-end of this file), whose files refreekv.eval.ruler writes in the same format.
-ALL_TASKS and ENGLISH_TASKS stay LongBench's.
+The registry also holds the RULER-style synthetic tasks (RULER_TASKS),
+defined in refreekv.eval.ruler next to the generator that writes their files
+in the same format. ALL_TASKS and ENGLISH_TASKS stay LongBench's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from refreekv.eval import ruler
+from refreekv.eval.task import CHAT_TEMPLATE_EXCEPTIONS, FIRST_LINE_TASKS, Task
 
 __all__ = [
     "ALL_TASKS",
@@ -26,48 +27,6 @@ __all__ = [
     "resolve_tasks",
 ]
 
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    prompt: str  # str.format template with {context} and {input}
-    max_new_tokens: int
-    metric: str  # a name in refreekv.eval.metrics.METRICS
-    language: str  # "en" or "zh"
-    category: str
-    # The words that open the answer, for the model to complete (RULER's
-    # "answer prefix"): a str.format template over the fields that
-    # refreekv.eval.ruler records with each sample. The generator writes the
-    # filled-in text into the record's `answer_prefix` field, and
-    # prompting.build_input appends that field, so a data file states
-    # exactly what the model read. Empty for the LongBench tasks.
-    answer_prefix: str = ""
-
-    @property
-    def chat_template(self) -> bool:
-        """Whether a chat model gets its chat template on this task (the
-        benchmark leaves few-shot and code completion prompts raw)."""
-        return self.name not in CHAT_TEMPLATE_EXCEPTIONS
-
-    @property
-    def first_line_only(self) -> bool:
-        """Whether only the first line of a prediction is scored."""
-        return self.name in FIRST_LINE_TASKS
-
-    @property
-    def stop_at_newline(self) -> bool:
-        """samsum generates until a newline (and at least one token): the
-        benchmark does this to stop the model from continuing the few-shot
-        pattern with a new dialogue."""
-        return self.name == "samsum"
-
-
-# Few-shot (trec, triviaqa, samsum, lsht) and code (lcc, repobench-p) prompts
-# are fed without the chat template.
-CHAT_TEMPLATE_EXCEPTIONS = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"})
-# Few-shot tasks: the model tends to continue the example pattern, so the
-# benchmark scores the first line only.
-FIRST_LINE_TASKS = frozenset({"trec", "triviaqa", "samsum", "lsht"})
 
 _QA_ONLY = "Only give me the answer and do not output any other words."
 # "asconcisely" (no space) is the benchmark's own spelling; published scores
@@ -198,54 +157,6 @@ def resolve_tasks(spec: str | list[str] | None, longbench_e: bool = False) -> li
     return names
 
 
-# -- RULER-style synthetic tasks ----------------------------------------------
-# The task families of RULER (Hsieh et al., 2024) with our own wording; the
-# data (essay haystacks with planted needles, word lists) is generated offline
-# by refreekv.eval.ruler, which also documents each sample's fields. Every
-# prompt ends with the question and every answer prefix opens the answer, so
-# even a small model answers in a form the string-match metrics can read.
-
-_RULER_NIAH = (
-    "Some secret values are hidden in the long text below, each given for a key. Remember them: after the "
-    "text you will be asked for some of them.\n\n{context}\n\nQuestion: {input} Reply with the values only."
-)
-_RULER_SPECS = [
-    # name, max_new_tokens, metric, category, prompt, answer prefix
-    # Generation lengths leave room for the longest answer of each task in
-    # SmolLM2's tokens, written as a numbered list (a uuid value is about a
-    # token per character: 36 tokens; four 7-digit numbers about 44 as a
-    # list), and not much more: rambling past the answer costs decode time.
-    ("niah_single", 48, "string_match_all", "RULER retrieval", _RULER_NIAH,
-     "The secret {value_kind} for {query} is"),
-    ("niah_multikey", 48, "string_match_all", "RULER retrieval", _RULER_NIAH,
-     "The secret {value_kind} for {query} is"),
-    ("niah_multivalue", 48, "string_match_all", "RULER retrieval", _RULER_NIAH,
-     "The {answer_count} secret {value_kind}s for {query} are"),
-    ("niah_multiquery", 48, "string_match_all", "RULER retrieval", _RULER_NIAH,
-     "The secret {value_kind}s for {query} are"),
-    ("variable_tracking", 40, "string_match_all", "RULER multi-hop tracing",
-     'Memorize the variable assignments hidden in the long text below: each line "VAR <name> = ..." assigns a '
-     "number or another variable's value to a variable. Follow every chain of assignments.\n\n{context}\n\n"
-     "Question: {input} Reply with the variable names only.",
-     "The {answer_count} variables that hold the value {query} are:"),
-    ("common_words", 32, "string_match_all", "RULER aggregation",
-     "Below is a numbered list of words. A few words appear many times in it; every other word appears only once "
-     "or twice.\n\n{context}\n\nQuestion: {input} Reply with the words only.",
-     "The {answer_count} words that appear most often in the list are:"),
-    ("frequent_words", 24, "string_match_all", "RULER aggregation",
-     "Below is a coded text: a stream of made-up words. Some coded words occur far more often than others; keep "
-     "count as you read.\n\n{context}\n\nQuestion: {input} Reply with the coded words only.",
-     "The {answer_count} coded words that occur most often are:"),
-    ("qa_planted", 24, "string_match_part", "RULER QA",
-     "Read the text below and answer the question after it. The answer is stated in the text.\n\n{context}\n\n"
-     "Question: {input} Answer in a few words.",
-     "Answer:"),
-]  # fmt: skip
-
-TASKS.update(
-    (name, Task(name=name, prompt=prompt, max_new_tokens=max_new, metric=metric, language="en", category=category,
-                answer_prefix=prefix))
-    for name, max_new, metric, category, prompt, prefix in _RULER_SPECS
-)  # fmt: skip
-# The RULER-style tasks, in RULER's order of families.
-RULER_TASKS: tuple[str, ...] = tuple(spec[0] for spec in _RULER_SPECS)
+# Registered after the LongBench lists above, which stay LongBench's.
+TASKS.update(ruler.TASKS)
+RULER_TASKS: tuple[str, ...] = ruler.RULER_TASKS

@@ -156,7 +156,8 @@ class CompressedLayer(GrowingLayer):
 
     prompt_valid: [b, heads, prompt_rows] bool with heads 1 or Hkv, False on
         padding rows (and, in masking mode, on evicted rows that are still
-        held); None when every row is valid.
+        held); None, or stored as None, when every row is valid. Read the
+        rows attended to through `attended_prompt_rows` and `attended_rows`.
     evicted: prompt rows no longer held (logical minus physical length).
     """
 
@@ -175,21 +176,31 @@ class CompressedLayer(GrowingLayer):
     ):
         super().__init__(keys, values, buffers=buffers)
         self.prompt_rows = keys.shape[-2]
-        self.prompt_valid = prompt_valid
+        # None lets the attention skip masking the prompt (see `attended_prompt_rows`).
+        self.prompt_valid = None if prompt_valid is None or bool(prompt_valid.all()) else prompt_valid
         self.evicted = evicted
         # Set when the layer re-cuts while decoding: reordering its rows
         # (beam search) would leave the recent queries it keeps behind.
         self.recompressing = False
 
-    def attended_rows(self) -> torch.Tensor:
-        """[b, 1 or Hkv, rows held] bool: the rows some query attends to
-        (padding and, in masking mode, evicted rows are False)."""
-        batch, rows = self.keys.shape[0], self.keys.shape[2]
-        valid = torch.ones(batch, 1, rows, dtype=torch.bool, device=self.keys.device)
+    def attended_prompt_rows(self) -> torch.Tensor:
+        """[b or 1, 1 or Hkv, prompt_rows] bool: the prompt rows some query
+        attends to (padding and, in masking mode, evicted rows are False)."""
         if self.prompt_valid is None:
-            return valid
-        appended = valid[..., self.prompt_rows :].expand(-1, self.prompt_valid.shape[1], -1)
-        return torch.cat([self.prompt_valid, appended], dim=-1)
+            return torch.ones(1, 1, self.prompt_rows, dtype=torch.bool, device=self.keys.device)
+        return self.prompt_valid
+
+    def attended_rows(self) -> torch.Tensor:
+        """[b, 1 or Hkv, rows held] bool: `attended_prompt_rows`, then every
+        token appended since."""
+        prompt = self.attended_prompt_rows()
+        batch, heads, rows = self.keys.shape[0], prompt.shape[1], self.keys.shape[2]
+        appended = torch.ones(batch, heads, rows - self.prompt_rows, dtype=torch.bool, device=self.keys.device)
+        return torch.cat([prompt.expand(batch, -1, -1), appended], dim=-1)
+
+    def attended_counts(self) -> torch.Tensor:
+        """[b, 1 or Hkv] int64 rows each head attends to."""
+        return self.attended_rows().sum(-1)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if _patched_forwards.depth == 0:
@@ -226,18 +237,14 @@ class CompressedLayer(GrowingLayer):
         return self.get_seq_length() + query_length, 0
 
     def kept_per_sequence(self) -> torch.Tensor:
-        """[b] float64 prompt rows that are attended to, per sequence,
-        averaged over the KV heads (whole numbers unless the method keeps
-        a different count per head)."""
-        if self.prompt_valid is None:
-            return torch.full((self.keys.shape[0],), float(self.prompt_rows), dtype=torch.float64)
-        return self.prompt_valid.sum(-1).double().mean(dim=1).cpu()
+        """[b] float64, on the CPU: rows attended to per sequence, averaged
+        over the KV heads (whole numbers unless the method keeps a different
+        count per head)."""
+        return self.attended_counts().double().mean(dim=1).cpu()
 
     def held_per_sequence(self) -> torch.Tensor:
-        """[b] int64 prompt rows held that some head attends to."""
-        if self.prompt_valid is None:
-            return torch.full((self.keys.shape[0],), self.prompt_rows, dtype=torch.int64)
-        return self.prompt_valid.any(dim=1).sum(-1).cpu()
+        """[b] int64, on the CPU: rows held that some head attends to."""
+        return self.attended_rows().any(dim=1).sum(-1).cpu()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
@@ -282,7 +289,6 @@ def compress_layer(
         prompt_valid = row_valid[:, None, :]
         if plan.head_len is not None:
             prompt_valid = prompt_valid & (torch.arange(keys.shape[2], device=keys.device) < plan.head_len[..., None])
-        prompt_valid = None if bool(prompt_valid.all()) else prompt_valid
     else:
         keys, values = key, value
         prompt_valid = kept_positions(plan, key.shape[2])
@@ -312,8 +318,8 @@ def left_aligned_layer(
     key_buffer, value_buffer, _ = compact_kv(key, value, index, torch.full_like(plan.keep_len, rows))
     valid = slots >= padding[:, None]
     return CompressedLayer(
-        key_buffer[..., :rows, :], value_buffer[..., :rows, :], None if bool(valid.all()) else valid[:, None, :],
-        logical_length - rows, buffers=(key_buffer, value_buffer),
+        key_buffer[..., :rows, :], value_buffer[..., :rows, :], valid[:, None, :], logical_length - rows,
+        buffers=(key_buffer, value_buffer),
     )  # fmt: skip
 
 

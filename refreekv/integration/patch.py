@@ -74,8 +74,8 @@ def patch(
             cache stays bounded while generating.
         max_cache_tokens: with `recompress_every`, the rows each layer may
             hold per sequence after an event, for the fixed-budget methods
-            (streamingllm, h2o, snapkv, pyramidkv; required for them, refused
-            for the others, which set their own budget).
+            (`refreekv.compression.fixed_budget_methods()`; required for
+            them, refused for the others, which set their own budget).
         **options: the method's options (see `refreekv.methods()`).
 
     Returns:
@@ -508,8 +508,7 @@ class PatchHandle:
         compressed = compress_layer(self.method, inputs, value, evict=self.evict, headroom=headroom)
         if self.decode is not None:
             if compressed is None:  # kept whole, but re-cut later: a compressed layer holding everything
-                padding = None if bool(prefill.prompt_valid.all()) else prefill.prompt_valid[:, None, :]
-                compressed = CompressedLayer(key, value, padding, evicted=0)
+                compressed = CompressedLayer(key, value, prefill.prompt_valid[:, None, :], evicted=0)
             compressed.recompressing = True
         if compressed is not None:
             forward.cache.layers[layer_idx] = compressed
@@ -533,8 +532,7 @@ class PatchHandle:
         where valid, then the appended tokens as transformers' mask (built
         for the uncompressed geometry) has them."""
         batch, heads, q_length, _ = query.shape
-        prompt_rows = layer.prompt_rows
-        appended = kv_length - prompt_rows
+        appended = kv_length - layer.prompt_rows
         if layer.prompt_valid is None and mask is None:
             return None  # plain causal attention over everything held
         if mask is None:
@@ -544,12 +542,9 @@ class PatchHandle:
         else:
             tail = mask[..., mask.shape[-1] - appended :]
             new = tail if tail.dtype == torch.bool else tail == 0
-        if layer.prompt_valid is None:
-            prompt = torch.ones(1, 1, 1, prompt_rows, dtype=torch.bool, device=query.device)
-        else:
-            prompt = layer.prompt_valid[:, :, None, :]
-            if prompt.shape[1] > 1:  # per KV head: expand to the query heads
-                prompt = prompt.repeat_interleave(heads // prompt.shape[1], dim=1)
+        prompt = layer.attended_prompt_rows()[:, :, None, :]
+        if prompt.shape[1] > 1:  # per KV head: expand to the query heads
+            prompt = prompt.repeat_interleave(heads // prompt.shape[1], dim=1)
         mask_heads = max(prompt.shape[1], new.shape[1])
         held = torch.cat(
             [prompt.expand(batch, mask_heads, q_length, -1), new.expand(batch, mask_heads, q_length, -1)], dim=-1

@@ -16,13 +16,13 @@ method decides, and the cut is done here:
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from refreekv.compression import CompressionMethod, KeepPlan, LayerInputs
+from refreekv.compression import CompressionMethod, KeepPlan, LayerInputs, fixed_budget_methods
+from refreekv.compression.checks import is_integer
 from refreekv.integration.cache import CompressedLayer, kept_positions, left_aligned_layer
 from refreekv.integration.compat import AttentionVariant
 
@@ -55,7 +55,7 @@ class DecodeCompression:
                     f"max_cache_tokens={max_cache_tokens!r} caps the cache while decoding; it needs recompress_every"
                 )
             return None
-        if isinstance(recompress_every, bool) or not isinstance(recompress_every, numbers.Integral) or recompress_every < 1:
+        if not is_integer(recompress_every) or recompress_every < 1:
             raise ValueError(f"recompress_every must be an integer >= 1 or None, got {recompress_every!r}")
         refusal = method.recompression_refusal()
         if refusal is not None:
@@ -74,7 +74,7 @@ class DecodeCompression:
                     "the rows each layer may hold per sequence after an event"
                 )
             fewest = method.fewest_kept()
-            if isinstance(max_cache_tokens, bool) or not isinstance(max_cache_tokens, numbers.Integral) or max_cache_tokens < fewest:
+            if not is_integer(max_cache_tokens) or max_cache_tokens < fewest:
                 raise ValueError(
                     f"max_cache_tokens must be an integer >= {fewest} for {method!r} (the rows every cut keeps, "
                     f"the newest token included), got {max_cache_tokens!r}"
@@ -82,7 +82,7 @@ class DecodeCompression:
         elif max_cache_tokens is not None:
             raise ValueError(
                 f"{method.name} decides its own budget and takes no max_cache_tokens (got {max_cache_tokens!r}); "
-                "only fixed-budget methods (streamingllm, h2o, snapkv, pyramidkv) take a cap"
+                f"only fixed-budget methods ({', '.join(fixed_budget_methods())}) take a cap"
             )
         return cls(
             every=int(recompress_every),
@@ -149,16 +149,16 @@ def recompress_layer(
     `headroom` rows are left free after the kept ones for the next tokens
     (no more than the rows it no longer holds, so that the layer allocates
     no more than the uncompressed cache; see `left_aligned_layer`)."""
-    valid = layer.attended_rows()  # [b, Hkv or 1, L]
     order = None
     keys, values = layer.keys, layer.values
     if not evict:
         # The rows still attended to, in order and right-aligned per head:
         # what the evicting cache holds (up to its padding).
-        order = torch.sort(valid.expand(-1, keys.shape[1], -1).to(torch.int8), dim=-1, stable=True).indices
+        attended = layer.attended_rows().expand(-1, keys.shape[1], -1)
+        order = torch.sort(attended.to(torch.int8), dim=-1, stable=True).indices
         keys = keys.gather(2, order[..., None].expand(-1, -1, -1, keys.shape[-1]))
         values = values.gather(2, order[..., None].expand(-1, -1, -1, values.shape[-1]))
-    held = valid[:, 0].sum(-1)  # every head attends to as many rows
+    held = layer.attended_counts()[:, 0]  # every head attends to as many rows
     length = keys.shape[2]
     prompt_valid = torch.arange(length, device=keys.device)[None, :] >= (length - held)[:, None]
     inputs = LayerInputs(

@@ -1,4 +1,4 @@
-"""Methods that keep each sequence's first sinks plus its most recent tokens."""
+"""ReFreeKV: threshold-free pruning of the recent span (SPEC 2)."""
 
 from __future__ import annotations
 
@@ -7,26 +7,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from refreekv.compression.base import KeepPlan, LayerInputs, PositionalMethod, ScoredMethod, resolve_budget
-from refreekv.compression.checks import check_bool, check_choice, check_count_or_fraction, check_real
+from refreekv.compression.base import KeepPlan, LayerInputs, PositionalMethod, keep_top, resolve_budget, split_ends
+from refreekv.compression.checks import check_bool, check_choice, check_count_or_fraction, check_tolerance
 from refreekv.ops import adaptive_keep_count
 
-__all__ = ["ReFreeKV", "StreamingLLM"]
-
-
-class StreamingLLM(PositionalMethod):
-    """The first `num_sinks` tokens plus the most recent `budget - num_sinks`."""
-
-    name = "streamingllm"
-    fixed_budget = True
-
-    def __init__(self, *, budget: float | int = 0.5, num_sinks: int = 4, protected_layers: Optional[Sequence[int]] = None):
-        super().__init__(num_sinks=num_sinks, protected_layers=protected_layers)
-        self.budget = check_count_or_fraction("budget", budget)
-
-    def recent_count(self, inputs: LayerInputs, sinks: torch.Tensor) -> torch.Tensor:
-        budget = inputs.budget_tokens(self.budget)
-        return torch.minimum((budget - sinks).clamp(min=0), inputs.real_len - sinks)
+__all__ = ["ReFreeKV"]
 
 
 class ReFreeKV(PositionalMethod):
@@ -60,10 +45,14 @@ class ReFreeKV(PositionalMethod):
         ranking: str = "position",
     ):
         super().__init__(num_sinks=num_sinks, protected_layers=protected_layers)
-        self.threshold = check_real("threshold", threshold, minimum=0.0, below=1.0)
+        self.threshold = check_tolerance("threshold", threshold)
         self.window_rows = check_count_or_fraction("window_rows", window_rows, count="a row count")
         self.include_sinks_in_norm = check_bool("include_sinks_in_norm", include_sinks_in_norm)
         self.ranking = check_choice("ranking", ranking, ("position", "attention"))
+
+    def _window_rows_of(self, rows: int) -> int:
+        """`window_rows` as a count of `rows` query rows."""
+        return int(resolve_budget(self.window_rows, torch.tensor([rows]))[0])
 
     def _signal(self, inputs: LayerInputs, group_reduce: Optional[str] = None) -> torch.Tensor:
         """Attention of the last k prompt rows, averaged over the rows that
@@ -71,14 +60,14 @@ class ReFreeKV(PositionalMethod):
         if inputs.query_rows < inputs.prompt_len:
             rows = inputs.query_rows  # a decode event: the rows decode_query_rows asked for
         else:
-            rows = int(resolve_budget(self.window_rows, torch.tensor([inputs.prompt_len]))[0])
+            rows = self._window_rows_of(inputs.prompt_len)
         return inputs.importance(rows, group_reduce=group_reduce)
 
     def decode_query_rows(self, recompress_every: int) -> int:
         if isinstance(self.window_rows, numbers.Integral):
             return int(self.window_rows)
         # A fraction, at decode time, is of the tokens generated between two events.
-        return int(resolve_budget(self.window_rows, torch.tensor([recompress_every]))[0])
+        return self._window_rows_of(recompress_every)
 
     def recent_count(self, inputs: LayerInputs, sinks: torch.Tensor) -> torch.Tensor:
         signal = self._signal(inputs)  # [b, H, n]
@@ -99,10 +88,7 @@ class ReFreeKV(PositionalMethod):
         if self.ranking == "position":
             return super().plan(inputs)
         scores = self._signal(inputs, group_reduce="mean")  # [b, Hkv, n]
-        sinks = inputs.real_len.clamp(max=self.num_sinks)
-        positions = inputs.positions()[None, :]
-        forced = inputs.prompt_valid & (positions < (inputs.first_real + sinks)[:, None])
-        candidates = inputs.prompt_valid & ~forced
+        forced, candidates = split_ends(inputs, num_sinks=self.num_sinks)
         ranked = scores.masked_fill(~candidates[:, None, :], 0.0).sort(dim=-1, descending=True).values
         counts = adaptive_keep_count(ranked, self.threshold, valid_len=candidates.sum(-1))
-        return ScoredMethod.keep_top(scores, counts, candidates, forced)
+        return keep_top(scores, counts, candidates, forced)

@@ -2,7 +2,7 @@
 task family by task family, and against the fixed-budget baselines' curves
 at the budget the point actually reached.
 
-Works on `refreekv.eval.quality.summarize` output; used by the
+Works on `refreekv.eval.report.summarize` output; used by the
 stopping-rule study (benchmarks/stopping_rules.py).
 """
 
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from refreekv.eval.quality import OVERALL
+from refreekv.compression import fixed_budget_methods
+from refreekv.eval.report import OVERALL
 
 __all__ = ["FIXED_BUDGET_METHODS", "LOSSLESS_POINTS", "baseline_score_at", "judge_point"]
 
 # SPEC 9: "keeps full-cache quality" = within this many points on every family.
 LOSSLESS_POINTS = 2.0
-FIXED_BUDGET_METHODS = ("streamingllm", "h2o", "snapkv", "pyramidkv")
+FIXED_BUDGET_METHODS = fixed_budget_methods()
 
 
 def baseline_score_at(curve: Sequence[tuple[float, float]], budget: float, full_score: float) -> Optional[float]:

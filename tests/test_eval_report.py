@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from refreekv.eval.longbench import main
-from refreekv.eval.quality import OVERALL, summarize, write_report
+from refreekv.eval.report import OVERALL, summarize, write_quality_report
+from refreekv.eval.report.figures import study_figure
+from refreekv.eval.report.tables import family_table, study_table
 
 ANSWERS = {"hotpotqa": "Paris", "passage_count": "5", "passage_retrieval_en": "Paragraph 3", "multifieldqa_en": "Blue Heron"}
 
@@ -195,7 +197,7 @@ def full_sweep():
 def report(tmp_path_factory):
     output = tmp_path_factory.mktemp("quality")
     summary = summarize(full_sweep())
-    return summary, output, write_report(summary, output, title="Test sweep")
+    return summary, output, write_quality_report(summary, output, title="Test sweep")
 
 
 def test_report_json_round_trips(report):
@@ -265,7 +267,7 @@ def test_report_writes_every_figure(report):
 
 
 def test_report_without_needles_or_layer_data_leaves_those_figures_out(tmp_path):
-    files = write_report(summarize(records_for("fullkv", 512, "hotpotqa", [True])), tmp_path)
+    files = write_quality_report(summarize(records_for("fullkv", 512, "hotpotqa", [True])), tmp_path)
     assert sorted(path.name for path in files) == ["frontier.png", "frontier_hotpotqa.png", "quality.csv", "quality.json", "quality.md"]
 
 
@@ -314,3 +316,58 @@ def test_compare_refuses_sweeps_mixed_with_runs(tmp_path, capsys):
     assert main(["compare", str(sweep), str(tmp_path / "run"), "--output-dir", str(tmp_path / "out")]) == 2
     assert "cannot mix sweep directories" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# -- the stopping-rule study's table and figure ---------------------------------
+
+
+def judged_row(point, length, budget, score, lossless, baselines, on_frontier, held_budget=None):
+    """A `judge_point` row with two task families."""
+    return {
+        "point": point, "length": length, "budget": budget, "held_budget": held_budget, "score": score,
+        "full_score": 60.0, "worst_family": "a", "worst_drop": 60.0 - score, "lossless": lossless,
+        "baselines": baselines, "on_frontier": on_frontier, "on_frontier_at_held": None if held_budget is None else False,
+        "families": {"a": {"score": score, "budget": budget, "drop": 60.0 - score},
+                     "b": {"score": score + 1, "budget": budget + 0.1, "drop": 59.0 - score}},
+    }  # fmt: skip
+
+
+STUDY_ROWS = [
+    judged_row("coverage(mass=0.9)", 2048, 0.7, 59.0, True, {"snapkv": 55.0}, True, held_budget=0.8),
+    judged_row("coverage(mass=0.9)", 1024, 0.6, 58.5, True, {"snapkv": 50.0, "h2o": None}, True),
+    judged_row("refreekv(threshold=0.01)", 1024, 0.3, 20.0, False, {}, None),
+]
+
+
+def test_study_table_orders_by_length_then_budget_and_shows_each_baseline():
+    lines = study_table(STUDY_ROWS, ["h2o", "snapkv"]).splitlines()
+    assert lines[0].split("|")[9:11] == [" h2o @ budget ", " snapkv @ budget "]
+    body = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    assert [(row[0], row[1]) for row in body] == [
+        ("refreekv(threshold=0.01)", "1024"), ("coverage(mass=0.9)", "1024"), ("coverage(mass=0.9)", "2048"),
+    ]  # fmt: skip
+    # kept %, held %, score, worst family, lossless, h2o, snapkv, on frontier, at held
+    assert body[1][2:] == ["60.0", "-", "58.5", "60.0", "a (+1.5)", "yes", "-", "50.0", "yes", "-"]
+    assert body[2][2:] == ["70.0", "80.0", "59.0", "60.0", "a (+1.0)", "yes", "-", "55.0", "yes", "no"]
+    assert body[0][8:] == ["-", "-", "-", "-"]  # nothing measured low enough, nothing judged
+
+
+def test_family_table_gives_budget_and_drop_per_length():
+    lines = family_table(STUDY_ROWS, "coverage(mass=0.9)").splitlines()
+    assert [cell.strip() for cell in lines[0].strip("|").split("|")] == ["task", "1024: kept % (drop)", "2048: kept % (drop)"]
+    assert [cell.strip() for cell in lines[2].strip("|").split("|")] == ["a", "60.0 (+1.5)", "70.0 (+1.0)"]
+    assert [cell.strip() for cell in lines[3].strip("|").split("|")] == ["b", "70.0 (+0.5)", "80.0 (+0.0)"]
+
+
+def test_study_figure_has_a_panel_per_length(tmp_path):
+    from matplotlib.image import imread
+
+    short = summarize(records_for("fullkv", 1024, "hotpotqa", [True]) + records_for("snapkv(budget=0.5)", 1024, "hotpotqa", [False]))
+    long = summarize(records_for("fullkv", 2048, "hotpotqa", [True]))
+    widths = []
+    for summaries in ([short], [short, long]):
+        path = tmp_path / f"frontier{len(summaries)}.png"
+        study_figure(summaries, STUDY_ROWS, ["snapkv"], path)
+        widths.append(imread(path).shape[1])
+    # 5.2 inches per panel plus 3 for the legend, at 120 dpi (matplotlib truncates to whole pixels)
+    assert widths == [int(120 * (5.2 + 3)), int(120 * (2 * 5.2 + 3))]

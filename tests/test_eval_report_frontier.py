@@ -2,7 +2,7 @@
 
 import pytest
 
-from refreekv.eval.frontier import baseline_score_at, judge_point
+from refreekv.eval.report.frontier import baseline_score_at, judge_point
 
 
 def test_baseline_interpolates_linearly_and_ends_at_the_full_cache():
