@@ -14,6 +14,7 @@ from typing import Any
 
 from refreekv.eval.data import needs_classes, prediction_problem
 from refreekv.eval.metrics import record_score
+from refreekv.eval.report.summary import mean
 from refreekv.eval.rundir import LONGBENCH, RunDir, read_record_files, write_json_atomic
 from refreekv.eval.tasks import LENGTH_BANDS, TASKS, length_band
 
@@ -39,10 +40,6 @@ def merged_predictions(run_dir: str | Path, task: str) -> tuple[list[dict[str, A
         by_id.setdefault(str(record["_id"]), record)
     records = sorted(by_id.values(), key=lambda r: (r.get("index", math.inf), str(r["_id"])))
     return records, [line.to_json() for line in bad], len(found) - len(by_id)
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 def _round(value: float | None, digits: int = 2) -> float | None:
@@ -79,18 +76,18 @@ def score_run(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
             length = record.get("length")
             bands[length_band(length if length is not None else record.get("input_tokens", 0))].append(score)
         entry: dict[str, Any] = {
-            "score": _round(100 * _mean(scores)) if scores else None,
+            "score": _round(100 * mean(scores)) if scores else None,
             "samples": len(records),
             "expected": expected.get(name),
             "complete": expected.get(name) is not None and len(records) >= expected[name],
-            "kept_budget": _round(_mean(budgets), 6),
-            "mean_input_tokens": _round(_mean(lengths), 1),
+            "kept_budget": _round(mean(budgets), 6),
+            "mean_input_tokens": _round(mean(lengths), 1),
             "metric": task.metric,
             "skipped_lines": len(bad),
             "duplicates_dropped": duplicates,
         }
         if longbench_e:
-            entry["bands"] = {band: _round(100 * _mean(v)) if v else None for band, v in bands.items()}
+            entry["bands"] = {band: _round(100 * mean(v)) if v else None for band, v in bands.items()}
             entry["band_samples"] = {band: len(v) for band, v in bands.items()}
         tasks[name] = entry
     scored = [entry for entry in tasks.values() if entry["score"] is not None]
@@ -100,8 +97,8 @@ def score_run(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
         "longbench_e": longbench_e,
         "tasks": tasks,
         "average": {
-            "score": _round(_mean([e["score"] for e in scored])),
-            "kept_budget": _round(_mean([e["kept_budget"] for e in scored if e["kept_budget"] is not None]), 6),
+            "score": _round(mean([e["score"] for e in scored])),
+            "kept_budget": _round(mean([e["kept_budget"] for e in scored if e["kept_budget"] is not None]), 6),
             "tasks": len(scored),
             "samples": sum(e["samples"] for e in tasks.values()),
         },
@@ -109,7 +106,7 @@ def score_run(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
     }
     if longbench_e:
         result["average"]["bands"] = {
-            band: _round(_mean([e["bands"][band] for e in scored if e["bands"][band] is not None]))
+            band: _round(mean([e["bands"][band] for e in scored if e["bands"][band] is not None]))
             for band, _, _ in LENGTH_BANDS
         }
     if write:
