@@ -35,7 +35,7 @@ threshold = [1e-3]
     snap = points[2]
     assert snap.options == {"budget": 0.25, "window": 16, "pooling": "avg"}
     assert snap.all_options == {"budget": 0.25, "window": 16, "kernel": 7, "pooling": "avg", "protected_layers": []}
-    assert snap.make().window == 16 and snap.make().budget == 0.25
+    assert snap.instance.window == 16 and snap.instance.budget == 0.25
 
 
 def test_arrays_of_tables_and_tuple_options(tmp_path):
@@ -57,8 +57,8 @@ protected_layers = [[], [0]]
         "h2o(budget=0.25)", "h2o(budget=0.5)", "h2o(budget=64, observation=all)",
         "refreekv(protected_layers=(0,1,2))", "refreekv(protected_layers=())", "refreekv(protected_layers=(0))",
     ]  # fmt: skip
-    assert points[2].make().budget == 64 and isinstance(points[2].make().budget, int)
-    assert points[3].make().protected_layers == (0, 1, 2)
+    assert points[2].instance.budget == 64 and isinstance(points[2].instance.budget, int)
+    assert points[3].instance.protected_layers == (0, 1, 2)
 
 
 @pytest.mark.parametrize(
@@ -111,7 +111,7 @@ def test_a_point_is_checked_by_building_its_method_once(monkeypatch):
     point.check_layers(12)
     with pytest.raises(ValueError, match=r"protected_layers \[9\] out of range for a model with 4 layers"):
         point.check_layers(4)
-    assert built == [("refreekv",)] and point.built.protected_layers == (0, 9)
+    assert built == [("refreekv",)] and point.instance.protected_layers == (0, 9)
     assert point.label == "refreekv(protected_layers=(0,9))" and point.all_options["protected_layers"] == [0, 9]
     with pytest.raises(ValueError, match="budget"):
         GridPoint.of("snapkv", {"budget": 1.5})

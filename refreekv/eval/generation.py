@@ -164,7 +164,7 @@ class Decoder:
 
         if self.plain:
             for point in points:
-                with refreekv.patch(self.model, point.make()) as handle:
+                with refreekv.patch(self.model, point.instance) as handle:
                     output = self.model.generate(
                         input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=settings.max_new_tokens,
                         do_sample=False, num_beams=1, **settings.options,
@@ -173,9 +173,8 @@ class Decoder:
             return
         prefilled = prefill(self.model, input_ids, attention_mask, **settings.options)
         for point in points:
-            method = point.make()
-            cache, stats = prefilled.branch(method)
-            with refreekv.patch(self.model, method):
+            cache, stats = prefilled.branch(point.instance)
+            with refreekv.patch(self.model, point.instance):
                 tokens = prefilled.generate(cache, settings.max_new_tokens)
             yield point, tokens, stats
             del cache

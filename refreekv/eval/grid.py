@@ -52,9 +52,9 @@ class GridPoint:
     method: str
     options: dict[str, Any]
     all_options: dict[str, Any]
-    # the instance `of` built to check the options; layer counts are checked
-    # on it, and a run of this point alone patches the model with it
-    built: Any = field(default=None, repr=False, compare=False)
+    # the method, built once by `of` (methods hold only their checked options,
+    # so one instance serves every layer check, patch and branch of the point)
+    instance: Any = field(repr=False, compare=False)
 
     @classmethod
     def of(cls, method: str, options: dict[str, Any]) -> GridPoint:
@@ -73,15 +73,9 @@ class GridPoint:
         differs from its default, e.g. `snapkv(budget=0.5)`."""
         return method_label(self.method, self.all_options, always=self.options)
 
-    def make(self):
-        """A fresh method instance."""
-        from refreekv.compression import make_method
-
-        return make_method(self.method, **self.options)
-
     def check_layers(self, layers: int) -> None:
         """ValueError if an option names a layer a model of `layers` layers lacks."""
-        (self.built if self.built is not None else self.make()).check_model(layers)
+        self.instance.check_model(layers)
 
     def to_json(self) -> dict[str, Any]:
         return {"label": self.label, "method": self.method, "options": self.all_options}

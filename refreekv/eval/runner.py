@@ -256,7 +256,7 @@ def run(request: RunRequest, *, after_sample: Optional[Callable[[str, dict[str, 
     model, tokenizer = load(plan, request.device_map)
     (point,) = plan.points
     try:
-        handle = refreekv.patch(model, point.built)
+        handle = refreekv.patch(model, point.instance)
     except (TypeError, ValueError) as error:
         # What only the loaded model shows (an unsupported architecture, the
         # bundled model's layer count); the run directory is still untouched.
