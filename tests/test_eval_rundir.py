@@ -81,7 +81,7 @@ def test_reading_run_directories_loads_no_generation_code():
     """`compare` and `score` read run and sweep directories with this module
     alone: no transformers, no generation code (torch comes with the package)."""
     code = (
-        "import sys; import refreekv.eval.rundir, refreekv.eval.scoring; "
+        "import sys; import refreekv.eval.rundir, refreekv.eval.scoring, refreekv.eval.compare; "
         "print(sorted(m for m in sys.modules if m.startswith('transformers') or m in "
         "('refreekv.eval.generation', 'refreekv.eval.runner', 'refreekv.eval.sweep')))"
     )
