@@ -149,16 +149,16 @@ def recompress_layer(
     `headroom` rows are left free after the kept ones for the next tokens
     (no more than the rows it no longer holds, so that the layer allocates
     no more than the uncompressed cache; see `left_aligned_layer`)."""
+    attended = layer.attended_rows()  # [b, Hkv or 1, L]
     order = None
     keys, values = layer.keys, layer.values
     if not evict:
         # The rows still attended to, in order and right-aligned per head:
         # what the evicting cache holds (up to its padding).
-        attended = layer.attended_rows().expand(-1, keys.shape[1], -1)
-        order = torch.sort(attended.to(torch.int8), dim=-1, stable=True).indices
+        order = torch.sort(attended.expand(-1, keys.shape[1], -1).to(torch.int8), dim=-1, stable=True).indices
         keys = keys.gather(2, order[..., None].expand(-1, -1, -1, keys.shape[-1]))
         values = values.gather(2, order[..., None].expand(-1, -1, -1, values.shape[-1]))
-    held = layer.attended_counts()[:, 0]  # every head attends to as many rows
+    held = attended[:, 0].sum(-1)  # every head attends to as many rows
     length = keys.shape[2]
     prompt_valid = torch.arange(length, device=keys.device)[None, :] >= (length - held)[:, None]
     inputs = LayerInputs(
