@@ -15,7 +15,14 @@ import torch
 
 import refreekv
 
-OPERATORS = ["attention_importance", "adaptive_keep_count", "mass_keep_count", "compact_kv"]
+OPERATORS = [
+    "attention_importance",
+    "adaptive_keep_count",
+    "mass_keep_count",
+    "compact_kv",
+    "paged_attention",
+    "paged_write",
+]
 
 
 FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)

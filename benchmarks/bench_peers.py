@@ -14,9 +14,12 @@ Each library runs in its own environment (refreekv in this one, kvpress in
 process per library, prompt length and repeat; the two alternate, the first
 of each pair switching every repeat. Methods, options aligned
 (benchmarks/peers_worker.py, ALIGNED): no compression; StreamingLLM and
-SnapKV at 50%; H2O over every prompt query against ObservedAttentionPress
-(which needs eager attention); ReFreeKV against SimLayerKVPress, kvpress's
-closest adaptive press.
+SnapKV at 50%; AdaKV over SnapKV's scores at 50% (kvpress's AdaKVPress
+masks the rows it drops and keeps them in the cache: it saves no memory,
+and its budget reads 1.0; ours holds every head at the largest head's
+count); H2O over every prompt query against ObservedAttentionPress (which
+needs eager attention); ReFreeKV against SimLayerKVPress, kvpress's closest
+adaptive press.
 
 Per method and length, medians over the repeats of: prefill plus
 compression time, peak RSS of the prefill (VmHWM after a reset) and its growth
@@ -45,7 +48,7 @@ WORKER = ROOT / "benchmarks" / "peers_worker.py"
 MODEL_DIR = ROOT / "build" / "peers-model"
 LATEST = ROOT / "benchmarks" / "results" / "latest.json"
 QUESTION = "\n\nQuestion: According to the essays above, what should a founder focus on first? Answer:"
-METHODS = ["none", "streamingllm", "snapkv", "h2o_all", "adaptive"]
+METHODS = ["none", "streamingllm", "snapkv", "adakv", "h2o_all", "adaptive"]
 # ObservedAttentionPress materializes every layer's attention matrix in eager
 # attention; at 8K that alone is minutes per repeat on 2 cores.
 H2O_LENGTHS = (4096,)
@@ -53,6 +56,7 @@ PAIRED = {  # method -> (what refreekv runs, what kvpress runs)
     "none": ("no compression", "no compression"),
     "streamingllm": ("streamingllm 50%, 4 sinks", "StreamingLLMPress(0.5, n_sink=4)"),
     "snapkv": ("snapkv 50%, window 64, kernel 5, avg", "SnapKVPress(0.5, window_size=64, kernel_size=5)"),
+    "adakv": ("adakv 50%, window 64, kernel 5, avg", "AdaKVPress(SnapKVPress(0.5, window_size=64, kernel_size=5)) (masks)"),
     "h2o_all": ("h2o 50%, observation='all', window 1 (sdpa)", "ObservedAttentionPress(0.5) (eager)"),
     "adaptive": ("refreekv, paper defaults", "SimLayerKVPress(lazy_threshold=0.9)"),
 }

@@ -47,6 +47,16 @@ ALIGNED = {
         lambda kvpress: kvpress.SnapKVPress(compression_ratio=0.5, window_size=64, kernel_size=5),
         "sdpa",
     ),
+    # AdaKV over the same SnapKV scores; both safeguards 0.2 (kvpress's
+    # alpha_safeguard counts the window in, ours comes on top of it).
+    # kvpress's AdaKVPress only masks the rows it drops (its attention patch
+    # hides them from every later query; it refuses eager attention): the
+    # cache keeps every row, so its KV bytes and budget are the full cache's.
+    "adakv": (
+        ("adakv", {"budget": 0.5, "window": 64, "kernel": 5, "pooling": "avg"}),
+        lambda kvpress: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=0.5, window_size=64, kernel_size=5)),
+        "sdpa",
+    ),
     # kvpress scores with the attention matrices eager attention returns; ours
     # accumulates every query's attention without materializing it (sdpa).
     # ObservedAttentionPress forces no recent window; window=1 forces only

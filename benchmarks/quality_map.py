@@ -1,11 +1,11 @@
 """`make quality`: the quality map of every method on the bundled model.
 
 A reduced sweep (sweeps/quality.toml: the full cache, ReFreeKV at three
-thresholds, StreamingLLM, H2O, SnapKV and PyramidKV at three budgets) over
-the RULER-style suite at 1k and 2k tokens, 10 samples per cell, on
-SmolLM2-135M-Instruct; then the harness's own speed: the same small slice
-swept plainly (one prefill per point) and branched (one prefill per sample),
-in this process, with the records of both compared.
+thresholds, StreamingLLM, H2O, SnapKV, PyramidKV and AdaKV at three
+budgets) over the RULER-style suite at 1k and 2k tokens, 10 samples per
+cell, on SmolLM2-135M-Instruct; then the harness's own speed: the same
+small slice swept plainly (one prefill per point) and branched (one
+prefill per sample), in this process, with the records of both compared.
 
 Writes benchmarks/results/quality/: quality.{md,csv,json}, frontier*.png,
 needle_heatmap.png, layer_budgets.png, run.json (machine, versions, seeds,

@@ -37,6 +37,105 @@ void check_dim(const char* op, const char* name, const at::Tensor& t,
               " (shape ", t.sizes(), ")");
 }
 
+// The scale must be finite. The kernels cap in float32, so a positive
+// softcap must stay positive and finite there (one that rounds to 0 or inf
+// would turn logits into NaN).
+void check_scale_and_softcap(const char* op, double scale, double softcap) {
+  TORCH_CHECK(std::isfinite(scale), op, ": expected a finite scale, got ", scale);
+  const float softcap_f32 = static_cast<float>(softcap);
+  TORCH_CHECK(softcap == 0.0 || (softcap_f32 > 0.0f && std::isfinite(softcap_f32)),
+              op,
+              ": expected softcap to be 0 (no capping) or positive and finite "
+              "in float32, got ",
+              softcap);
+}
+
+// The query heads of a grouped-query attention call: at least one, and a
+// multiple of the key heads. Returns the group size H / Hkv.
+int64_t check_query_groups(const char* op, const at::Tensor& query, int64_t heads,
+                           int64_t kv_heads) {
+  // 0 would pass the multiple check below and leave a group of 0 heads.
+  TORCH_CHECK(heads >= 1, op, ": expected at least one query head, got query of shape ",
+              query.sizes());
+  TORCH_CHECK(kv_heads >= 1 && heads % kv_heads == 0, op,
+              ": expected the query heads to be a multiple of the key heads "
+              "(grouped-query attention), got ",
+              heads, " query heads and ", kv_heads, " key heads");
+  return heads / kv_heads;
+}
+
+// Optional sink logits: [heads] of a floating dtype on the query's device.
+void check_sinks(const char* op, const std::optional<at::Tensor>& sinks,
+                 const at::Tensor& query, int64_t heads) {
+  if (!sinks.has_value()) return;
+  const at::Tensor& sink_logits = *sinks;
+  check_rank(op, "sinks", sink_logits, 1, "[heads]");
+  TORCH_CHECK(c10::isFloatingType(sink_logits.scalar_type()), op,
+              ": expected sinks of a floating dtype, got ", sink_logits.scalar_type());
+  check_same_device(op, "sinks", sink_logits, "query", query);
+  check_dim(op, "sinks", sink_logits, 0, heads, "query heads");
+}
+
+void check_int64(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": expected ", name,
+              " of dtype int64, got ", t.scalar_type());
+}
+
+// A per-head int64 tensor of paged_attention or paged_write (lengths, start,
+// row_count): [batch, kv_heads] on the pools' device.
+void check_per_head(const char* op, const char* name, const at::Tensor& t,
+                    const at::Tensor& key_pool, int64_t batch, int64_t kv_heads) {
+  check_rank(op, name, t, 2, "[batch, kv_heads]");
+  check_int64(op, name, t);
+  check_same_device(op, name, t, "key_pool", key_pool);
+  check_dim(op, name, t, 0, batch, "batch size of block_table");
+  check_dim(op, name, t, 1, kv_heads, "kv_heads of block_table");
+}
+
+// Sizes of a paged cache, common to paged_attention and paged_write.
+struct PagedCacheSizes {
+  int64_t batch;
+  int64_t kv_heads;
+  int64_t key_dim;
+  int64_t value_dim;
+  int64_t blocks;
+  int64_t block_rows;
+  int64_t max_blocks;
+};
+
+// What paged_attention and paged_write share: key and value pools
+// [blocks, block_rows, d] and [blocks, block_rows, dv] of one float dtype on
+// one device, and an int64 block table [b, Hkv, max_blocks] on that device.
+PagedCacheSizes check_paged_cache(const char* op, const at::Tensor& key_pool,
+                                  const at::Tensor& value_pool,
+                                  const at::Tensor& block_table) {
+  check_rank(op, "key_pool", key_pool, 3, "[blocks, block_rows, head_dim]");
+  check_rank(op, "value_pool", value_pool, 3, "[blocks, block_rows, value_dim]");
+  check_rank(op, "block_table", block_table, 3, "[batch, kv_heads, max_blocks]");
+  check_float_input(op, "key_pool", key_pool);
+  TORCH_CHECK(value_pool.scalar_type() == key_pool.scalar_type(), op,
+              ": expected key_pool and value_pool of the same dtype, got key_pool ",
+              key_pool.scalar_type(), " and value_pool ", value_pool.scalar_type());
+  check_int64(op, "block_table", block_table);
+  check_same_device(op, "value_pool", value_pool, "key_pool", key_pool);
+  check_same_device(op, "block_table", block_table, "key_pool", key_pool);
+
+  PagedCacheSizes sizes{};
+  sizes.batch = block_table.size(0);
+  sizes.kv_heads = block_table.size(1);
+  sizes.max_blocks = block_table.size(2);
+  sizes.blocks = key_pool.size(0);
+  sizes.block_rows = key_pool.size(1);
+  sizes.key_dim = key_pool.size(2);
+  sizes.value_dim = value_pool.size(2);
+  check_dim(op, "value_pool", value_pool, 0, sizes.blocks, "blocks of key_pool");
+  check_dim(op, "value_pool", value_pool, 1, sizes.block_rows, "block_rows of key_pool");
+  TORCH_CHECK(sizes.block_rows >= 1, op,
+              ": expected at least one row per block (block_rows >= 1), got key_pool of shape ",
+              key_pool.sizes());
+  return sizes;
+}
+
 GroupReduce parse_group_reduce(std::string_view s) {
   if (s == "none") return GroupReduce::kNone;
   if (s == "mean") return GroupReduce::kMean;
@@ -61,8 +160,7 @@ KeepCountParams check_ranked_inputs(const char* op, const at::Tensor& ranked_sco
   if (valid_len.has_value()) {
     const at::Tensor& len = *valid_len;
     check_rank(op, "valid_len", len, 1, "[batch]");
-    TORCH_CHECK(len.scalar_type() == at::kLong, op,
-                ": expected valid_len of dtype int64, got ", len.scalar_type());
+    check_int64(op, "valid_len", len);
     check_same_device(op, "valid_len", len, "ranked_scores", ranked_scores);
     check_dim(op, "valid_len", len, 0, p.batch, "batch size of ranked_scores");
   }
@@ -86,15 +184,7 @@ ImportanceParams check_importance_inputs(const at::Tensor& query,
               ": expected query and key of the same dtype, got query ",
               query.scalar_type(), " and key ", key.scalar_type());
   check_same_device(op, "key", key, "query", query);
-  TORCH_CHECK(std::isfinite(scale), op, ": expected a finite scale, got ", scale);
-  // The kernels cap in float32, so a positive softcap must stay positive and
-  // finite there (one that rounds to 0 or inf would turn logits into NaN).
-  const float softcap_f32 = static_cast<float>(softcap);
-  TORCH_CHECK(softcap == 0.0 || (softcap_f32 > 0.0f && std::isfinite(softcap_f32)),
-              op,
-              ": expected softcap to be 0 (no capping) or positive and finite "
-              "in float32, got ",
-              softcap);
+  check_scale_and_softcap(op, scale, softcap);
 
   ImportanceParams p{};
   p.batch = query.size(0);
@@ -106,14 +196,7 @@ ImportanceParams check_importance_inputs(const at::Tensor& query,
   check_dim(op, "key", key, 0, p.batch, "batch size of query");
   check_dim(op, "key", key, 3, p.head_dim, "head_dim of query");
   TORCH_CHECK(p.head_dim >= 1, op, ": expected head_dim >= 1, got ", p.head_dim);
-  // 0 would pass the multiple check below and leave a group of 0 heads.
-  TORCH_CHECK(p.heads >= 1, op, ": expected at least one query head, got query of shape ",
-              query.sizes());
-  TORCH_CHECK(p.kv_heads >= 1 && p.heads % p.kv_heads == 0, op,
-              ": expected the query heads to be a multiple of the key heads "
-              "(grouped-query attention), got ",
-              p.heads, " query heads and ", p.kv_heads, " key heads");
-  p.group = p.heads / p.kv_heads;
+  p.group = check_query_groups(op, query, p.heads, p.kv_heads);
   TORCH_CHECK(p.keys >= 1, op, ": expected at least one key (n >= 1), got n = ",
               p.keys);
   TORCH_CHECK(p.window >= 1, op,
@@ -132,15 +215,7 @@ ImportanceParams check_importance_inputs(const at::Tensor& query,
     check_dim(op, "kv_valid", valid, 0, p.batch, "batch size of query");
     check_dim(op, "kv_valid", valid, 1, p.keys, "number of keys");
   }
-  if (sinks.has_value()) {
-    const at::Tensor& sink_logits = *sinks;
-    check_rank(op, "sinks", sink_logits, 1, "[heads]");
-    TORCH_CHECK(c10::isFloatingType(sink_logits.scalar_type()), op,
-                ": expected sinks of a floating dtype, got ",
-                sink_logits.scalar_type());
-    check_same_device(op, "sinks", sink_logits, "query", query);
-    check_dim(op, "sinks", sink_logits, 0, p.heads, "query heads");
-  }
+  check_sinks(op, sinks, query, p.heads);
   p.reduce = parse_group_reduce(group_reduce);
   return p;
 }
@@ -206,11 +281,8 @@ CompactParams check_compact_inputs(const at::Tensor& key, const at::Tensor& valu
   TORCH_CHECK(value.scalar_type() == key.scalar_type(), op,
               ": expected key and value of the same dtype, got key ",
               key.scalar_type(), " and value ", value.scalar_type());
-  TORCH_CHECK(keep_index.scalar_type() == at::kLong, op,
-              ": expected keep_index of dtype int64, got ",
-              keep_index.scalar_type());
-  TORCH_CHECK(keep_len.scalar_type() == at::kLong, op,
-              ": expected keep_len of dtype int64, got ", keep_len.scalar_type());
+  check_int64(op, "keep_index", keep_index);
+  check_int64(op, "keep_len", keep_len);
   check_same_device(op, "value", value, "key", key);
   check_same_device(op, "keep_index", keep_index, "key", key);
   check_same_device(op, "keep_len", keep_len, "key", key);
@@ -228,6 +300,94 @@ CompactParams check_compact_inputs(const at::Tensor& key, const at::Tensor& valu
   check_dim(op, "keep_index", keep_index, 0, p.batch, "batch size of key");
   check_dim(op, "keep_index", keep_index, 1, p.kv_heads, "kv_heads of key");
   check_dim(op, "keep_len", keep_len, 0, p.batch, "batch size of key");
+  return p;
+}
+
+PagedAttentionParams check_paged_attention_inputs(
+    const at::Tensor& query, const at::Tensor& key_pool,
+    const at::Tensor& value_pool, const at::Tensor& block_table,
+    const at::Tensor& lengths, double scale, double softcap,
+    const std::optional<at::Tensor>& sinks) {
+  constexpr const char* op = "paged_attention";
+  check_rank(op, "query", query, 4, "[batch, heads, queries, head_dim]");
+  check_float_input(op, "query", query);
+  const PagedCacheSizes cache = check_paged_cache(op, key_pool, value_pool, block_table);
+  TORCH_CHECK(key_pool.scalar_type() == query.scalar_type(), op,
+              ": expected query and key_pool of the same dtype, got query ",
+              query.scalar_type(), " and key_pool ", key_pool.scalar_type());
+  check_same_device(op, "key_pool", key_pool, "query", query);
+  check_scale_and_softcap(op, scale, softcap);
+
+  PagedAttentionParams p{};
+  p.batch = query.size(0);
+  p.heads = query.size(1);
+  p.queries = query.size(2);
+  p.head_dim = query.size(3);
+  p.kv_heads = cache.kv_heads;
+  p.value_dim = cache.value_dim;
+  p.blocks = cache.blocks;
+  p.block_rows = cache.block_rows;
+  p.max_blocks = cache.max_blocks;
+  TORCH_CHECK(p.head_dim >= 1, op, ": expected head_dim >= 1, got ", p.head_dim);
+  TORCH_CHECK(p.queries >= 1, op,
+              ": expected at least one query row (queries >= 1), got queries = ",
+              p.queries);
+  check_dim(op, "key_pool", key_pool, 2, p.head_dim, "head_dim of query");
+  check_dim(op, "block_table", block_table, 0, p.batch, "batch size of query");
+  p.group = check_query_groups(op, query, p.heads, p.kv_heads);
+  check_per_head(op, "lengths", lengths, key_pool, p.batch, p.kv_heads);
+  check_sinks(op, sinks, query, p.heads);
+  return p;
+}
+
+PagedWriteParams check_paged_write_inputs(
+    const at::Tensor& key_pool, const at::Tensor& value_pool,
+    const at::Tensor& block_table, const at::Tensor& start,
+    const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& row_index,
+    const std::optional<at::Tensor>& row_count) {
+  constexpr const char* op = "paged_write";
+  const PagedCacheSizes cache = check_paged_cache(op, key_pool, value_pool, block_table);
+  check_rank(op, "key", key, 4, "[batch, kv_heads, rows, head_dim]");
+  check_rank(op, "value", value, 4, "[batch, kv_heads, rows, value_dim]");
+  TORCH_CHECK(key.scalar_type() == key_pool.scalar_type() &&
+                  value.scalar_type() == key_pool.scalar_type(),
+              op, ": expected key and value of the pools' dtype (",
+              key_pool.scalar_type(), "), got key ", key.scalar_type(),
+              " and value ", value.scalar_type());
+  check_same_device(op, "key", key, "key_pool", key_pool);
+  check_same_device(op, "value", value, "key_pool", key_pool);
+
+  PagedWriteParams p{};
+  p.batch = cache.batch;
+  p.kv_heads = cache.kv_heads;
+  p.rows = key.size(2);
+  p.written = p.rows;
+  p.key_dim = cache.key_dim;
+  p.value_dim = cache.value_dim;
+  p.blocks = cache.blocks;
+  p.block_rows = cache.block_rows;
+  p.max_blocks = cache.max_blocks;
+  check_dim(op, "key", key, 0, p.batch, "batch size of block_table");
+  check_dim(op, "key", key, 1, p.kv_heads, "kv_heads of block_table");
+  check_dim(op, "key", key, 3, p.key_dim, "head_dim of key_pool");
+  check_dim(op, "value", value, 0, p.batch, "batch size of block_table");
+  check_dim(op, "value", value, 1, p.kv_heads, "kv_heads of block_table");
+  check_dim(op, "value", value, 2, p.rows, "rows of key");
+  check_dim(op, "value", value, 3, p.value_dim, "value_dim of value_pool");
+  check_per_head(op, "start", start, key_pool, p.batch, p.kv_heads);
+  if (row_index.has_value()) {
+    const at::Tensor& index = *row_index;
+    check_rank(op, "row_index", index, 3, "[batch, kv_heads, written]");
+    check_int64(op, "row_index", index);
+    check_same_device(op, "row_index", index, "key_pool", key_pool);
+    check_dim(op, "row_index", index, 0, p.batch, "batch size of block_table");
+    check_dim(op, "row_index", index, 1, p.kv_heads, "kv_heads of block_table");
+    p.written = index.size(2);
+  }
+  if (row_count.has_value()) {
+    check_per_head(op, "row_count", *row_count, key_pool, p.batch, p.kv_heads);
+  }
   return p;
 }
 

@@ -84,4 +84,49 @@ CompactParams check_compact_inputs(const at::Tensor& key, const at::Tensor& valu
                                    const at::Tensor& keep_index,
                                    const at::Tensor& keep_len);
 
+// Sizes of one paged_attention call.
+struct PagedAttentionParams {
+  int64_t batch;       // b
+  int64_t heads;       // H, query heads
+  int64_t kv_heads;    // Hkv
+  int64_t group;       // g = H / Hkv
+  int64_t queries;     // q, the newest rows of every head
+  int64_t head_dim;    // d of queries and keys
+  int64_t value_dim;   // dv
+  int64_t blocks;      // blocks in the pool
+  int64_t block_rows;  // rows per block
+  int64_t max_blocks;  // block_table.size(2)
+};
+
+// Checks shapes, dtypes and devices, the scale and softcap (as
+// check_importance_inputs). Length and block-table values are range-checked
+// by the kernels, which read them anyway (CUDA by device-side assertions).
+PagedAttentionParams check_paged_attention_inputs(
+    const at::Tensor& query, const at::Tensor& key_pool,
+    const at::Tensor& value_pool, const at::Tensor& block_table,
+    const at::Tensor& lengths, double scale, double softcap,
+    const std::optional<at::Tensor>& sinks);
+
+// Sizes of one paged_write call.
+struct PagedWriteParams {
+  int64_t batch;       // b
+  int64_t kv_heads;    // Hkv
+  int64_t rows;        // n, rows of the source key and value
+  int64_t written;     // r, row_index.size(2), or n without row_index
+  int64_t key_dim;     // d
+  int64_t value_dim;   // dv
+  int64_t blocks;      // blocks in the pool
+  int64_t block_rows;  // rows per block
+  int64_t max_blocks;  // block_table.size(2)
+};
+
+// Checks shapes, dtypes and devices. Start, index, count and block-table
+// values are range-checked by the kernels.
+PagedWriteParams check_paged_write_inputs(
+    const at::Tensor& key_pool, const at::Tensor& value_pool,
+    const at::Tensor& block_table, const at::Tensor& start,
+    const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& row_index,
+    const std::optional<at::Tensor>& row_count);
+
 }  // namespace refreekv

@@ -19,6 +19,14 @@ TORCH_LIBRARY(refreekv, m) {
   m.def(
       "compact_kv(Tensor key, Tensor value, Tensor keep_index, Tensor keep_len) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "paged_attention(Tensor query, Tensor key_pool, Tensor value_pool, "
+      "Tensor block_table, Tensor lengths, float scale, float softcap=0.0, "
+      "Tensor? sinks=None) -> Tensor");
+  m.def(
+      "paged_write(Tensor(a!) key_pool, Tensor(b!) value_pool, "
+      "Tensor block_table, Tensor start, Tensor key, Tensor value, "
+      "Tensor? row_index=None, Tensor? row_count=None) -> ()");
 }
 
 namespace {

@@ -8,7 +8,14 @@ prefill; `refreekv.methods()` lists the methods and their options.
 from typing import Any
 
 from refreekv._native import built_with_cuda
-from refreekv.ops import adaptive_keep_count, attention_importance, compact_kv, mass_keep_count
+from refreekv.ops import (
+    adaptive_keep_count,
+    attention_importance,
+    compact_kv,
+    mass_keep_count,
+    paged_attention,
+    paged_write,
+)
 
 __version__ = "0.1.0"
 
@@ -20,6 +27,8 @@ __all__ = [
     "kv_memory",
     "mass_keep_count",
     "methods",
+    "paged_attention",
+    "paged_write",
     "patch",
 ]
 

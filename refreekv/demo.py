@@ -1,12 +1,16 @@
 """The main job: a question about a fact planted in a few thousand tokens of
 real essays, answered by SmolLM2-135M-Instruct with the full cache, with
-ReFreeKV and with a fixed-budget baseline.
+ReFreeKV (the paper's rule), with Coverage (the threshold-free setting
+that keeps a count per KV head, held in paged storage), and with two
+fixed-budget baselines (SnapKV, and AdaKV, which splits the same budget
+unevenly across heads).
 
     python -m refreekv.demo [--tokens 3000] [--baseline snapkv] [--budget 0.5] [--plot kept.png]
 
-For each method it prints the kept budget, the KV bytes held, the answer,
-whether it equals the full-cache answer, and the prefill and decode times;
-it writes a PNG of the per-layer kept fractions.
+For each method it prints the prompt share kept (attended to) and held in
+memory, the KV MiB held, the answer, whether it equals the full-cache
+answer, and the prefill and decode times; it writes a PNG of the per-layer
+kept fractions.
 """
 
 from __future__ import annotations
@@ -94,7 +98,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     methods = {
         "fullkv": {},
         "refreekv": {"threshold": args.threshold},
+        "coverage": {"storage": "paged"},
         args.baseline: {"budget": args.budget},
+        "adakv": {"budget": args.budget},
     }
     print(f"model: SmolLM2-135M-Instruct (GGUF, float32), {torch.get_num_threads()} threads")
     print(f"question: {task.question}  (planted answer: {task.answer})")
@@ -102,17 +108,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     full = results["fullkv"]
     prompt_tokens = int(full.stats.prompt_tokens[0])
     print(f"prompt: {prompt_tokens} tokens\n")
-    header = f"{'method':<14}{'kept':>8}{'KV MiB':>9}{'same as full':>14}{'prefill s':>11}{'decode tok/s':>14}  answer"
+    header = f"{'method':<14}{'kept':>8}{'held':>8}{'KV MiB':>9}{'same as full':>14}{'prefill s':>11}{'decode tok/s':>14}  answer"
     print(header)
     print("-" * len(header))
     for name, result in results.items():
         rate = result.new_tokens / result.decode_seconds if result.decode_seconds > 0 else float("nan")
         print(
-            f"{name:<14}{100 * result.stats.budget:>7.2f}%{result.stats.kv_bytes_after / 2**20:>9.2f}"
+            f"{name:<14}{100 * result.stats.budget:>7.2f}%{100 * float(result.stats.held_per_sequence[0]):>7.2f}%"
+            f"{result.stats.kv_bytes_after / 2**20:>9.2f}"
             f"{str(result.text == full.text):>14}{result.prefill_seconds:>11.2f}{rate:>14.1f}  {result.text!r}"
         )
     plot_kept({name: results[name].stats for name in methods if name != "fullkv"}, args.plot)
-    print(f"\nper-layer kept fractions written to {args.plot}")
+    print(
+        "\nkept: prompt rows attended to; held: prompt rows in memory (paged storage: each KV head at its own count,"
+        " plus the unused rows of its last block; padded storage: every head at the largest)"
+    )
+    print(f"per-layer kept fractions written to {args.plot}")
 
 
 if __name__ == "__main__":

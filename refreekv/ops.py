@@ -14,7 +14,7 @@ import torch
 
 from refreekv import _native  # noqa: F401  (registers torch.ops.refreekv)
 
-__all__ = ["attention_importance", "adaptive_keep_count", "mass_keep_count", "compact_kv"]
+__all__ = ["attention_importance", "adaptive_keep_count", "mass_keep_count", "compact_kv", "paged_attention", "paged_write"]
 
 GroupReduce = Optional[Literal["mean", "max"]]
 
@@ -171,6 +171,91 @@ def compact_kv(
     return torch.ops.refreekv.compact_kv.default(key, value, keep_index, keep_len)
 
 
+def paged_attention(
+    query: torch.Tensor,
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    *,
+    softcap: Optional[float] = 0.0,
+    sinks: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""Attention of the newest ``q`` tokens over a paged KV cache, in which
+    each (sequence, KV head) holds its own number of rows (SPEC 10).
+
+    Args:
+        query: ``[b, H, q, d]``, ``q >= 1``; row ``i`` is the query of the
+            token whose key is row ``lengths - q + i`` of every head.
+        key_pool: ``[blocks, block_rows, d]``; value_pool:
+            ``[blocks, block_rows, dv]``, same dtype and device as ``query``.
+        block_table: int64 ``[b, Hkv, max_blocks]``: row ``j`` of head
+            ``(s, h)`` lives at ``pool[block_table[s, h, j // block_rows],
+            j % block_rows]``. Entries past a head's last block are ignored.
+        lengths: int64 ``[b, Hkv]``, rows each head holds, each in
+            ``[0, max_blocks * block_rows]``. ``H`` must be a multiple of
+            ``Hkv`` (query head ``h`` reads KV head ``h // (H // Hkv)``).
+        scale: softmax scale ``s`` (the layer's own scaling).
+        softcap, sinks: as in :func:`attention_importance` (``softcap`` 0 or
+            None leaves logits uncapped; ``sinks`` ``[H]`` join the softmax
+            denominator and carry no value).
+
+    Returns:
+        ``[b, H, q, dv]`` in the dtype of ``query``, with ``L = lengths[s,
+        h // g]`` and row ``i`` seeing rows ``j <= L - q + i`` (causal,
+        aligned bottom-right):
+
+        .. math::
+            \ell[i, j] = \mathrm{cap}_c(s\, q_i \cdot k_j), \qquad
+            o_i = \frac{\sum_{j \le L - q + i} e^{\ell[i, j]} v_j}
+                       {e^{\sigma_h} + \sum_{j \le L - q + i} e^{\ell[i, j]}}
+
+        A row that sees no key (``L - q + i < 0``) is zero. Accumulation is
+        in float32 for every input dtype; no ``[q, L]`` matrix is
+        materialized beyond a tile.
+    """
+    return torch.ops.refreekv.paged_attention.default(
+        query, key_pool, value_pool, block_table, lengths, float(scale), float(softcap or 0.0), sinks
+    )
+
+
+def paged_write(
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    start: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    row_index: Optional[torch.Tensor] = None,
+    row_count: Optional[torch.Tensor] = None,
+) -> None:
+    r"""Writes rows of a padded cache into a paged one, in place: packing a
+    prefill cut (``row_index`` the kept positions) or appending new tokens
+    (``row_index`` None). Nothing else in the pools changes.
+
+    Args:
+        key_pool, value_pool, block_table: the paged cache (see
+            :func:`paged_attention`); the pools are written.
+        start: int64 ``[b, Hkv]``, the head's row at which writing begins
+            (0 for a pack, its length for an append).
+        key: ``[b, Hkv, n, d]``; value: ``[b, Hkv, n, dv]``, the pools'
+            dtype and device.
+        row_index: optional int64 ``[b, Hkv, r]``, positions of ``key`` to
+            write, in order; None writes positions ``0 .. n - 1``.
+        row_count: optional int64 ``[b, Hkv]``, how many of them each head
+            writes (the first ones), each in ``[0, r]``; None writes all.
+
+    For each ``(s, h)`` and ``j < row_count[s, h]``, row ``start[s, h] + j``
+    of head ``(s, h)`` becomes ``key[s, h, row_index[s, h, j]]`` (and the
+    same for values). Every written row must lie in a block the table
+    lists; indices are checked (on CUDA by device-side assertions, so that
+    an append needs no host synchronization).
+    """
+    torch.ops.refreekv.paged_write.default(key_pool, value_pool, block_table, start, key, value, row_index, row_count)
+
+
 @torch.library.register_fake("refreekv::attention_importance")
 def _attention_importance_fake(
     query, key, scale, kv_valid=None, normalize=True, group_reduce="none", softcap=0.0, sinks=None
@@ -197,3 +282,13 @@ def _compact_kv_fake(key, value, keep_index, keep_len):
         value.new_empty((batch, kv_heads, kept_rows, value.shape[3])),
         key.new_empty((batch, kept_rows), dtype=torch.bool),
     )
+
+
+@torch.library.register_fake("refreekv::paged_attention")
+def _paged_attention_fake(query, key_pool, value_pool, block_table, lengths, scale, softcap=0.0, sinks=None):
+    return query.new_empty((*query.shape[:3], value_pool.shape[2]))
+
+
+@torch.library.register_fake("refreekv::paged_write")
+def _paged_write_fake(key_pool, value_pool, block_table, start, key, value, row_index=None, row_count=None):
+    return None

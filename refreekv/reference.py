@@ -12,7 +12,16 @@ from typing import Optional
 
 import torch
 
-__all__ = ["attention_importance", "adaptive_keep_count", "mass_keep_count", "compact_kv", "released_code_keep_count"]
+__all__ = [
+    "attention_importance",
+    "adaptive_keep_count",
+    "mass_keep_count",
+    "compact_kv",
+    "paged_attention",
+    "paged_rows",
+    "paged_write",
+    "released_code_keep_count",
+]
 
 
 def attention_importance(
@@ -144,3 +153,78 @@ def compact_kv(
     value_out = value.gather(2, index[..., None].expand(-1, -1, -1, value.shape[3]))
     padding = ~valid[:, None, :, None]
     return key_out.masked_fill(padding, 0), value_out.masked_fill(padding, 0), valid
+
+
+def paged_rows(pool: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[b, Hkv, max(lengths), d]: each head's rows read out of `pool` one by
+    one, zero past its length."""
+    batch, kv_heads, _ = block_table.shape
+    block_rows = pool.shape[1]
+    longest = int(lengths.max()) if lengths.numel() else 0
+    rows = pool.new_zeros(batch, kv_heads, longest, pool.shape[2])
+    for s in range(batch):
+        for h in range(kv_heads):
+            for j in range(int(lengths[s, h])):
+                rows[s, h, j] = pool[block_table[s, h, j // block_rows], j % block_rows]
+    return rows
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    *,
+    softcap: Optional[float] = 0.0,
+    sinks: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Same contract as :func:`refreekv.ops.paged_attention`: the rows read
+    out with `paged_rows`, then attention over the padded result with the
+    padding and the future masked, computed in `dtype`."""
+    batch, heads, q_rows, _ = query.shape
+    kv_heads = block_table.shape[1]
+    group = heads // kv_heads
+    keys = paged_rows(key_pool, block_table, lengths).to(dtype).repeat_interleave(group, dim=1)
+    values = paged_rows(value_pool, block_table, lengths).to(dtype).repeat_interleave(group, dim=1)
+    logits = (query.to(dtype) @ keys.transpose(-1, -2)) * scale  # [b, H, q, L]
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    head_lengths = lengths.repeat_interleave(group, dim=1)[:, :, None, None]  # [b, H, 1, 1]
+    last_seen = head_lengths - q_rows + torch.arange(q_rows, device=query.device)[None, None, :, None]
+    key_pos = torch.arange(keys.shape[2], device=query.device)[None, None, None, :]
+    logits = logits.masked_fill(key_pos > last_seen, float("-inf"))
+    if sinks is not None:
+        sink_column = sinks.to(dtype)[None, :, None, None].expand(batch, heads, q_rows, 1)
+        logits = torch.cat([logits, sink_column], dim=-1)
+        values = torch.cat([values, values.new_zeros(batch, heads, 1, values.shape[-1])], dim=2)
+    # A row that sees no key is zero: NaN without sinks, all on the (zero-valued) sink with them.
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return (probs @ values).to(query.dtype)
+
+
+def paged_write(
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    start: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    row_index: Optional[torch.Tensor] = None,
+    row_count: Optional[torch.Tensor] = None,
+) -> None:
+    """Same contract as :func:`refreekv.ops.paged_write`, one row at a time."""
+    batch, kv_heads, rows, _ = key.shape
+    block_rows = key_pool.shape[1]
+    for s in range(batch):
+        for h in range(kv_heads):
+            count = (rows if row_index is None else row_index.shape[2]) if row_count is None else int(row_count[s, h])
+            for j in range(count):
+                source = j if row_index is None else int(row_index[s, h, j])
+                target = int(start[s, h]) + j
+                block = int(block_table[s, h, target // block_rows])
+                key_pool[block, target % block_rows] = key[s, h, source]
+                value_pool[block, target % block_rows] = value[s, h, source]

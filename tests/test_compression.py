@@ -186,7 +186,7 @@ def test_pyramidkv_budgets_shrink_with_depth_around_the_mean():
 
 def test_methods_listing():
     listing = refreekv.methods()
-    assert list(listing) == ["refreekv", "coverage", "fullkv", "streamingllm", "h2o", "snapkv", "pyramidkv"]
+    assert list(listing) == ["refreekv", "coverage", "fullkv", "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv"]
     assert listing["refreekv"]["threshold"] == 0.01 and listing["refreekv"]["protected_layers"] == (0, 1)
     assert listing["snapkv"] == {"budget": 0.5, "window": 8, "kernel": 7, "pooling": "max", "protected_layers": ()}
     assert listing["fullkv"] == {}
@@ -194,4 +194,4 @@ def test_methods_listing():
 
 
 def test_fixed_budget_methods_are_read_from_the_methods_in_listing_order():
-    assert fixed_budget_methods() == ("streamingllm", "h2o", "snapkv", "pyramidkv")
+    assert fixed_budget_methods() == ("streamingllm", "h2o", "snapkv", "pyramidkv", "adakv")

@@ -104,7 +104,8 @@ def test_sample_record_carries_a_planted_depth_only_when_the_data_has_one():
             return " ".join(map(str, ids))
 
     stats = CompressionStats(
-        layers=(0, 1), kept=torch.tensor([[6.0, 6.0], [3.0, 4.5]]), held=torch.tensor([[6, 6], [3, 5]]), prompt_tokens=torch.tensor([6, 8]),
+        layers=(0, 1), kept=torch.tensor([[6.0, 6.0], [3.0, 4.5]]), held=torch.tensor([[6.0, 6.0], [3.0, 5.0]]),
+        rounding=torch.zeros(2, 2, dtype=torch.float64), prompt_tokens=torch.tensor([6, 8]),
         kv_bytes_before=0, kv_bytes_after=0, kv_bytes_allocated=0, kv_padding_bytes=0,
     )  # fmt: skip
     built = ModelInput(torch.zeros(1, 8, dtype=torch.long), "text", truncated=False, chat=True)

@@ -6,7 +6,8 @@ was built from (a branched prefill shares them between caches)."""
 import pytest
 import torch
 
-from refreekv.integration.cache import CompressedLayer, GrowingLayer, patched_forward
+from refreekv.integration.cache import CompressedLayer, GrowingLayer
+from refreekv.integration.forwards import patched_forward
 from refreekv.integration.compat import DynamicLayer
 
 

@@ -20,6 +20,7 @@ from refreekv.integration.cache import CompressedLayer
 from refreekv.integration.stats import kv_memory
 
 from integration_models import ALL_FAMILIES, assert_batch_equals_each_alone, float32_logit_error, greedy, prompts, tiny_model
+from test_integration_paged import compare_storages
 
 CASES = [(family, attention) for family, spec in ALL_FAMILIES.items() for attention in spec[3]]
 
@@ -95,7 +96,19 @@ def test_eviction_equals_masking_and_the_first_token_never_changes(model, batch,
     assert torch.equal(logits[:, 0], unpatched[1][:, 0]), "prefill must attend over the full prompt"
 
 
-@pytest.mark.parametrize("method,options", [("refreekv", {"threshold": 0.0}), ("fullkv", {})])
+@pytest.mark.parametrize("case", ["coverage", "snapkv"])
+def test_paged_storage_equals_padded(model, batch, float32_error, case):
+    method, options = METHODS[case]
+    padded, paged = compare_storages(model, batch, method, options, float32_error, new_tokens=6)
+    assert torch.equal(paged.stats.kept, padded.stats.kept)
+    assert paged.stats.budget < 1.0, "the test should evict something"
+
+
+# Paged storage holds nothing when nothing is cut: the layers stay transformers' own.
+@pytest.mark.parametrize(
+    "method,options",
+    [("refreekv", {"threshold": 0.0}), ("fullkv", {}), ("refreekv", {"threshold": 0.0, "storage": "paged"}), ("fullkv", {"storage": "paged"})],
+)
 def test_lossless_settings_are_identical_to_the_unpatched_model(model, batch, unpatched, method, options):
     with refreekv.patch(model, method, **options) as kv:
         tokens, logits = greedy(model, *batch)

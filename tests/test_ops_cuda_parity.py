@@ -477,3 +477,240 @@ def test_bad_values_raise_and_the_device_stays_usable(case, generator):
     scores = attention_like_scores(2, 3, 500, generator)
     assert_keep_count_parity(scores, 0.01, torch.tensor([500, 321]))
     assert_mass_parity(scores, 0.01, torch.tensor([500, 321]))
+
+
+# --------------------------------------------------------------------------
+# paged_attention: split-K over a paged cache (SPEC 10)
+#
+# Bad lengths and block ids are device-side assertions on CUDA (a decode step
+# must not wait for the host), which end CUDA for the process, so the range
+# checks are tested on the CPU only (tests/test_ops_errors.py style), not here.
+# --------------------------------------------------------------------------
+
+
+def paged_cache(lengths, block_rows, head_dim, value_dim, dtype, generator, spare_blocks=2):
+    """A paged cache whose heads hold `lengths` [b, Hkv] rows: each head's
+    blocks drawn from a shuffled pool, so neighbours in a head are scattered;
+    table slots past a head's last block are -1 and every pool row no head
+    holds is NaN, so reading either would show."""
+    lengths = torch.tensor(lengths, dtype=torch.int64)
+    batch, kv_heads = lengths.shape
+    needed = (lengths + block_rows - 1) // block_rows
+    max_blocks = int(needed.max()) + 1  # one slot past the longest head
+    blocks = int(needed.sum()) + spare_blocks
+    order = torch.randperm(blocks, generator=generator).tolist()
+    table = torch.full((batch, kv_heads, max_blocks), -1, dtype=torch.int64)
+    key_pool = torch.full((blocks, block_rows, head_dim), float("nan"), dtype=dtype)
+    value_pool = torch.full((blocks, block_rows, value_dim), float("nan"), dtype=dtype)
+    for s in range(batch):
+        for h in range(kv_heads):
+            length = int(lengths[s, h])
+            for slot in range(int(needed[s, h])):
+                block = order.pop()
+                table[s, h, slot] = block
+                rows = min(block_rows, length - slot * block_rows)
+                key_pool[block, :rows] = torch.randn(rows, head_dim, generator=generator).to(dtype)
+                value_pool[block, :rows] = torch.randn(rows, value_dim, generator=generator).to(dtype)
+    return key_pool, value_pool, table, lengths
+
+
+def paged_inputs(lengths, group, queries, block_rows, head_dim, value_dim, dtype, generator):
+    key_pool, value_pool, table, lengths = paged_cache(lengths, block_rows, head_dim, value_dim, dtype, generator)
+    batch, kv_heads = lengths.shape
+    query = torch.randn(batch, kv_heads * group, queries, head_dim, generator=generator).to(dtype)
+    return query, key_pool, value_pool, table, lengths
+
+
+def assert_paged_attention_parity(query, key_pool, value_pool, table, lengths, scale, softcap=0.0, sinks=None):
+    """The device within float32 accuracy of the float64 truth (plus the
+    rounding of the output to the query's dtype), and close to the CPU.
+
+    The float32 bound is twice the error of a plain float32 run of the
+    reference, plus the float32 rounding of a length-d dot product (as in
+    assert_importance_parity) and of a sum over a head's rows (which grows
+    with the square root of the length), both in units of the largest value,
+    which bounds every output."""
+    options = dict(softcap=softcap, sinks=sinks)
+    truth = reference.paged_attention(
+        query.double(), key_pool.double(), value_pool.double(), table, lengths, scale, dtype=torch.float64, **options
+    )
+    plain32 = reference.paged_attention(
+        query.float(), key_pool.float(), value_pool.float(), table, lengths, scale, dtype=torch.float32, **options
+    )
+    cpu = refreekv.paged_attention(query, key_pool, value_pool, table, lengths, scale, **options)
+    q, k, v, t, lens, device_sinks = on_device(query, key_pool, value_pool, table, lengths, sinks)
+    ours = refreekv.paged_attention(q, k, v, t, lens, scale, softcap=softcap, sinks=device_sinks)
+    assert ours.dtype == query.dtype and ours.shape == truth.shape and ours.device.type == DEVICE
+    assert torch.isfinite(ours).all()
+
+    # Bounds from the pools' held rows (the others are NaN): the largest value
+    # and, for the logits, the largest |q| times the largest row sum of |k|.
+    largest_value = max(1.0, value_pool.double().nan_to_num(0.0).abs().max().item())
+    key_sums = key_pool.double().nan_to_num(0.0).abs().sum(-1).max().item()
+    largest = abs(scale) * query.double().abs().max().item() * key_sums
+    if sinks is not None:
+        largest = max(largest, sinks.abs().max().item())
+    dot_rounding = 4 * query.shape[-1] ** 0.5 * FLOAT32_EPS * max(1.0, largest)
+    sum_rounding = 8 * max(1, int(lengths.max())) ** 0.5 * FLOAT32_EPS
+    output_rounding = 0.0 if query.dtype == torch.float32 else torch.finfo(query.dtype).eps
+    bound = (
+        2 * (plain32.double() - truth).abs().max().item()
+        + (dot_rounding + sum_rounding) * largest_value
+        + output_rounding * truth.abs().max().item()
+    )
+    error = (ours.cpu().double() - truth).abs().max().item()
+    assert error <= bound, f"error {error:.3e} exceeds {bound:.3e}"
+    # Both devices compute in float32, summing in different orders; rounded
+    # to a 16-bit dtype they may differ by an ulp.
+    ulp = 1e-4 if query.dtype == torch.float32 else 2 * torch.finfo(query.dtype).eps
+    torch.testing.assert_close(ours.cpu(), cpu, rtol=ulp, atol=1e-4)
+    return ours
+
+
+# (lengths [b, Hkv], group, queries, block_rows, head_dim, value_dim). On
+# CUDA a CTA holds up to 8 (16-bit) or 16 (float32) of a group's g * q rows
+# and tiles of up to 64 rows; its split count follows max_blocks * block_rows
+# and the GPU's size, so long heads take many splits.
+PAGED_SHAPES = {
+    "q=1 g=1 around a block": ([[0, 1], [15, 17]], 1, 1, 16, 64, 64),
+    "q=1 g=4 many splits": ([[5000, 1], [0, 63]], 4, 1, 16, 128, 128),
+    "q=1 g=8 big blocks": ([[5000, 4095]], 8, 1, 256, 128, 128),
+    "q=3 g=4 rows that see nothing": ([[0, 2], [3, 130]], 4, 3, 16, 64, 64),
+    "q=5 g=8 several row chunks": ([[700, 4, 65]], 8, 5, 32, 32, 48),
+    "odd rows": ([[100, 13], [6, 0]], 2, 2, 7, 20, 12),
+    "d=256": ([[300, 129]], 2, 2, 16, 256, 256),
+    "dv past one value chunk": ([[200, 70]], 2, 1, 16, 16, 1100),
+    "a block per row": ([[37, 0, 1]], 1, 1, 1, 8, 8),
+    "head_dim 1": ([[90, 65]], 3, 2, 8, 1, 3),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", PAGED_SHAPES)
+def test_paged_attention_matches(shape, dtype, variant, generator):
+    lengths, group, queries, block_rows, head_dim, value_dim = PAGED_SHAPES[shape]
+    query, key_pool, value_pool, table, lengths = paged_inputs(
+        lengths, group, queries, block_rows, head_dim, value_dim, dtype, generator
+    )
+    heads = query.shape[1]
+    options = variant_options(variant, heads, max(2, int(lengths.max())), generator)
+    assert_paged_attention_parity(query, key_pool, value_pool, table, lengths, head_dim**-0.5, **options)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_paged_attention_decode_shapes(batch, generator):
+    # The benchmark's decode step (H = 32, Hkv = 8, d = 128), 8k rows at most,
+    # heads of very different lengths: b = 1 takes many splits per head on
+    # CUDA, b = 8 fewer.
+    head_lengths = [8192, 8000, 1, 0, 4097, 513, 64, 65]
+    lengths = [head_lengths[s:] + head_lengths[:s] for s in range(batch)]
+    inputs = paged_inputs(lengths, 4, 1, 16, 128, 128, torch.bfloat16, generator)
+    sinks = torch.randn(32, generator=generator) + math.log(4096)
+    assert_paged_attention_parity(*inputs, 128**-0.5, sinks=sinks)
+
+
+def test_paged_attention_is_deterministic(generator):
+    inputs = on_device(*paged_inputs([[3000, 700]], 4, 2, 16, 64, 64, torch.float16, generator))
+    first = refreekv.paged_attention(*inputs, 0.125, softcap=5.0)
+    assert torch.equal(first, refreekv.paged_attention(*inputs, 0.125, softcap=5.0))
+
+
+def test_paged_attention_equals_padded_attention(generator):
+    # A padded cache written into a paged one with paged_write: attention over
+    # the pool is attention over each head's own rows of the padded cache.
+    batch, kv_heads, keys, block_rows, d = 2, 2, 300, 16, 32
+    key = torch.randn(batch, kv_heads, keys, d, generator=generator)
+    value = torch.randn(batch, kv_heads, keys, d, generator=generator)
+    kept = torch.tensor([[300, 41], [0, 17]])
+    row_index = torch.stack([torch.randperm(keys, generator=generator).sort().values for _ in range(batch * kv_heads)])
+    row_index = row_index.view(batch, kv_heads, keys)
+    max_blocks = keys // block_rows + 1
+    table = torch.randperm(batch * kv_heads * max_blocks, generator=generator).view(batch, kv_heads, max_blocks)
+    key_pool = torch.zeros(batch * kv_heads * max_blocks, block_rows, d)
+    value_pool = torch.zeros_like(key_pool)
+    query = torch.randn(batch, 2 * kv_heads, 1, d, generator=generator)
+    kp, vp, t, k, v, idx, count, q = on_device(key_pool, value_pool, table, key, value, row_index, kept, query)
+    refreekv.paged_write(kp, vp, t, torch.zeros_like(count), k, v, row_index=idx, row_count=count)
+    ours = refreekv.paged_attention(q, kp, vp, t, count, d**-0.5)
+    for s in range(batch):
+        for h in range(kv_heads):
+            rows = row_index[s, h, : kept[s, h]]
+            for hq in (2 * h, 2 * h + 1):
+                logits = query[s, hq] @ key[s, h, rows].T * d**-0.5
+                expected = torch.softmax(logits, dim=-1) @ value[s, h, rows] if len(rows) else torch.zeros(1, d)
+                torch.testing.assert_close(ours[s, hq].cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# paged_write: a copy, so device == CPU == reference bit for bit
+# --------------------------------------------------------------------------
+
+
+def assert_paged_write_parity(key_pool, value_pool, table, start, key, value, row_index=None, row_count=None):
+    options = dict(row_index=row_index, row_count=row_count)
+    expected = key_pool.clone(), value_pool.clone()
+    reference.paged_write(*expected, table, start, key, value, **options)
+    cpu = key_pool.clone(), value_pool.clone()
+    refreekv.paged_write(*cpu, table, start, key, value, **options)
+    ours = [pool.clone() for pool in on_device(key_pool, value_pool)]
+    t, first, k, v, index, count = on_device(table, start, key, value, row_index, row_count)
+    assert refreekv.paged_write(*ours, t, first, k, v, row_index=index, row_count=count) is None
+    for got, from_cpu, want in zip(ours, cpu, expected):
+        assert got.device.type == DEVICE
+        assert torch.equal(got.cpu(), from_cpu) and torch.equal(from_cpu, want)
+
+
+def empty_paged_pools(batch, kv_heads, max_blocks, block_rows, key_dim, value_dim, dtype, generator):
+    """Pools of random rows (a write must leave all but its own alone) and a
+    table of scattered blocks, max_blocks per head."""
+    blocks = batch * kv_heads * max_blocks + 3
+    key_pool = torch.randn(blocks, block_rows, key_dim, generator=generator).to(dtype)
+    value_pool = torch.randn(blocks, block_rows, value_dim, generator=generator).to(dtype)
+    table = torch.randperm(blocks, generator=generator)[: batch * kv_heads * max_blocks]
+    return key_pool, value_pool, table.view(batch, kv_heads, max_blocks)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("key_dim,value_dim", [(128, 128), (64, 96), (20, 12), (1, 3)])
+def test_paged_write_pack_matches(dtype, key_dim, value_dim, generator):
+    # A prefill cut: each head's kept positions, in order, from row 0.
+    # 16-byte rows take the vectorized copy; odd rows the element copy.
+    batch, kv_heads, keys, kept_rows, block_rows = 2, 3, 200, 150, 16
+    key = torch.randn(batch, kv_heads, keys, key_dim, generator=generator).to(dtype)
+    value = torch.randn(batch, kv_heads, keys, value_dim, generator=generator).to(dtype)
+    pools = empty_paged_pools(batch, kv_heads, -(-kept_rows // block_rows), block_rows, key_dim, value_dim, dtype, generator)
+    row_index = torch.stack(
+        [torch.randperm(keys, generator=generator)[:kept_rows].sort().values for _ in range(batch * kv_heads)]
+    ).view(batch, kv_heads, kept_rows)
+    start = torch.zeros(batch, kv_heads, dtype=torch.int64)
+    assert_paged_write_parity(*pools, start, key, value, row_index)  # every listed row
+    row_count = torch.tensor([[150, 0, 1], [16, 17, 99]])
+    row_index[1, 1, 17:] = -3  # past row_count: never read
+    assert_paged_write_parity(*pools, start, key, value, row_index, row_count)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("new_rows", [1, 3, 40])
+def test_paged_write_append_matches(dtype, new_rows, generator):
+    # A decode append at each head's length: mid-block, at a block's end and
+    # across block boundaries.
+    batch, kv_heads, block_rows, d = 2, 2, 16, 64
+    pools = empty_paged_pools(batch, kv_heads, 6, block_rows, d, d, dtype, generator)
+    start = torch.tensor([[0, 15], [16, 47]])
+    key = torch.randn(batch, kv_heads, new_rows, d, generator=generator).to(dtype)
+    value = torch.randn(batch, kv_heads, new_rows, d, generator=generator).to(dtype)
+    assert_paged_write_parity(*pools, start, key, value)
+    assert_paged_write_parity(*pools, start, key, value, row_count=torch.tensor([[new_rows, 0], [1, new_rows]]))
+
+
+def test_paged_write_rejects_like_cpu():
+    key_pool = torch.zeros(4, 8, 16)
+    value_pool = torch.zeros(4, 16, 8).transpose(1, 2)  # [4, 8, 16], not contiguous
+    table = torch.arange(4).view(1, 2, 2)
+    inputs = (key_pool, value_pool, table, torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16))
+    message = r"paged_write: expected contiguous key_pool and value_pool \(they are written in place\)"
+    with pytest.raises(RuntimeError, match=message):
+        refreekv.paged_write(*inputs)
+    with pytest.raises(RuntimeError, match=message):
+        refreekv.paged_write(*on_device(*inputs))

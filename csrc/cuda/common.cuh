@@ -50,6 +50,19 @@ __device__ __forceinline__ __nv_bfloat16 zero_value<__nv_bfloat16>() {
   return __float2bfloat16(0.0f);
 }
 
+// A float32 result rounded to nearest in each element type (written out
+// without the conversion operators, for the same reason as zero_value).
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
 // Converts the elements held in one 16-byte word (4 floats or 8 halves).
 template <typename T>
 struct Vec16 {
@@ -88,6 +101,23 @@ __device__ __forceinline__ void cp_async_wait_all() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);
   asm volatile("cp.async.wait_group 0;\n" ::);
+#endif
+}
+
+// Pipelined form of the two above: cp_async_commit() closes the copies issued
+// so far into a group, and cp_async_wait<N>() waits until at most N groups
+// are still in flight, so a block can compute on one stage while the next is
+// loading. (Before sm_80 the copies completed when issued; both are no-ops.)
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int kPendingGroups>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPendingGroups));
 #endif
 }
 

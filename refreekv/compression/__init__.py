@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from refreekv.compression.adakv import AdaKV
 from refreekv.compression.base import CompressionMethod, KeepPlan, LayerInputs, PositionalMethod, ScoredMethod
 from refreekv.compression.coverage import Coverage
 from refreekv.compression.fullkv import FullKV
@@ -15,6 +16,7 @@ from refreekv.compression.snapkv import SnapKV
 from refreekv.compression.streamingllm import StreamingLLM
 
 __all__ = [
+    "AdaKV",
     "CompressionMethod",
     "Coverage",
     "FullKV",
@@ -34,7 +36,7 @@ __all__ = [
 
 
 _METHODS: dict[str, type[CompressionMethod]] = {
-    cls.name: cls for cls in (ReFreeKV, Coverage, FullKV, StreamingLLM, H2O, SnapKV, PyramidKV)
+    cls.name: cls for cls in (ReFreeKV, Coverage, FullKV, StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV)
 }
 
 

@@ -243,6 +243,12 @@ class CompressionMethod:
         order, as the signal's causal window needs."""
         return 1
 
+    @property
+    def per_head_counts(self) -> bool:
+        """Whether the KV heads of a layer keep different counts (plans
+        with `head_len`): paged storage then holds each head at its own."""
+        return False
+
     def recompression_refusal(self) -> Optional[str]:
         """Why the method cannot re-cut while decoding, or None if it can."""
         return None

@@ -44,9 +44,10 @@ class Coverage(CompressionMethod):
             ||sum_dropped p_j v_j|| / ||sum_all p_j v_j||.
         ranking: "position" (newest first, the paper's order) or
             "score" (highest signal first, top-p per KV head).
-        granularity: "head" (each KV head keeps its own count; the cache is
-            padded to the largest and masked) or "layer" (every head keeps
-            the largest count).
+        granularity: "head" (each KV head keeps its own count; paged
+            storage holds each at its own, padded storage pads to the
+            largest and masks) or "layer" (every head keeps the largest
+            count).
         window: query rows of the signal, and recent tokens always kept.
         kernel: odd max-pooling width along the keys (1: no pooling), so
             the neighbours of an attended token rank with it.
@@ -79,6 +80,10 @@ class Coverage(CompressionMethod):
 
     def decode_query_rows(self, recompress_every: int) -> int:
         return self.window
+
+    @property
+    def per_head_counts(self) -> bool:
+        return self.granularity == "head"
 
     def recompression_refusal(self) -> Optional[str]:
         if self.granularity == "head":

@@ -30,6 +30,7 @@ from refreekv.compression import CompressionMethod, LayerInputs
 from refreekv.compression.checks import check_bool
 from refreekv.integration import compat
 from refreekv.integration.cache import GrowingLayer, compress_layer
+from refreekv.integration.paged import DEFAULT_BLOCK_ROWS, paged_block_rows
 from refreekv.integration.stats import CompressionStats
 
 __all__ = ["Prefill", "prefill"]
@@ -74,18 +75,27 @@ class Prefill:
         """[b] the first generated token, the same under every method."""
         return self.input_ids[:, -1]
 
-    def branch(self, method: CompressionMethod, *, evict: bool = True) -> tuple[Any, CompressionStats]:
-        """(cache, stats) exactly as `refreekv.patch(model, method, evict=evict)`
-        leaves them after this prefill. Layers a method does not cut share
-        their tensors with the prefill; nothing is copied for them."""
+    def branch(
+        self,
+        method: CompressionMethod,
+        *,
+        evict: bool = True,
+        storage: Optional[str] = None,
+        block_rows: int = DEFAULT_BLOCK_ROWS,
+    ) -> tuple[Any, CompressionStats]:
+        """(cache, stats) exactly as `refreekv.patch(model, method,
+        evict=evict, storage=storage, block_rows=block_rows)` leaves them
+        after this prefill. Layers a method does not cut share their
+        tensors with the prefill; nothing is copied for them."""
         evict = check_bool("evict", evict)
+        block_rows = paged_block_rows(method, storage, block_rows, evict=evict)
         first = self.layers[0]
         method.check_model(first.num_layers)
         cache_layers = []
         for inputs in self.layers:
             compressed = None
             if not method.is_protected(inputs.layer_idx, inputs.num_layers):
-                compressed = compress_layer(method, inputs, inputs.value, evict=evict)
+                compressed = compress_layer(method, inputs, inputs.value, evict=evict, paged_block_rows=block_rows)
             cache_layers.append(compressed if compressed is not None else GrowingLayer(inputs.key, inputs.value))
         cache = compat.cache_from_layers(self.model, cache_layers)
         stats = CompressionStats.from_cache(

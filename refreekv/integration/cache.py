@@ -9,14 +9,14 @@ wrapper then maps those masks onto the rows actually held.
 
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
 from refreekv.compression import CompressionMethod, KeepPlan, LayerInputs
 from refreekv.integration.compat import DynamicLayer
+from refreekv.integration.forwards import require_patched_forward
+from refreekv.integration.paged import PagedLayer, pack_paged
 from refreekv.ops import compact_kv
 
 __all__ = [
@@ -25,40 +25,8 @@ __all__ = [
     "compress_layer",
     "kept_positions",
     "left_aligned_layer",
-    "patched_forward",
-    "patched_forward_began",
-    "patched_forward_ended",
+    "whole_layer",
 ]
-
-
-class _PatchedForwards(threading.local):
-    """How deep the calling thread is in forwards of refreekv-patched models.
-    A compressed layer appends only there: an unpatched model would attend
-    over its rows with masks built for the positions it stands for."""
-
-    depth = 0
-
-
-_patched_forwards = _PatchedForwards()
-
-
-def patched_forward_began() -> None:
-    _patched_forwards.depth += 1
-
-
-def patched_forward_ended() -> None:
-    _patched_forwards.depth -= 1
-
-
-@contextmanager
-def patched_forward() -> Iterator[None]:
-    """Appending to compressed layers outside a model's forward (tests,
-    tools that fill a cache by hand) as a patched forward would."""
-    patched_forward_began()
-    try:
-        yield
-    finally:
-        patched_forward_ended()
 
 
 class GrowingLayer(DynamicLayer):
@@ -203,13 +171,7 @@ class CompressedLayer(GrowingLayer):
         return self.attended_rows().sum(-1)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if _patched_forwards.depth == 0:
-            raise RuntimeError(
-                f"this cache holds a prompt compressed by refreekv ({self.keys.shape[-2]} rows held for "
-                f"{self.get_seq_length()} positions), which only a model patched by refreekv can continue (its "
-                "attention maps transformers' masks onto the rows held). Continue it inside "
-                "refreekv.patch(model, ...) (any method), or start from a new cache"
-            )
+        require_patched_forward(self)
         return super().update(key_states, value_states, *args, **kwargs)
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -269,19 +231,33 @@ class CompressedLayer(GrowingLayer):
 
 @torch.no_grad()
 def compress_layer(
-    method: CompressionMethod, inputs: LayerInputs, value: torch.Tensor, *, evict: bool = True, headroom: Optional[int] = None
-) -> Optional[CompressedLayer]:
+    method: CompressionMethod,
+    inputs: LayerInputs,
+    value: torch.Tensor,
+    *,
+    evict: bool = True,
+    headroom: Optional[int] = None,
+    paged_block_rows: Optional[int] = None,
+) -> Optional[CompressedLayer | PagedLayer]:
     """The compressed cache layer `method` makes of one layer's prompt keys
     (`inputs.key`) and `value`; None when it keeps every real token, so the
     layer stays as it is. With `evict=False` every row stays held and the
     evicted ones are masked out instead. `headroom`, for decode-time
     compression, right-aligns each sequence's kept rows (padding first)
     and leaves that many rows free (no more than it evicts) for the tokens
-    decoded until the next cut (`left_aligned_layer`)."""
+    decoded until the next cut (`left_aligned_layer`). With
+    `paged_block_rows` the layer is a `PagedLayer` with blocks of that many
+    rows (and `headroom` rows reserved per head)."""
     plan = method.plan(inputs)
     if plan is None or plan.keeps_everything(inputs.real_len):
         return None
     key = inputs.key
+    if paged_block_rows is not None:
+        return pack_paged(
+            key, value, plan.keep_index, plan.kept_lengths(), logical_length=key.shape[2],
+            block_rows=paged_block_rows, reserve=headroom or 0,
+            scaling=inputs.scaling, softcap=inputs.softcap, sinks=inputs.sinks,
+        )  # fmt: skip
     if evict and headroom is not None:
         return left_aligned_layer(key, value, plan, logical_length=key.shape[2], headroom=headroom)
     if evict:
@@ -293,6 +269,22 @@ def compress_layer(
         keys, values = key, value
         prompt_valid = kept_positions(plan, key.shape[2])
     return CompressedLayer(keys, values, prompt_valid, key.shape[2] - keys.shape[2])
+
+
+def whole_layer(
+    inputs: LayerInputs, *, headroom: int, paged_block_rows: Optional[int] = None
+) -> CompressedLayer | PagedLayer:
+    """A compressed layer holding every real row of `inputs`, for a layer
+    that keeps everything at prefill but is re-cut while decoding."""
+    if paged_block_rows is None:
+        return CompressedLayer(inputs.key, inputs.value, inputs.prompt_valid[:, None, :], evicted=0)
+    batch, kv_heads, length = inputs.key.shape[:3]
+    real = (inputs.first_real[:, None] + torch.arange(length, device=inputs.key.device)).clamp(max=length - 1)
+    return pack_paged(
+        inputs.key, inputs.value, real[:, None, :].expand(batch, kv_heads, length), inputs.real_len[:, None],
+        logical_length=length, block_rows=paged_block_rows, reserve=headroom,
+        scaling=inputs.scaling, softcap=inputs.softcap, sinks=inputs.sinks,
+    )  # fmt: skip
 
 
 def left_aligned_layer(

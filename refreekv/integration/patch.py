@@ -37,7 +37,9 @@ import torch
 from refreekv.compression import CompressionMethod, LayerInputs, make_method
 from refreekv.compression.checks import check_bool
 from refreekv.integration import compat
-from refreekv.integration.cache import CompressedLayer, compress_layer, patched_forward_began, patched_forward_ended
+from refreekv.integration.cache import CompressedLayer, compress_layer, whole_layer
+from refreekv.integration.forwards import patched_forward_began, patched_forward_ended
+from refreekv.integration.paged import DEFAULT_BLOCK_ROWS, PagedLayer, paged_block_rows
 from refreekv.integration.recompress import DecodeCompression, Timeline, recompress_layer
 from refreekv.integration.stats import CompressionStats
 
@@ -51,6 +53,8 @@ def patch(
     evict: bool = True,
     recompress_every: Optional[int] = None,
     max_cache_tokens: Optional[int] = None,
+    storage: Optional[str] = None,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
     **options: Any,
 ) -> "PatchHandle":
     """Compress `model`'s KV cache after every prefill and, optionally, every
@@ -76,6 +80,15 @@ def patch(
             hold per sequence after an event, for the fixed-budget methods
             (`refreekv.compression.fixed_budget_methods()`; required for
             them, refused for the others, which set their own budget).
+        storage: how compressed layers hold their rows (SPEC 10).
+            "padded": every head of a sequence at the largest head's count,
+            the others masked; "paged": each (sequence, KV head) at its
+            own count, in blocks of `block_rows` rows, attended to by
+            `refreekv.paged_attention`. None (default) picks "paged" for
+            methods whose heads keep different counts
+            (`method.per_head_counts`) and "padded" for the others.
+            Paged storage needs `evict=True`, and refuses beam search.
+        block_rows: rows per block of paged storage.
         **options: the method's options (see `refreekv.methods()`).
 
     Returns:
@@ -88,7 +101,10 @@ def patch(
         resolved = method
     else:
         resolved = make_method(method, **options)
-    return PatchHandle(model, resolved, evict=evict, recompress_every=recompress_every, max_cache_tokens=max_cache_tokens)
+    return PatchHandle(
+        model, resolved, evict=evict, recompress_every=recompress_every, max_cache_tokens=max_cache_tokens,
+        storage=storage, block_rows=block_rows,
+    )  # fmt: skip
 
 
 @dataclass
@@ -188,7 +204,10 @@ class PatchHandle:
         evict: bool = True,
         recompress_every: Optional[int] = None,
         max_cache_tokens: Optional[int] = None,
+        storage: Optional[str] = None,
+        block_rows: int = DEFAULT_BLOCK_ROWS,
     ):
+        self.paged_block_rows = paged_block_rows(method, storage, block_rows, evict=evict)
         existing = getattr(model, "_refreekv_handle", None)
         if existing is not None:
             if not existing._copied:
@@ -292,7 +311,8 @@ class PatchHandle:
 
     def __repr__(self) -> str:
         state = "removed" if self._hooks is None else "active"
-        return f"PatchHandle({self.method!r}, evict={self.evict}, {state})"
+        storage = "padded" if self.paged_block_rows is None else f"paged, block_rows={self.paged_block_rows}"
+        return f"PatchHandle({self.method!r}, evict={self.evict}, storage={storage}, {state})"
 
     # -- generate -----------------------------------------------------------
 
@@ -476,6 +496,8 @@ class PatchHandle:
         decoding = None if forward is None else forward.decoding
         if decoding is not None and layer_idx in decoding.variants:
             decoding.keep_queries(layer_idx, query, self.decode.query_rows)
+        if isinstance(layer, PagedLayer):
+            return layer.attend(query).transpose(1, 2).contiguous(), None
         if isinstance(layer, CompressedLayer):
             attention_mask = self._held_rows_mask(layer, attention_mask, query, key.shape[2])
         if compat.masked_sdpa_applies(self._base_implementation, query, attention_mask):
@@ -505,10 +527,12 @@ class PatchHandle:
             sinks=variant.sinks,
         )
         headroom = None if self.decode is None else self.decode.every
-        compressed = compress_layer(self.method, inputs, value, evict=self.evict, headroom=headroom)
+        compressed = compress_layer(
+            self.method, inputs, value, evict=self.evict, headroom=headroom, paged_block_rows=self.paged_block_rows
+        )
         if self.decode is not None:
             if compressed is None:  # kept whole, but re-cut later: a compressed layer holding everything
-                compressed = CompressedLayer(key, value, prefill.prompt_valid[:, None, :], evicted=0)
+                compressed = whole_layer(inputs, headroom=headroom, paged_block_rows=self.paged_block_rows)
             compressed.recompressing = True
         if compressed is not None:
             forward.cache.layers[layer_idx] = compressed

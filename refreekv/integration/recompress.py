@@ -25,6 +25,7 @@ from refreekv.compression import CompressionMethod, KeepPlan, LayerInputs, fixed
 from refreekv.compression.checks import is_integer
 from refreekv.integration.cache import CompressedLayer, kept_positions, left_aligned_layer
 from refreekv.integration.compat import AttentionVariant
+from refreekv.integration.paged import PagedLayer, pack_paged
 
 __all__ = ["CompressionEvent", "DecodeCompression", "recompress_layer"]
 
@@ -148,7 +149,13 @@ def recompress_layer(
     the newest q tokens, all held; `variant` is the layer's softmax;
     `headroom` rows are left free after the kept ones for the next tokens
     (no more than the rows it no longer holds, so that the layer allocates
-    no more than the uncompressed cache; see `left_aligned_layer`)."""
+    no more than the uncompressed cache; see `left_aligned_layer`); a
+    `PagedLayer` reserves them per head in its new pool."""
+    if isinstance(layer, PagedLayer):
+        return _recompress_paged(
+            method, layer, queries, variant, layer_idx=layer_idx, num_layers=num_layers, max_tokens=max_tokens,
+            step=step, headroom=headroom,
+        )  # fmt: skip
     attended = layer.attended_rows()  # [b, Hkv or 1, L]
     order = None
     keys, values = layer.keys, layer.values
@@ -160,12 +167,7 @@ def recompress_layer(
         values = values.gather(2, order[..., None].expand(-1, -1, -1, values.shape[-1]))
     held = attended[:, 0].sum(-1)  # every head attends to as many rows
     length = keys.shape[2]
-    prompt_valid = torch.arange(length, device=keys.device)[None, :] >= (length - held)[:, None]
-    inputs = LayerInputs(
-        query=queries, key=keys, scaling=variant.scaling, layer_idx=layer_idx, num_layers=num_layers,
-        prompt_valid=prompt_valid, real_len=held, value=values, softcap=variant.softcap, sinks=variant.sinks,
-        max_tokens=max_tokens,
-    )  # fmt: skip
+    inputs = _held_rows_inputs(keys, values, held, queries, variant, layer_idx, num_layers, max_tokens)
     plan = method.plan(inputs)
     if plan is None or plan.keeps_everything(held):
         return layer, CompressionEvent(step, layer_idx, held, held, layer.keys.shape[2])
@@ -179,3 +181,36 @@ def recompress_layer(
         new_layer = CompressedLayer(layer.keys, layer.values, kept_positions(in_full_cache, length), evicted=0)
     new_layer.recompressing = True
     return new_layer, CompressionEvent(step, layer_idx, held, plan.keep_len, new_layer.keys.shape[2])
+
+
+def _held_rows_inputs(keys, values, held, queries, variant: AttentionVariant, layer_idx, num_layers, max_tokens) -> LayerInputs:
+    """The method's view of a layer's held rows: a prompt left-padded to
+    `keys`' length, with `held` [b] real rows per sequence."""
+    length = keys.shape[2]
+    prompt_valid = torch.arange(length, device=keys.device)[None, :] >= (length - held)[:, None]
+    return LayerInputs(
+        query=queries, key=keys, scaling=variant.scaling, layer_idx=layer_idx, num_layers=num_layers,
+        prompt_valid=prompt_valid, real_len=held, value=values, softcap=variant.softcap, sinks=variant.sinks,
+        max_tokens=max_tokens,
+    )  # fmt: skip
+
+
+def _recompress_paged(
+    method: CompressionMethod, layer: PagedLayer, queries, variant: AttentionVariant, *, layer_idx, num_layers,
+    max_tokens, step, headroom,
+) -> tuple[PagedLayer, CompressionEvent]:
+    """A paged layer's event: its rows read out left-padded per sequence,
+    cut by the method, packed into a new pool (the old one is freed)."""
+    keys, values, held = layer.left_padded_rows()
+    inputs = _held_rows_inputs(keys, values, held, queries, variant, layer_idx, num_layers, max_tokens)
+    plan = method.plan(inputs)
+    if plan is None or plan.keeps_everything(held):
+        return layer, CompressionEvent(step, layer_idx, held, held, int(layer.block_rows_per_head().max()))
+    if plan.head_len is not None:
+        raise RuntimeError(f"{method!r} planned a per-head cut at a decode event; it should have refused recompress_every")
+    new_layer = pack_paged(
+        keys, values, plan.keep_index, plan.kept_lengths(), logical_length=layer.get_seq_length(),
+        block_rows=layer.block_rows, reserve=headroom, scaling=layer.scaling, softcap=layer.softcap, sinks=layer.sinks,
+    )  # fmt: skip
+    new_layer.recompressing = True
+    return new_layer, CompressionEvent(step, layer_idx, held, plan.keep_len, int(new_layer.block_rows_per_head().max()))

@@ -19,7 +19,8 @@ class KVMemory:
     in_use: bytes of the rows each layer holds (its keys' and values'
         `nbytes`): the rows attended to, the padding rows of a batch's
         shorter sequences, and in masking mode (`evict=False`) the evicted
-        rows too.
+        rows too; for a paged layer (SPEC 10) the blocks that hold rows,
+        whose last per head may be partly filled.
     allocated: bytes of the memory under those rows (their storages, each
         counted once): `in_use` plus the free rows a layer reserves for the
         tokens it appends next, and whatever else the storage of a view
@@ -60,9 +61,13 @@ def kv_memory(cache, layers: Optional[Sequence[int]] = None) -> KVMemory:
 
 
 def _layer_bytes(layer) -> tuple[int, int]:
-    """(in use, allocated) bytes of one cache layer's keys and values."""
+    """(in use, allocated) bytes of one cache layer's keys and values (for
+    a paged layer, in use: the blocks that hold rows)."""
+    from refreekv.integration.paged import PagedLayer
+
     storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in (layer.keys, layer.values)}
-    return layer.keys.nbytes + layer.values.nbytes, sum(storages.values())
+    in_use = layer.bytes_in_use() if isinstance(layer, PagedLayer) else layer.keys.nbytes + layer.values.nbytes
+    return in_use, sum(storages.values())
 
 
 @dataclass(frozen=True)
@@ -75,9 +80,16 @@ class CompressionStats:
     kept: [layers, b] float64, prompt tokens each layer attends to
         afterwards, averaged over its KV heads (whole numbers unless a
         method keeps a different count per head).
-    held: [layers, b] int64, prompt rows each layer holds in memory for
-        the sequence: a row some head attends to (a per-head cut pads every
-        head to the largest), every real row when evicted rows are masked.
+    held: [layers, b] float64, prompt rows each layer holds in memory for
+        the sequence, averaged over its KV heads: with padded storage a row
+        some head attends to (a per-head cut pads every head to the
+        largest), every real row when evicted rows are masked; with paged
+        storage each head's kept rows and the unused rows of its last
+        block (`rounding`).
+    rounding: [layers, b] float64, the unused rows of the last block of
+        each head of a paged layer, averaged over the KV heads (fewer than
+        `block_rows`; 0 for padded layers): `held - kept` with paged
+        storage.
     prompt_tokens: [b] int64, real (non-padding) prompt tokens.
     kv_bytes_before: bytes the full prompt cache held right after prefill
         (what an unpatched model holds then).
@@ -91,12 +103,14 @@ class CompressionStats:
         figures, taken at prefill, cannot show: `kv_memory(cache)` reads
         what a cache holds and allocates at any step.
     kv_padding_bytes: bytes of held rows that are padding (left padding of
-        uncompressed layers, end padding of compressed ones).
+        uncompressed layers, end padding of compressed ones, the unused rows
+        of the last blocks of paged ones).
     """
 
     layers: tuple[int, ...]
     kept: torch.Tensor
     held: torch.Tensor
+    rounding: torch.Tensor
     prompt_tokens: torch.Tensor
     kv_bytes_before: int
     kv_bytes_after: int
@@ -140,15 +154,26 @@ class CompressionStats:
     ) -> "CompressionStats":
         """Reads what each full-attention cache layer (model layer numbers
         `layers`) holds right after a prefill (compressed layers are
-        `CompressedLayer`s, the others hold the padded prompt)."""
+        `CompressedLayer`s or `PagedLayer`s, the others hold the padded
+        prompt)."""
         from refreekv.integration.cache import CompressedLayer
+        from refreekv.integration.paged import PagedLayer
 
         real_len = real_len.cpu()
-        kept, held, in_use_bytes, allocated_bytes, padding_bytes = [], [], 0, 0, 0
+        kept, held, rounding, in_use_bytes, allocated_bytes, padding_bytes = [], [], [], 0, 0, 0
         for layer in cache_layers:
             in_use, allocated = _layer_bytes(layer)
             in_use_bytes += in_use
             allocated_bytes += allocated
+            layer_rounding = torch.zeros(real_len.shape, dtype=torch.float64)
+            if isinstance(layer, PagedLayer):
+                layer_kept = layer.kept_per_sequence()
+                layer_rounding = layer.rounding_per_sequence()
+                held.append(layer.held_per_sequence())
+                padding_bytes += in_use - int(layer.prompt_lengths.sum()) * (layer.keys[0, 0].nbytes + layer.values[0, 0].nbytes)
+                kept.append(layer_kept)
+                rounding.append(layer_rounding)
+                continue
             row_bytes = in_use // (layer.keys.shape[0] * layer.keys.shape[2])
             if isinstance(layer, CompressedLayer):
                 layer_kept = layer.kept_per_sequence()
@@ -162,10 +187,12 @@ class CompressionStats:
             # Rows masked out in some heads only count as that share of a row.
             padding_bytes += round(float(padding_rows.sum()) * row_bytes)
             kept.append(layer_kept)
+            rounding.append(layer_rounding)
         return cls(
             layers=tuple(layers),
             kept=torch.stack(kept),
-            held=torch.stack(held),
+            held=torch.stack(held).double(),
+            rounding=torch.stack(rounding),
             prompt_tokens=real_len,
             kv_bytes_before=kv_bytes_before,
             kv_bytes_after=in_use_bytes,
