@@ -11,7 +11,7 @@ PEERS_PY   := $(PEERS_VENV)/bin/python
 PEERS_DEPS := $(PEERS_VENV)/.deps-installed
 NATIVE_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
 
-.PHONY: setup build test demo bench bench-decode bench-ops bench-peers needle-sweep quality stopping-rules cuda-build clean
+.PHONY: setup build test demo bench bench-decode bench-ops bench-paged bench-peers needle-sweep quality stopping-rules cuda-build clean
 
 setup: $(DEPS)
 
@@ -60,6 +60,12 @@ bench-decode: build
 
 bench-ops: build
 	$(PY) benchmarks/bench_ops.py
+
+# Paged against padded storage alone (part of `make bench`): KV bytes held,
+# decode tokens/s and packing cost for Coverage and AdaKV at 4k, 8k and 16k
+# tokens on SmolLM2-135M; sets nothing in latest.json on its own.
+bench-paged: build
+	$(PY) benchmarks/bench_paged.py
 
 # ReFreeKV's options on the needle tasks of tests/test_real_model.py (~4 min)
 needle-sweep: build

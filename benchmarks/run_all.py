@@ -1,8 +1,8 @@
 """`make bench`: every benchmark, one results file, one summary.
 
 Runs benchmarks/bench_ops.py, benchmarks/bench_e2e.py,
-benchmarks/bench_decode.py and benchmarks/bench_peers.py (each prints its own
-tables as it goes), then writes
+benchmarks/bench_paged.py, benchmarks/bench_decode.py and
+benchmarks/bench_peers.py (each prints its own tables as it goes), then writes
 
   benchmarks/results/latest.json          all figures + the machine they ran on
   benchmarks/results/<UTC date-time>.json a dated copy
@@ -83,6 +83,21 @@ def summary(results: dict) -> str:
         )
         if "budget_without_scaling" in row:
             lines.append(f"| ReFreeKV kept @ {tokens} tokens with the default rope | {row['budget_without_scaling']:.1%} | |")
+    for tokens, rows in results["paged"].items():
+        for method in ("coverage", "adakv"):
+            row = rows[method]
+            decode_target = ">= 1.0" if int(tokens) in (4096, 8192) else ""
+            full_target = ">= 1.1" if method == "coverage" and int(tokens) == 8192 else ""
+            lines += [
+                f"| paged {method} @ {tokens} tokens: held / kept rows (block rounding) | {row['held_over_kept']:.4f} | "
+                f"{'<= 1.02' if int(tokens) == 4096 else ''} |",
+                f"| paged {method} @ {tokens} tokens: KV bytes paged / padded / full | {row['paged']['kv_bytes'] / 2**20:.2f} / "
+                f"{row['padded']['kv_bytes'] / 2**20:.2f} / {row['full_kv_bytes'] / 2**20:.2f} MiB "
+                f"({row['kv_bytes_paged_over_padded']:.3f} of padded) | |",
+                f"| paged {method} @ {tokens} tokens: decode tok/s paged / padded | {row['decode_paged_over_padded']:.3f} | {decode_target} |",
+                f"| paged {method} @ {tokens} tokens: decode tok/s paged / full cache | {row['decode_paged_over_full']:.3f} | {full_target} |",
+                f"| paged {method} @ {tokens} tokens: packing share of prefill | {row['pack_share']:.3%} | <= 1% |",
+            ]
     peak = results["peak_memory_ratio"]
     lines.append(f"| peak_memory_ratio @ {peak['tokens']} tokens (patched / unpatched) | {peak['ratio']:.3f} | <= 1.05 |")
     ref = results["reference_ratios"]
@@ -171,10 +186,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         ops = run("bench_ops.py", Path(scratch) / "ops.json", args.quick)
         e2e = run("bench_e2e.py", Path(scratch) / "e2e.json", args.quick)
+        paged = run("bench_paged.py", Path(scratch) / "paged.json", args.quick)
         RESULTS.mkdir(exist_ok=True)
         decode = run("bench_decode.py", Path(scratch) / "decode.json", args.quick, "--plot", str(RESULTS / "decode_rows.png"))
         peers = run("bench_peers.py", Path(scratch) / "peers.json", args.quick, "--peers-python", args.peers_python)
-    results = {"date": stamp.isoformat(timespec="seconds"), "quick": args.quick, "machine": machine(), **e2e, **decode, **peers, "ops": ops}
+    results = {"date": stamp.isoformat(timespec="seconds"), "quick": args.quick, "machine": machine(), **e2e, **paged, **decode, **peers, "ops": ops}
     latest = RESULTS / "latest.json"
     latest.write_text(json.dumps(results, indent=2) + "\n")
     shutil.copy(latest, RESULTS / f"{stamp.strftime('%Y-%m-%dT%H%M%SZ')}.json")

@@ -330,26 +330,31 @@ at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& key_po
                : nullptr;
   };
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, query.scalar_type(), "paged_attention_cpu", [&] {
-        const scalar_t* key_data = keys.const_data_ptr<scalar_t>();
-        const scalar_t* value_data = values.const_data_ptr<scalar_t>();
-        at::parallel_for(0, jobs.size(), 1, [&](int64_t begin, int64_t end) {
-          // This thread's float32 copies of half-precision tiles.
-          const bool converts = !std::is_same_v<scalar_t, float>;
-          std::vector<float> key_buffer(converts ? kTileRows * p.head_dim : 0);
-          std::vector<float> value_buffer(converts ? kTileRows * p.value_dim : 0);
-          for (int64_t j = begin; j < end; ++j) {
-            const Split& split = jobs[j];
-            const RowState state = state_of(split);
-            attend_split(pr, split, key_data, value_data, state, key_buffer.data(),
-                         value_buffer.data());
-            if (split.state < 0) {
-              finish_head(p, {state}, group_sinks(split), state.out);
-            }
-          }
-        });
-      });
+  auto attend_jobs = [&](auto dtype_tag) {
+    using scalar_t = decltype(dtype_tag);
+    const scalar_t* key_data = keys.const_data_ptr<scalar_t>();
+    const scalar_t* value_data = values.const_data_ptr<scalar_t>();
+    at::parallel_for(0, jobs.size(), 1, [&](int64_t begin, int64_t end) {
+      // This thread's float32 copies of half-precision tiles.
+      const bool converts = !std::is_same_v<scalar_t, float>;
+      std::vector<float> key_buffer(converts ? kTileRows * p.head_dim : 0);
+      std::vector<float> value_buffer(converts ? kTileRows * p.value_dim : 0);
+      for (int64_t j = begin; j < end; ++j) {
+        const Split& split = jobs[j];
+        const RowState state = state_of(split);
+        attend_split(pr, split, key_data, value_data, state, key_buffer.data(),
+                     value_buffer.data());
+        if (split.state < 0) {
+          finish_head(p, {state}, group_sinks(split), state.out);
+        }
+      }
+    });
+  };
+  // The dtypes checks.h admits (no double).
+  AT_DISPATCH_SWITCH(query.scalar_type(), "paged_attention_cpu",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { attend_jobs(scalar_t{}); })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { attend_jobs(scalar_t{}); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { attend_jobs(scalar_t{}); }));
 
   at::parallel_for(0, split_heads.size(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
