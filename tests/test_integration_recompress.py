@@ -23,6 +23,7 @@ CASES = {
     "h2o-all": ("h2o", {"budget": 0.5, "observation": "all", "recompress_every": 6, "max_cache_tokens": 28}),
     "pyramidkv": ("pyramidkv", {"budget": 0.5, "window": 4, "recompress_every": 4, "max_cache_tokens": 24}),
     "coverage-layer": ("coverage", {"tolerance": 0.2, "granularity": "layer", "window": 4, "recompress_every": 4}),
+    "coverage-head": ("coverage", {"tolerance": 0.2, "window": 4, "recompress_every": 4}),
 }
 
 
@@ -175,7 +176,6 @@ BAD = {
     "cap on a threshold-free method": ("refreekv", {"recompress_every": 8, "max_cache_tokens": 100},
                                        r"refreekv decides its own budget and takes no max_cache_tokens \(got 100\)"),
     "cap without events": ("snapkv", {"max_cache_tokens": 100}, r"max_cache_tokens=100 caps the cache while decoding; it needs recompress_every"),
-    "per-head cuts": ("coverage", {"recompress_every": 8}, r"coverage with granularity='head' cuts each KV head to its own length"),
     "window past a period": ("snapkv", {"recompress_every": 4, "max_cache_tokens": 32},
                              r"SnapKV\(.*\) reads the newest 8 queries at each event, .* set recompress_every >= 8 or a smaller window"),
     "rows past a period": ("refreekv", {"window_rows": 6, "recompress_every": 5}, r"reads the newest 6 queries at each event"),

@@ -68,8 +68,8 @@ class AdaKV(SnapKV):
 
     def recompression_refusal(self) -> Optional[str]:
         return (
-            "adakv cuts each KV head to its own length, and a decode-time cut needs one count per sequence; "
-            "use snapkv, which keeps the same rows per layer evenly"
+            "adakv cuts each KV head to its own length by ranking every head of the layer together, and a "
+            "decode-time cut cuts each head on its own (which would make it snapkv); use snapkv"
         )
 
     def plan(self, inputs: LayerInputs) -> KeepPlan:

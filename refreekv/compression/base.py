@@ -246,7 +246,8 @@ class CompressionMethod:
     @property
     def per_head_counts(self) -> bool:
         """Whether the KV heads of a layer keep different counts (plans
-        with `head_len`): paged storage then holds each head at its own."""
+        with `head_len`): paged storage then holds each head at its own,
+        and a decode-time cut cuts each head on its own."""
         return False
 
     def recompression_refusal(self) -> Optional[str]:

@@ -85,14 +85,6 @@ class Coverage(CompressionMethod):
     def per_head_counts(self) -> bool:
         return self.granularity == "head"
 
-    def recompression_refusal(self) -> Optional[str]:
-        if self.granularity == "head":
-            return (
-                "coverage with granularity='head' cuts each KV head to its own length, and a decode-time cut needs "
-                "one count per sequence; use granularity='layer'"
-            )
-        return None
-
     def plan(self, inputs: LayerInputs) -> KeepPlan:
         if self.stop == "output" and inputs.value is None:
             raise ValueError("coverage with stop='output' needs the layer's values (LayerInputs.value)")

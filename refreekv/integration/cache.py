@@ -259,7 +259,7 @@ def compress_layer(
             scaling=inputs.scaling, softcap=inputs.softcap, sinks=inputs.sinks,
         )  # fmt: skip
     if evict and headroom is not None:
-        return left_aligned_layer(key, value, plan, logical_length=key.shape[2], headroom=headroom)
+        return left_aligned_layer(key, value, plan.keep_index, plan.kept_lengths(), logical_length=key.shape[2], headroom=headroom)
     if evict:
         keys, values, row_valid = compact_kv(key, value, plan.keep_index, plan.keep_len)
         prompt_valid = row_valid[:, None, :]
@@ -288,29 +288,37 @@ def whole_layer(
 
 
 def left_aligned_layer(
-    key: torch.Tensor, value: torch.Tensor, plan: KeepPlan, *, logical_length: int, headroom: int = 0
+    key: torch.Tensor,
+    value: torch.Tensor,
+    keep_index: torch.Tensor,
+    kept: torch.Tensor,
+    *,
+    logical_length: int,
+    headroom: int = 0,
 ) -> CompressedLayer:
-    """The kept rows of `plan` gathered with each sequence's rows
-    right-aligned, padding first: the held rows stay a left-padded prompt,
-    which is what a later decode-time cut is handed. Padding rows hold a
-    copy of a kept row and are masked out. One `compact_kv` writes the rows
-    and `headroom` empty rows after them, which the layer then appends into
-    (so an event costs one copy of what it keeps); fewer when rows and
-    headroom would pass `logical_length`, what the uncompressed cache holds
-    (`GrowingLayer` grows from there when they run out)."""
-    if plan.head_len is not None:
-        raise ValueError("a left-aligned cut needs one count per sequence; this plan has a count per head")
-    rows = int(plan.keep_len.max())
+    """The rows `keep_index[s, h, :kept[s, h]]` ([b, Hkv, r] and [b, Hkv] or
+    [b, 1]) gathered with each head's rows right-aligned, padding first:
+    the held rows stay a left-padded prompt, which is what a later
+    decode-time cut is handed. Padding rows hold a copy of a kept row and
+    are masked out. One `compact_kv` writes the rows and `headroom` empty
+    rows after them, which the layer then appends into (so an event costs
+    one copy of what it keeps); fewer when rows and headroom would pass
+    `logical_length`, what the uncompressed cache holds (`GrowingLayer`
+    grows from there when they run out)."""
+    kept = kept.expand(keep_index.shape[:2])
+    rows = int(kept.max())
     headroom = min(headroom, logical_length - rows)
-    padding = rows - plan.keep_len  # [b]
-    slots = torch.arange(rows, device=key.device)[None, :]
-    source = (slots - padding[:, None]).clamp(min=0)  # padding slots repeat the first kept row
-    index = plan.keep_index.gather(-1, source[:, None, :].expand(-1, key.shape[1], -1))
+    padding = rows - kept  # [b, Hkv]
+    slots = torch.arange(rows, device=key.device)
+    source = (slots - padding[..., None]).clamp(min=0)  # padding slots repeat the first kept row
+    index = keep_index.gather(-1, source)
     index = torch.nn.functional.pad(index, (0, headroom))  # past each count: zero rows
-    key_buffer, value_buffer, _ = compact_kv(key, value, index, torch.full_like(plan.keep_len, rows))
-    valid = slots >= padding[:, None]
+    key_buffer, value_buffer, _ = compact_kv(key, value, index, torch.full_like(kept[:, 0], rows))
+    valid = slots >= padding[..., None]
+    if bool((padding == padding[:, :1]).all()):
+        valid = valid[:, :1]  # one mask for every head of a sequence
     return CompressedLayer(
-        key_buffer[..., :rows, :], value_buffer[..., :rows, :], valid[:, None, :], logical_length - rows,
+        key_buffer[..., :rows, :], value_buffer[..., :rows, :], valid, logical_length - rows,
         buffers=(key_buffer, value_buffer),
     )  # fmt: skip
 

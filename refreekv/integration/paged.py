@@ -222,22 +222,16 @@ class PagedLayer(DynamicLayer):
 
     def left_padded_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys, values, held): every head's rows read out of the pool into
-        [b, Hkv, longest, d], right-aligned per sequence (padding first,
-        holding copies of a row), and held [b] rows per sequence. For
-        layers whose heads hold as many rows (a decode-time cut)."""
-        if not bool((self._host_lengths == self._host_lengths[:, :1]).all()):
-            raise RuntimeError(
-                "a decode-time cut reads a paged layer whose heads hold as many rows each; this one holds "
-                f"{self._host_lengths.tolist()} rows per (sequence, head)"
-            )
-        held = self.lengths[:, 0]
+        [b, Hkv, longest, d], right-aligned per head (padding first, holding
+        copies of a row), and held [b, Hkv] rows per head: what a
+        decode-time cut is handed."""
         longest = int(self._host_lengths.max())
         row = torch.arange(longest, device=self.lengths.device) - (longest - self.lengths[..., None])
         row = row.clamp(min=0)
         pool_row = self.block_table.gather(-1, row // self.block_rows) * self.block_rows + row % self.block_rows
         keys = self.keys.flatten(0, 1)[pool_row]
         values = self.values.flatten(0, 1)[pool_row]
-        return keys, values, held
+        return keys, values, self.lengths
 
     def kept_per_sequence(self) -> torch.Tensor:
         """[b] float64, on the CPU: prompt rows kept at the last cut per

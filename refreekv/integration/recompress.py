@@ -6,20 +6,27 @@ token generated since) are handed to the method as a left-padded prompt
 (`LayerInputs`), with the queries of the newest tokens as the signal; the
 method decides, and the cut is done here:
 
-* evicting: the kept rows are gathered, right-aligned per sequence, into a
-  new cache (one `compact_kv` per layer and event), so the held rows stay a
-  left-padded prompt for the next event;
+* evicting: the kept rows are gathered, right-aligned per sequence and KV
+  head, into a new cache (one `compact_kv` per layer and event), so the
+  held rows stay a left-padded prompt for the next event; a paged layer
+  (SPEC 10) packs them into a new pool, each head at its own count;
 * masking (`evict=False`, for verification): every row stays; the method is
   handed the same left-padded view of the rows still attended to, and its
   choice is mapped back onto the full cache as a mask.
+
+A method whose KV heads keep their own counts (Coverage per head) cuts each
+head on its own at an event, so its heads may hold different counts
+afterwards: the padded cache then pads every head to the largest and masks
+the rest, the paged cache holds each at its own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from refreekv.compression import CompressionMethod, KeepPlan, LayerInputs, fixed_budget_methods
 from refreekv.compression.checks import is_integer
@@ -99,17 +106,19 @@ class CompressionEvent:
     step: tokens appended since prefill when the event ran (a multiple of
         `recompress_every` when decoding one token per step).
     layer: the model's layer number.
-    held_before, held_after: [b] rows the layer attended to per sequence
-        before and after the cut (tensors on the model's device until read).
-    rows_after: rows the layer holds in memory per sequence afterwards
-        (padding included).
+    held_before, held_after: [b] float64 rows the layer attended to per
+        sequence before and after the cut, averaged over the KV heads
+        (tensors on the model's device until read).
+    rows_after: rows the layer holds in memory afterwards for its largest
+        sequence, averaged over the KV heads (padding and block rounding
+        included).
     """
 
     step: int
     layer: int
     held_before: torch.Tensor
     held_after: torch.Tensor
-    rows_after: int
+    rows_after: float
 
     def rows(self) -> list[dict]:
         """One record per sequence."""
@@ -134,7 +143,7 @@ class Timeline:
 @torch.no_grad()
 def recompress_layer(
     method: CompressionMethod,
-    layer: CompressedLayer,
+    layer: CompressedLayer | PagedLayer,
     queries: torch.Tensor,
     variant: AttentionVariant,
     *,
@@ -144,43 +153,96 @@ def recompress_layer(
     step: int,
     evict: bool,
     headroom: int,
-) -> tuple[CompressedLayer, CompressionEvent]:
+) -> tuple[CompressedLayer | PagedLayer, CompressionEvent]:
     """Re-cuts the rows `layer` holds. `queries` [b, H, q, d] are those of
     the newest q tokens, all held; `variant` is the layer's softmax;
     `headroom` rows are left free after the kept ones for the next tokens
     (no more than the rows it no longer holds, so that the layer allocates
     no more than the uncompressed cache; see `left_aligned_layer`); a
     `PagedLayer` reserves them per head in its new pool."""
-    if isinstance(layer, PagedLayer):
-        return _recompress_paged(
-            method, layer, queries, variant, layer_idx=layer_idx, num_layers=num_layers, max_tokens=max_tokens,
-            step=step, headroom=headroom,
-        )  # fmt: skip
-    attended = layer.attended_rows()  # [b, Hkv or 1, L]
     order = None
-    keys, values = layer.keys, layer.values
-    if not evict:
-        # The rows still attended to, in order and right-aligned per head:
-        # what the evicting cache holds (up to its padding).
-        order = torch.sort(attended.expand(-1, keys.shape[1], -1).to(torch.int8), dim=-1, stable=True).indices
-        keys = keys.gather(2, order[..., None].expand(-1, -1, -1, keys.shape[-1]))
-        values = values.gather(2, order[..., None].expand(-1, -1, -1, values.shape[-1]))
-    held = attended[:, 0].sum(-1)  # every head attends to as many rows
-    length = keys.shape[2]
-    inputs = _held_rows_inputs(keys, values, held, queries, variant, layer_idx, num_layers, max_tokens)
-    plan = method.plan(inputs)
-    if plan is None or plan.keeps_everything(held):
-        return layer, CompressionEvent(step, layer_idx, held, held, layer.keys.shape[2])
-    if plan.head_len is not None:
-        raise RuntimeError(f"{method!r} planned a per-head cut at a decode event; it should have refused recompress_every")
-    if evict:
-        new_layer = left_aligned_layer(keys, values, plan, logical_length=layer.get_seq_length(), headroom=headroom)
+    if isinstance(layer, PagedLayer):
+        keys, values, held = layer.left_padded_rows()
     else:
-        # The plan in the full cache's rows: what the view's rows were.
-        in_full_cache = KeepPlan(order.gather(-1, plan.keep_index), plan.keep_len)
-        new_layer = CompressedLayer(layer.keys, layer.values, kept_positions(in_full_cache, length), evicted=0)
+        attended = layer.attended_rows().expand(-1, layer.keys.shape[1], -1)  # [b, Hkv, L]
+        keys, values = layer.keys, layer.values
+        if not evict:
+            # The rows still attended to, in order and right-aligned per head:
+            # what the evicting cache holds (up to its padding).
+            order = torch.sort(attended.to(torch.int8), dim=-1, stable=True).indices
+            keys = keys.gather(2, order[..., None].expand(-1, -1, -1, keys.shape[-1]))
+            values = values.gather(2, order[..., None].expand(-1, -1, -1, values.shape[-1]))
+        held = attended.sum(-1)
+    cut = _cut_held_rows(method, keys, values, held, queries, variant, layer_idx, num_layers, max_tokens)
+    before = held.double().mean(1)
+    if cut is None:
+        return layer, CompressionEvent(step, layer_idx, before, before, _rows_held(layer))
+    keep_index, kept = cut
+    if isinstance(layer, PagedLayer):
+        new_layer = pack_paged(
+            keys, values, keep_index, kept, logical_length=layer.get_seq_length(), block_rows=layer.block_rows,
+            reserve=headroom, scaling=layer.scaling, softcap=layer.softcap, sinks=layer.sinks,
+        )  # fmt: skip
+    elif evict:
+        new_layer = left_aligned_layer(keys, values, keep_index, kept, logical_length=layer.get_seq_length(), headroom=headroom)
+    else:
+        # The cut in the full cache's rows: what the view's rows were.
+        in_full_cache = KeepPlan(order.gather(-1, keep_index), kept.amax(1), kept)
+        new_layer = CompressedLayer(layer.keys, layer.values, kept_positions(in_full_cache, keys.shape[2]), evicted=0)
     new_layer.recompressing = True
-    return new_layer, CompressionEvent(step, layer_idx, held, plan.keep_len, new_layer.keys.shape[2])
+    return new_layer, CompressionEvent(step, layer_idx, before, kept.double().mean(1), _rows_held(new_layer))
+
+
+def _rows_held(layer: CompressedLayer | PagedLayer) -> float:
+    """Rows the layer holds in memory for its largest sequence, averaged
+    over the KV heads (padding and block rounding included)."""
+    if isinstance(layer, PagedLayer):
+        return float(layer.block_rows_per_head().double().mean(1).max())
+    return float(layer.keys.shape[2])
+
+
+def _cut_held_rows(
+    method: CompressionMethod, keys, values, held, queries, variant: AttentionVariant, layer_idx, num_layers, max_tokens
+) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(keep_index [b, Hkv, r], kept [b, Hkv]): what `method` keeps of a
+    layer's held rows, `keys` and `values` [b, Hkv, L, d] right-aligned per
+    head with `held` [b, Hkv] rows each; None when it keeps them all.
+
+    A method whose heads keep their own counts (`per_head_counts`) cuts
+    each KV head on its own, as a layer of one KV head with its query group
+    (and their sinks), so heads that hold different counts need no common
+    padding; the others see the whole layer, whose heads hold as many rows."""
+    batch, kv_heads, length, _ = keys.shape
+    positions = torch.arange(length, device=keys.device)
+    if method.per_head_counts:
+        group = queries.shape[1] // kv_heads
+        cuts = []
+        for head in range(kv_heads):
+            queried = slice(head * group, (head + 1) * group)
+            head_variant = replace(variant, sinks=None if variant.sinks is None else variant.sinks[queried])
+            inputs = _held_rows_inputs(
+                keys[:, head : head + 1], values[:, head : head + 1], held[:, head], queries[:, queried], head_variant,
+                layer_idx, num_layers, max_tokens,
+            )  # fmt: skip
+            plan = method.plan(inputs)
+            if plan is None:  # keeps every held row
+                plan = KeepPlan((length - held[:, head, None, None] + positions).clamp(max=length - 1), held[:, head])
+            cuts.append(plan)
+        width = max(plan.keep_index.shape[2] for plan in cuts)
+        keep_index = torch.cat([F.pad(plan.keep_index, (0, width - plan.keep_index.shape[2])) for plan in cuts], dim=1)
+        kept = torch.cat([plan.kept_lengths() for plan in cuts], dim=1)
+    else:
+        if not bool((held == held[:, :1]).all()):
+            raise RuntimeError(f"{method!r} cuts a layer whose KV heads hold different counts ({held.tolist()}); it should not")
+        plan = method.plan(_held_rows_inputs(keys, values, held[:, 0], queries, variant, layer_idx, num_layers, max_tokens))
+        if plan is None:
+            return None
+        if plan.head_len is not None:
+            raise RuntimeError(f"{method!r} planned a per-head cut without declaring per_head_counts")
+        keep_index, kept = plan.keep_index, plan.kept_lengths().expand(batch, kv_heads)
+    if bool((kept == held).all()):
+        return None
+    return keep_index, kept
 
 
 def _held_rows_inputs(keys, values, held, queries, variant: AttentionVariant, layer_idx, num_layers, max_tokens) -> LayerInputs:
@@ -193,24 +255,3 @@ def _held_rows_inputs(keys, values, held, queries, variant: AttentionVariant, la
         prompt_valid=prompt_valid, real_len=held, value=values, softcap=variant.softcap, sinks=variant.sinks,
         max_tokens=max_tokens,
     )  # fmt: skip
-
-
-def _recompress_paged(
-    method: CompressionMethod, layer: PagedLayer, queries, variant: AttentionVariant, *, layer_idx, num_layers,
-    max_tokens, step, headroom,
-) -> tuple[PagedLayer, CompressionEvent]:
-    """A paged layer's event: its rows read out left-padded per sequence,
-    cut by the method, packed into a new pool (the old one is freed)."""
-    keys, values, held = layer.left_padded_rows()
-    inputs = _held_rows_inputs(keys, values, held, queries, variant, layer_idx, num_layers, max_tokens)
-    plan = method.plan(inputs)
-    if plan is None or plan.keeps_everything(held):
-        return layer, CompressionEvent(step, layer_idx, held, held, int(layer.block_rows_per_head().max()))
-    if plan.head_len is not None:
-        raise RuntimeError(f"{method!r} planned a per-head cut at a decode event; it should have refused recompress_every")
-    new_layer = pack_paged(
-        keys, values, plan.keep_index, plan.kept_lengths(), logical_length=layer.get_seq_length(),
-        block_rows=layer.block_rows, reserve=headroom, scaling=layer.scaling, softcap=layer.softcap, sinks=layer.sinks,
-    )  # fmt: skip
-    new_layer.recompressing = True
-    return new_layer, CompressionEvent(step, layer_idx, held, plan.keep_len, int(new_layer.block_rows_per_head().max()))
