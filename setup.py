@@ -125,6 +125,14 @@ def _extension():
     # No -std: torch's build helper adds the C++ standard its headers need
     # (C++20 for torch 2.13 and 2.14; the 2.14 headers refuse C++17).
     cxx_flags = ["-O3", "-fno-math-errno"]
+    link_flags = []
+    # at::parallel_for is a header template whose body is an `omp parallel`
+    # region when torch itself uses OpenMP: without -fopenmp here the kernels
+    # compile it as a serial loop. Linking with -fopenmp resolves to the libgomp
+    # torch already loads.
+    if torch.backends.openmp.is_available():
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     cuda_sources = _sources("csrc/cuda/*.cu")
     if _build_cuda() and cuda_sources:
         # Exact expf/logf/division (no --use_fast_math): the operator is held to
@@ -136,8 +144,9 @@ def _extension():
             sources + cuda_sources,
             define_macros=[("REFREEKV_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
-    return CppExtension("refreekv._C", sources, extra_compile_args={"cxx": cxx_flags})
+    return CppExtension("refreekv._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 
 setup(

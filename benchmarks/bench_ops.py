@@ -25,6 +25,20 @@ and asserts nothing about time.
                         that miss the rule).
   compact_kv            n in {1024, 4096, 16384}, half the positions kept
                         (4 sinks + the most recent); reference: torch.gather.
+  paged_attention       decode (q=1) over a paged cache, b=1, H=9, Hkv=3,
+                        d=64 (SmolLM2-135M), blocks of 16 rows in shuffled
+                        order; the KV heads hold n, 0.6 n and 0.3 n rows
+                        (n in {1024, 4096, 16384}). Reference: what a padded
+                        cache costs, torch SDPA (enable_gqa) over [b, Hkv, n,
+                        d] with a boolean mask of each head's rows; the plain
+                        reference (refreekv.reference.paged_attention: rows
+                        read out one by one, attention in float32) is timed
+                        too and shown in the note.
+  paged_write           a prefill cut into a paged cache: n in {1024, 4096,
+                        16384} positions per head, half of them written (4
+                        sinks + the most recent), same shapes as
+                        paged_attention. Reference: plain PyTorch index_put of
+                        the gathered rows at their (block, row) targets.
 
 --quick runs n (and c) in {1024, 4096} and w in {1, 64, n} with a smaller
 time budget, as a demo. --json writes every figure (the benchmark suite files
@@ -59,9 +73,10 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from refreekv import reference
 
@@ -78,6 +93,12 @@ TOLERANCE = 0.01  # mass_keep_count's delta
 NUM_SINKS = 4
 SEED = 0
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The paged operators: SmolLM2-135M's attention, heads of different lengths.
+PAGED_QUERY_HEADS = 9
+PAGED_KV_HEADS = 3
+PAGED_HEAD_DIM = 64
+PAGED_BLOCK_ROWS = 16
+PAGED_LENGTH_SHARES = (1.0, 0.6, 0.3)  # of n, per KV head
 
 # The reference runs only if its estimated working set stays under this share
 # of MemAvailable; beyond that it would swap or be killed, and say nothing.
@@ -87,6 +108,9 @@ REFERENCE_MEMORY_SHARE = 0.5
 # precision the reference forms its logits in that precision (as plain
 # PyTorch attention does) while the operator forms them in float32.
 IMPORTANCE_TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 5e-3}
+# Largest paged_attention output difference still called agreement: the
+# outputs are in the input dtype, so half precision rounds them.
+PAGED_ATTENTION_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 # Timing: the repeats of a case take about the time budget together. Fast
 # calls are batched so that MAX_REPEATS repeats fill it (a sub-millisecond
@@ -123,6 +147,25 @@ def reference_mass_keep_count(ranked_scores: torch.Tensor, tolerance: float) -> 
     prefix = ranked_scores.double().cumsum(-1)  # P(r), r = 1..c: [b, H, c]
     total = prefix[..., -1:]  # M
     return (total - prefix > tolerance * total).sum(-1) + 1
+
+
+def reference_paged_write(
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    start: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    row_index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """index_put of the rows row_index picks at their (block, row) targets.
+    Every case writes all of row_index, so there is no count to honour."""
+    target = start[..., None] + torch.arange(row_index.shape[2])  # [b, Hkv, r]
+    blocks = block_table.gather(2, target // PAGED_BLOCK_ROWS)
+    rows = target % PAGED_BLOCK_ROWS
+    key_pool[blocks, rows] = key.gather(2, row_index[..., None].expand(-1, -1, -1, key.shape[3]))
+    value_pool[blocks, rows] = value.gather(2, row_index[..., None].expand(-1, -1, -1, value.shape[3]))
+    return key_pool, value_pool
 
 
 # ----------------------------------------------------------------------------
@@ -207,6 +250,113 @@ def compact_check(ours: tuple, reference: tuple, dtype: torch.dtype) -> dict:
     }
 
 
+def paged_lengths(longest: int) -> list[int]:
+    return [round(share * longest) for share in PAGED_LENGTH_SHARES]
+
+
+def paged_layout(rows_per_head: list[int]) -> tuple[int, torch.Tensor]:
+    """(blocks, block_table [1, Hkv, max_blocks]): each head gets the blocks
+    its rows fill, taken from the pool in a shuffled order."""
+    blocks_per_head = [-(-rows // PAGED_BLOCK_ROWS) for rows in rows_per_head]
+    blocks = sum(blocks_per_head)
+    order = torch.randperm(blocks)
+    block_table = torch.zeros(BATCH, len(rows_per_head), max(blocks_per_head), dtype=torch.int64)
+    taken = 0
+    for head, count in enumerate(blocks_per_head):
+        block_table[0, head, :count] = order[taken : taken + count]
+        taken += count
+    return blocks, block_table
+
+
+def paged_attention_inputs(case: dict, dtype: torch.dtype) -> tuple:
+    """The query, the paged cache, and the same rows as a padded cache (each
+    head's rows, then zeros up to the longest) with its [b, H, 1, n] mask."""
+    lengths = paged_lengths(case["n"])
+    blocks, block_table = paged_layout(lengths)
+    query = torch.randn(BATCH, PAGED_QUERY_HEADS, 1, PAGED_HEAD_DIM, dtype=dtype)
+    padded_key = torch.zeros(BATCH, PAGED_KV_HEADS, case["n"], PAGED_HEAD_DIM, dtype=dtype)
+    padded_value = torch.zeros_like(padded_key)
+    key_pool = torch.zeros(blocks, PAGED_BLOCK_ROWS, PAGED_HEAD_DIM, dtype=dtype)
+    value_pool = torch.zeros_like(key_pool)
+    for head, length in enumerate(lengths):
+        count = -(-length // PAGED_BLOCK_ROWS)
+        for padded, pool in ((padded_key, key_pool), (padded_value, value_pool)):
+            rows = torch.randn(length, PAGED_HEAD_DIM, dtype=dtype)
+            padded[0, head, :length] = rows
+            # The last block's rows past the head's length stay zero.
+            in_blocks = torch.zeros(count * PAGED_BLOCK_ROWS, PAGED_HEAD_DIM, dtype=dtype)
+            in_blocks[:length] = rows
+            pool[block_table[0, head, :count]] = in_blocks.view(count, PAGED_BLOCK_ROWS, PAGED_HEAD_DIM)
+    lengths_tensor = torch.tensor([lengths])
+    mask = torch.arange(case["n"]) < lengths_tensor[..., None]  # [b, Hkv, n]
+    mask = mask.repeat_interleave(PAGED_QUERY_HEADS // PAGED_KV_HEADS, dim=1)[:, :, None, :]
+    return query, key_pool, value_pool, block_table, lengths_tensor, padded_key, padded_value, mask
+
+
+def paged_attention_ours(query, key_pool, value_pool, block_table, lengths, padded_key, padded_value, mask) -> torch.Tensor:
+    return refreekv.paged_attention(query, key_pool, value_pool, block_table, lengths, PAGED_HEAD_DIM**-0.5)
+
+
+def paged_attention_sdpa(query, key_pool, value_pool, block_table, lengths, padded_key, padded_value, mask) -> torch.Tensor:
+    return F.scaled_dot_product_attention(
+        query, padded_key, padded_value, attn_mask=mask, scale=PAGED_HEAD_DIM**-0.5, enable_gqa=True
+    )
+
+
+def paged_attention_plain(query, key_pool, value_pool, block_table, lengths, padded_key, padded_value, mask) -> torch.Tensor:
+    return reference.paged_attention(query, key_pool, value_pool, block_table, lengths, PAGED_HEAD_DIM**-0.5)
+
+
+def paged_attention_reference_bytes(case: dict, dtype: torch.dtype) -> int:
+    # The plain reference's rows read out and repeated to every query head,
+    # keys and values, in float32 (SDPA needs less).
+    return 2 * 2 * BATCH * PAGED_QUERY_HEADS * case["n"] * PAGED_HEAD_DIM * 4
+
+
+def paged_attention_check(ours: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> dict:
+    max_abs_diff = (ours.float() - reference.float()).abs().max().item()
+    return {
+        "agree": max_abs_diff <= PAGED_ATTENTION_TOLERANCE[dtype],
+        "max_abs_diff": max_abs_diff,
+        "text": f"max|diff| {max_abs_diff:.1e}",
+    }
+
+
+def paged_write_inputs(case: dict, dtype: torch.dtype) -> tuple:
+    keys = case["n"]
+    kept_rows = keys // 2
+    blocks, block_table = paged_layout([kept_rows] * PAGED_KV_HEADS)
+    key_pool = torch.randn(blocks, PAGED_BLOCK_ROWS, PAGED_HEAD_DIM, dtype=dtype)
+    value_pool = torch.randn(blocks, PAGED_BLOCK_ROWS, PAGED_HEAD_DIM, dtype=dtype)
+    start = torch.zeros(BATCH, PAGED_KV_HEADS, dtype=torch.int64)
+    key = torch.randn(BATCH, PAGED_KV_HEADS, keys, PAGED_HEAD_DIM, dtype=dtype)
+    value = torch.randn(BATCH, PAGED_KV_HEADS, keys, PAGED_HEAD_DIM, dtype=dtype)
+    sinks_then_recent = torch.cat([torch.arange(NUM_SINKS), torch.arange(keys - (kept_rows - NUM_SINKS), keys)])
+    row_index = sinks_then_recent.expand(BATCH, PAGED_KV_HEADS, kept_rows).contiguous()
+    return key_pool, value_pool, block_table, start, key, value, row_index
+
+
+def paged_write_ours(key_pool, value_pool, block_table, start, key, value, row_index) -> tuple[torch.Tensor, torch.Tensor]:
+    refreekv.paged_write(key_pool, value_pool, block_table, start, key, value, row_index=row_index)
+    return key_pool, value_pool
+
+
+def paged_write_reference_bytes(case: dict, dtype: torch.dtype) -> int:
+    # The gathered rows and the targets' indices.
+    kept = BATCH * PAGED_KV_HEADS * (case["n"] // 2)
+    return 2 * kept * PAGED_HEAD_DIM * dtype.itemsize + 4 * kept * 8
+
+
+def paged_write_check(ours: tuple, reference: tuple, dtype: torch.dtype) -> dict:
+    names = ("key_pool", "value_pool")
+    differing = [name for name, a, b in zip(names, ours, reference) if not torch.equal(a, b)]
+    return {
+        "agree": not differing,
+        "differing_outputs": differing,
+        "text": "equal" if not differing else "differ: " + ", ".join(differing),
+    }
+
+
 @dataclass(frozen=True)
 class Operator:
     name: str
@@ -218,6 +368,9 @@ class Operator:
     reference_bytes: Callable[[dict, torch.dtype], int]
     check: Callable[[Any, Any, torch.dtype], dict]
     warmup_case: dict
+    # A second baseline, timed where the reference runs, when the reference
+    # is not itself the plain PyTorch reference; shown in the row's note.
+    plain: Optional[Callable[..., Any]] = None
 
 
 OPERATORS = {
@@ -265,6 +418,30 @@ OPERATORS = {
             reference_compact_kv,
             compact_reference_bytes,
             compact_check,
+            {"n": 64},
+        ),
+        Operator(
+            "paged_attention",
+            f"decode, b={BATCH}, H={PAGED_QUERY_HEADS}, Hkv={PAGED_KV_HEADS}, d={PAGED_HEAD_DIM}, "
+            f"heads of n, 0.6n, 0.3n rows in blocks of {PAGED_BLOCK_ROWS}; ref: SDPA over the padded cache",
+            "n",
+            paged_attention_inputs,
+            paged_attention_ours,
+            paged_attention_sdpa,
+            paged_attention_reference_bytes,
+            paged_attention_check,
+            {"n": 64},
+            plain=paged_attention_plain,
+        ),
+        Operator(
+            "paged_write",
+            f"b={BATCH}, Hkv={PAGED_KV_HEADS}, d={PAGED_HEAD_DIM}, packs n/2 rows into blocks of {PAGED_BLOCK_ROWS}",
+            "n",
+            paged_write_inputs,
+            paged_write_ours,
+            reference_paged_write,
+            paged_write_reference_bytes,
+            paged_write_check,
             {"n": 64},
         ),
     )
@@ -333,7 +510,7 @@ def median_call_seconds(run: Callable[[], Any], budget_seconds: float) -> tuple[
 def run_worker(spec: dict) -> dict:
     operator = OPERATORS[spec["operator"]]
     dtype = DTYPES[spec["dtype"]]
-    implementation = operator.ours if spec["implementation"] == "ours" else operator.reference
+    implementation = {"ours": operator.ours, "reference": operator.reference, "plain": operator.plain}[spec["implementation"]]
     with torch.no_grad():
         implementation(*seeded_inputs(operator, operator.warmup_case, dtype))
         inputs = seeded_inputs(operator, spec["case"], dtype)
@@ -346,8 +523,10 @@ def run_worker(spec: dict) -> dict:
             "repeats": repeats,
             "calls_per_repeat": calls,
         }
-        if spec["implementation"] == "reference":
-            figures["check"] = operator.check(operator.ours(*inputs), operator.reference(*inputs), dtype)
+        if spec["implementation"] != "ours":
+            # Each side on inputs of its own: an operator may write into its inputs.
+            ours = operator.ours(*seeded_inputs(operator, spec["case"], dtype))
+            figures["check"] = operator.check(ours, implementation(*seeded_inputs(operator, spec["case"], dtype)), dtype)
     return figures
 
 
@@ -426,6 +605,15 @@ def row_note(row: dict) -> str:
         elif "check" in result:
             check = result["check"]
             notes.append(check["text"] if check["agree"] else f"!!! MISMATCH !!! {check['text']}")
+    plain = row.get("plain")
+    if plain is not None:
+        if "failed" in plain:
+            notes.append(f"plain reference FAILED ({plain['failed']}):\n{plain['stderr_tail']}")
+        else:
+            check = plain["check"]
+            agreement = check["text"] if check["agree"] else f"!!! MISMATCH !!! {check['text']}"
+            speedup = f", speedup {row['plain_speedup']:.1f}x" if "plain_speedup" in row else ""
+            notes.append(f"plain reference {plain['ms']:.1f} ms ({plain['peak_extra_mib']:.1f} MiB{speedup}), {agreement}")
     return "; ".join(notes)
 
 
@@ -467,6 +655,10 @@ def measure_case(operator: Operator, case: dict, dtype_name: str, budget_seconds
     if "ms" in row["ours"] and "ms" in row["reference"]:
         row["ratio"] = row["ours"]["ms"] / row["reference"]["ms"]
         row["speedup"] = row["reference"]["ms"] / row["ours"]["ms"]
+    if operator.plain is not None:
+        row["plain"] = measure_in_fresh_process({**spec, "implementation": "plain"})
+        if "ms" in row["ours"] and "ms" in row["plain"]:
+            row["plain_speedup"] = row["plain"]["ms"] / row["ours"]["ms"]
     return row
 
 
@@ -495,9 +687,10 @@ def main() -> None:
             row = benchmark_case(operator, case, args.dtype, budget_seconds)
             print_row(row)
             rows.append(row)
-            check = row["reference"].get("check")
-            if check is not None and not check["agree"]:
-                mismatches.append(f"{operator.name} {row['case']}: {check['text']}")
+            for side in ("reference", "plain"):
+                check = row.get(side, {}).get("check")
+                if check is not None and not check["agree"]:
+                    mismatches.append(f"{operator.name} {row['case']} ({side}): {check['text']}")
         results[operator.name] = rows
     if mismatches:
         print("\n!!! results disagree with the reference in:\n  " + "\n  ".join(mismatches))

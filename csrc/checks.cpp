@@ -348,6 +348,11 @@ PagedWriteParams check_paged_write_inputs(
     const std::optional<at::Tensor>& row_count) {
   constexpr const char* op = "paged_write";
   const PagedCacheSizes cache = check_paged_cache(op, key_pool, value_pool, block_table);
+  // Kernels write the pools in place through raw pointers, so they must be
+  // the caller's own contiguous storage, not a copy made here.
+  TORCH_CHECK(key_pool.is_contiguous() && value_pool.is_contiguous(), op,
+              ": expected contiguous key_pool and value_pool (they are written in place), got strides ",
+              key_pool.strides(), " and ", value_pool.strides());
   check_rank(op, "key", key, 4, "[batch, kv_heads, rows, head_dim]");
   check_rank(op, "value", value, 4, "[batch, kv_heads, rows, value_dim]");
   TORCH_CHECK(key.scalar_type() == key_pool.scalar_type() &&

@@ -25,6 +25,8 @@ METHODS = {
     "pyramidkv": ("pyramidkv", {"budget": 0.5}),
     "refreekv": ("refreekv", {}),
     "coverage": ("coverage", {"tolerance": 0.2, "window": 8}),
+    # Paged storage in small blocks: many reservations, close to the cap.
+    "coverage-blocks-4": ("coverage", {"tolerance": 0.2, "window": 8, "block_rows": 4}),
 }
 # Options each method needs to re-cut while decoding: a cap for the fixed
 # budgets, one count per layer for Coverage.
@@ -35,6 +37,7 @@ DECODE_OPTIONS = {
     "pyramidkv": {"max_cache_tokens": 24},
     "refreekv": {},
     "coverage": {"granularity": "layer"},
+    "coverage-blocks-4": {},
 }
 # Short and long prompts alone, and a left-padded batch of different lengths.
 PROMPTS = {"32": [32], "300": [300], "batch": [300, 57, 32]}

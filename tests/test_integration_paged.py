@@ -224,7 +224,7 @@ def test_beam_search_is_refused(model, batch):
 def test_an_unpatched_model_cannot_continue_a_paged_cache(model):
     input_ids, _ = prompts([30])
     with torch.no_grad():
-        with refreekv.patch(model, "coverage", **PER_HEAD, storage="paged"):
+        with refreekv.patch(model, "coverage", **PER_HEAD, storage="paged", block_rows=BLOCK_ROWS):
             out = model(input_ids=input_ids, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         with pytest.raises(RuntimeError, match=r"PagedLayer standing for 30 positions.*only a model patched by refreekv"):

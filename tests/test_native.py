@@ -7,7 +7,9 @@ import torch
 
 import refreekv
 
-OPERATORS = ["attention_importance", "adaptive_keep_count", "mass_keep_count", "compact_kv"]
+OPERATORS = [
+    "attention_importance", "adaptive_keep_count", "mass_keep_count", "compact_kv", "paged_attention", "paged_write",
+]
 
 
 def test_extension_is_a_compiled_module():

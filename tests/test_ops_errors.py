@@ -203,3 +203,177 @@ def test_cpu_and_cuda_tensors_are_not_mixed():
     cuda_query, cuda_key = torch.randn(2, 4, 3, 8, device="cuda"), torch.randn(2, 2, 10, 8, device="cuda")
     with pytest.raises(RuntimeError, match=r"expected sinks on the same device as query \(cuda:0\), got cpu"):
         refreekv.attention_importance(cuda_query, cuda_key, 0.5, sinks=torch.zeros(4))
+
+
+def paged_attention_inputs(**changes):
+    # Blocks of 4 rows, 3 per head: heads hold up to 12 rows.
+    inputs = dict(
+        query=torch.randn(2, 4, 3, 8),
+        key_pool=torch.randn(6, 4, 8),
+        value_pool=torch.randn(6, 4, 8),
+        block_table=torch.tensor([[[0, 1, 2], [3, 4, 5]], [[5, 4, 3], [2, 1, 0]]]),
+        lengths=torch.tensor([[5, 3], [12, 0]]),
+        scale=0.5,
+        softcap=0.0,
+        sinks=None,
+    )
+    inputs.update(changes)
+    return inputs
+
+
+def table_with(position, block):
+    table = paged_attention_inputs()["block_table"].clone()
+    table[position] = block
+    return table
+
+
+PAGED_ATTENTION_CASES = {
+    "query rank": (dict(query=torch.randn(4, 3, 8)), r"paged_attention: expected query of shape \[batch, heads, queries, head_dim\] \(4-D\), got a 3-D tensor of shape \[4, 3, 8\]"),
+    "key_pool rank": (dict(key_pool=torch.randn(24, 8)), r"expected key_pool of shape \[blocks, block_rows, head_dim\] \(3-D\), got a 2-D tensor of shape \[24, 8\]"),
+    "value_pool rank": (dict(value_pool=torch.randn(1, 6, 4, 8)), r"expected value_pool of shape \[blocks, block_rows, value_dim\] \(3-D\), got a 4-D"),
+    "integer query": (dict(query=torch.ones(2, 4, 3, 8, dtype=torch.int32)), r"expected query to be float32, float16 or bfloat16, got Int"),
+    "pools not in the query's dtype": (
+        dict(key_pool=torch.randn(6, 4, 8, dtype=torch.float16), value_pool=torch.randn(6, 4, 8, dtype=torch.float16)),
+        r"expected query and key_pool of the same dtype, got query Float and key_pool Half",
+    ),
+    "pools of different dtypes": (dict(value_pool=torch.randn(6, 4, 8, dtype=torch.bfloat16)), r"expected key_pool and value_pool of the same dtype, got key_pool Float and value_pool BFloat16"),
+    "pools of different block counts": (dict(value_pool=torch.randn(5, 4, 8)), r"expected value_pool.size\(0\) == 6 \(blocks of key_pool\), got 5"),
+    "pools of different block rows": (dict(value_pool=torch.randn(6, 3, 8)), r"expected value_pool.size\(1\) == 4 \(block_rows of key_pool\), got 3"),
+    "empty blocks": (dict(key_pool=torch.randn(6, 0, 8), value_pool=torch.randn(6, 0, 8)), r"expected at least one row per block \(block_rows >= 1\), got key_pool of shape \[6, 0, 8\]"),
+    "head_dim mismatch": (dict(key_pool=torch.randn(6, 4, 16)), r"expected key_pool.size\(2\) == 8 \(head_dim of query\), got 16"),
+    "no query rows": (dict(query=torch.randn(2, 4, 0, 8)), r"expected at least one query row \(queries >= 1\), got queries = 0"),
+    "empty head_dim": (dict(query=torch.randn(2, 4, 3, 0), key_pool=torch.randn(6, 4, 0)), r"expected head_dim >= 1, got 0"),
+    "block_table rank": (dict(block_table=torch.zeros(2, 6, dtype=torch.int64)), r"expected block_table of shape \[batch, kv_heads, max_blocks\] \(3-D\), got a 2-D"),
+    "block_table not int64": (dict(block_table=torch.zeros(2, 2, 3, dtype=torch.int32)), r"expected block_table of dtype int64, got Int"),
+    "block_table batch": (dict(block_table=torch.zeros(1, 2, 3, dtype=torch.int64)), r"expected block_table.size\(0\) == 2 \(batch size of query\), got 1"),
+    "heads not a multiple": (
+        dict(block_table=torch.zeros(2, 3, 3, dtype=torch.int64), lengths=torch.zeros(2, 3, dtype=torch.int64)),
+        r"expected the query heads to be a multiple of the key heads .* got 4 query heads and 3 key heads",
+    ),
+    "lengths rank": (dict(lengths=torch.tensor([5, 3])), r"expected lengths of shape \[batch, kv_heads\] \(2-D\), got a 1-D"),
+    "lengths shape": (dict(lengths=torch.zeros(2, 3, dtype=torch.int64)), r"expected lengths.size\(1\) == 2 \(kv_heads of block_table\), got 3"),
+    "lengths dtype": (dict(lengths=torch.tensor([[5, 3], [12, 0]], dtype=torch.int32)), r"expected lengths of dtype int64, got Int"),
+    "non-finite scale": (dict(scale=float("inf")), r"paged_attention: expected a finite scale, got inf"),
+    "negative softcap": (dict(softcap=-1.0), r"paged_attention: expected softcap to be 0 \(no capping\) or positive and finite in float32, got -1"),
+    "softcap beyond float32": (dict(softcap=1e39), r"positive and finite in float32, got 1e\+39"),
+    "sinks per key head": (dict(sinks=torch.zeros(2)), r"paged_attention: expected sinks.size\(0\) == 4 \(query heads\), got 2"),
+    "integer sinks": (dict(sinks=torch.zeros(4, dtype=torch.int64)), r"expected sinks of a floating dtype, got Long"),
+    "length past the table": (dict(lengths=torch.tensor([[5, 3], [13, 0]])), r"paged_attention: expected lengths\[1, 0\] in \[0, 12\] \(max_blocks \* block_rows\), got 13"),
+    "negative length": (dict(lengths=torch.tensor([[5, -1], [12, 0]])), r"expected lengths\[0, 1\] in \[0, 12\] .* got -1"),
+    "block id past the pool": (dict(block_table=table_with((1, 0, 2), 6)), r"paged_attention: expected block_table\[1, 0, 2\] in \[0, 6\) \(the blocks in the pool\), got 6"),
+    "negative block id": (dict(block_table=table_with((0, 0, 1), -1)), r"expected block_table\[0, 0, 1\] in \[0, 6\) .* got -1"),
+}
+
+
+@pytest.mark.parametrize("case", PAGED_ATTENTION_CASES, ids=list(PAGED_ATTENTION_CASES))
+def test_paged_attention_rejects(case):
+    changes, message = PAGED_ATTENTION_CASES[case]
+    inputs = paged_attention_inputs(**changes)
+    with pytest.raises(RuntimeError, match=message):
+        refreekv.paged_attention(
+            inputs["query"],
+            inputs["key_pool"],
+            inputs["value_pool"],
+            inputs["block_table"],
+            inputs["lengths"],
+            inputs["scale"],
+            softcap=inputs["softcap"],
+            sinks=inputs["sinks"],
+        )
+
+
+def test_paged_attention_ignores_table_entries_past_a_head():
+    # Head (0, 1) holds 3 rows, all in its first block: its other entries are never read.
+    inputs = paged_attention_inputs(block_table=table_with((0, 1, 2), 10_000))
+    refreekv.paged_attention(**inputs)
+
+
+def paged_write_inputs(**changes):
+    inputs = dict(
+        key_pool=torch.randn(6, 4, 8),
+        value_pool=torch.randn(6, 4, 8),
+        block_table=paged_attention_inputs()["block_table"],
+        start=torch.tensor([[0, 2], [5, 0]]),
+        key=torch.randn(2, 2, 5, 8),
+        value=torch.randn(2, 2, 5, 8),
+        row_index=None,
+        row_count=None,
+    )
+    inputs.update(changes)
+    return inputs
+
+
+def row_index_with(position, row):
+    index = torch.zeros(2, 2, 3, dtype=torch.int64)
+    index[position] = row
+    return index
+
+
+PAGED_WRITE_CASES = {
+    "key_pool rank": (dict(key_pool=torch.randn(24, 8)), r"paged_write: expected key_pool of shape \[blocks, block_rows, head_dim\] \(3-D\), got a 2-D"),
+    "integer pools": (dict(key_pool=torch.ones(6, 4, 8, dtype=torch.int32), value_pool=torch.ones(6, 4, 8, dtype=torch.int32)), r"expected key_pool to be float32, float16 or bfloat16, got Int"),
+    "pools of different dtypes": (dict(value_pool=torch.randn(6, 4, 8, dtype=torch.float16)), r"expected key_pool and value_pool of the same dtype, got key_pool Float and value_pool Half"),
+    "pools of different block counts": (dict(value_pool=torch.randn(7, 4, 8)), r"expected value_pool.size\(0\) == 6 \(blocks of key_pool\), got 7"),
+    "rows not in the pools' dtype": (dict(key=torch.randn(2, 2, 5, 8, dtype=torch.float16)), r"expected key and value of the pools' dtype \(Float\), got key Half and value Float"),
+    "key rank": (dict(key=torch.randn(2, 5, 8)), r"expected key of shape \[batch, kv_heads, rows, head_dim\] \(4-D\), got a 3-D"),
+    "value rank": (dict(value=torch.randn(2, 5, 8)), r"expected value of shape \[batch, kv_heads, rows, value_dim\] \(4-D\), got a 3-D"),
+    "key batch": (dict(key=torch.randn(1, 2, 5, 8), value=torch.randn(1, 2, 5, 8)), r"expected key.size\(0\) == 2 \(batch size of block_table\), got 1"),
+    "key heads": (dict(key=torch.randn(2, 4, 5, 8), value=torch.randn(2, 4, 5, 8)), r"expected key.size\(1\) == 2 \(kv_heads of block_table\), got 4"),
+    "key head_dim": (dict(key=torch.randn(2, 2, 5, 16)), r"expected key.size\(3\) == 8 \(head_dim of key_pool\), got 16"),
+    "value rows": (dict(value=torch.randn(2, 2, 4, 8)), r"expected value.size\(2\) == 5 \(rows of key\), got 4"),
+    "value_dim": (dict(value=torch.randn(2, 2, 5, 6)), r"expected value.size\(3\) == 8 \(value_dim of value_pool\), got 6"),
+    "block_table not int64": (dict(block_table=torch.zeros(2, 2, 3, dtype=torch.int32)), r"paged_write: expected block_table of dtype int64, got Int"),
+    "start dtype": (dict(start=torch.zeros(2, 2, dtype=torch.int32)), r"expected start of dtype int64, got Int"),
+    "start rank": (dict(start=torch.zeros(2, dtype=torch.int64)), r"expected start of shape \[batch, kv_heads\] \(2-D\), got a 1-D"),
+    "start shape": (dict(start=torch.zeros(2, 3, dtype=torch.int64)), r"expected start.size\(1\) == 2 \(kv_heads of block_table\), got 3"),
+    "row_index dtype": (dict(row_index=torch.zeros(2, 2, 3, dtype=torch.int32)), r"expected row_index of dtype int64, got Int"),
+    "row_index rank": (dict(row_index=torch.zeros(2, 3, dtype=torch.int64)), r"expected row_index of shape \[batch, kv_heads, written\] \(3-D\), got a 2-D"),
+    "row_index heads": (dict(row_index=torch.zeros(2, 1, 3, dtype=torch.int64)), r"expected row_index.size\(1\) == 2 \(kv_heads of block_table\), got 1"),
+    "row_count shape": (dict(row_count=torch.zeros(1, 2, dtype=torch.int64)), r"expected row_count.size\(0\) == 2 \(batch size of block_table\), got 1"),
+    "row_count dtype": (dict(row_count=torch.zeros(2, 2, dtype=torch.float32)), r"expected row_count of dtype int64, got Float"),
+    "negative start": (dict(start=torch.tensor([[0, 2], [-1, 0]])), r"paged_write: expected start\[1, 0\] >= 0, got -1"),
+    "row_count past row_index": (
+        dict(row_index=torch.zeros(2, 2, 3, dtype=torch.int64), row_count=torch.tensor([[3, 4], [0, 0]])),
+        r"paged_write: expected row_count\[0, 1\] in \[0, 3\] \(the rows row_index lists, or key.size\(2\)\), got 4",
+    ),
+    "row_count past key": (dict(row_count=torch.tensor([[0, 0], [6, 0]])), r"expected row_count\[1, 0\] in \[0, 5\] .* got 6"),
+    "negative row_count": (dict(row_count=torch.tensor([[0, 0], [0, -2]])), r"expected row_count\[1, 1\] in \[0, 5\] .* got -2"),
+    "row_index past key": (dict(row_index=row_index_with((1, 1, 2), 5)), r"paged_write: expected row_index\[1, 1, 2\] in \[0, 5\) \(the rows of key\), got 5"),
+    "negative row_index": (dict(row_index=row_index_with((0, 1, 0), -1)), r"expected row_index\[0, 1, 0\] in \[0, 5\) .* got -1"),
+    "write past the table": (
+        dict(start=torch.tensor([[0, 8], [5, 0]])),
+        r"paged_write: expected the written rows \[8, 8 \+ 5\) of head \[0, 1\] within the block table's max_blocks \* block_rows = 12 rows, got start\[0, 1\] = 8 and 5 rows",
+    ),
+    "block id past the pool": (dict(block_table=table_with((1, 0, 2), 6)), r"paged_write: expected block_table\[1, 0, 2\] in \[0, 6\) \(the blocks in the pool\), got 6"),
+    "negative block id": (dict(block_table=table_with((0, 1, 1), -3)), r"expected block_table\[0, 1, 1\] in \[0, 6\) .* got -3"),
+    "strided pool": (dict(key_pool=torch.randn(4, 6, 8).transpose(0, 1)), r"paged_write: expected contiguous key_pool and value_pool \(they are written in place\), got strides"),
+}
+
+
+@pytest.mark.parametrize("case", PAGED_WRITE_CASES, ids=list(PAGED_WRITE_CASES))
+def test_paged_write_rejects(case):
+    changes, message = PAGED_WRITE_CASES[case]
+    with pytest.raises(RuntimeError, match=message):
+        refreekv.paged_write(**paged_write_inputs(**changes))
+
+
+def test_rejected_paged_write_changes_nothing():
+    # Head (1, 1) is bad; the rows of every other head are not written either.
+    inputs = paged_write_inputs(row_index=row_index_with((1, 1, 2), 5))
+    before = inputs["key_pool"].clone(), inputs["value_pool"].clone()
+    with pytest.raises(RuntimeError, match=r"row_index\[1, 1, 2\]"):
+        refreekv.paged_write(**inputs)
+    assert torch.equal(inputs["key_pool"], before[0]) and torch.equal(inputs["value_pool"], before[1])
+
+
+def test_paged_device_mismatch_is_rejected():
+    meta_lengths = torch.zeros(2, 2, dtype=torch.int64, device="meta")
+    inputs = paged_attention_inputs(lengths=meta_lengths)
+    with pytest.raises(RuntimeError, match=r"paged_attention: expected lengths on the same device as key_pool \(cpu\), got meta"):
+        call_cpu_kernel(torch.ops.refreekv.paged_attention.default, *inputs.values())
+    inputs = paged_attention_inputs(sinks=torch.zeros(4, device="meta"))
+    with pytest.raises(RuntimeError, match=r"paged_attention: expected sinks on the same device as query \(cpu\), got meta"):
+        call_cpu_kernel(torch.ops.refreekv.paged_attention.default, *inputs.values())
+    inputs = paged_write_inputs(row_index=torch.zeros(2, 2, 3, dtype=torch.int64, device="meta"))
+    with pytest.raises(RuntimeError, match=r"paged_write: expected row_index on the same device as key_pool \(cpu\), got meta"):
+        call_cpu_kernel(torch.ops.refreekv.paged_write.default, *inputs.values())

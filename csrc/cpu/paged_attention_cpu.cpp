@@ -6,7 +6,7 @@
 // A float32 pool is read in place; a float16 or bfloat16 tile is converted to
 // float32 once, block run by block run. An online softmax (running max and
 // sum per row, as in flash attention) folds each tile into float32 output
-// rows; no logits beyond one tile row exist.
+// rows; no logits beyond one tile for kRowChunk rows exist.
 //
 // Long heads are cut into splits of kSplitRows keys, each with its own
 // (max, sum, output), combined at the end. Splitting by length balances
@@ -25,6 +25,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -32,8 +33,11 @@
 namespace refreekv {
 namespace {
 
-constexpr int64_t kTileRows = 64;   // keys per tile
+constexpr int64_t kTileRows = 64;    // keys per tile
+constexpr int64_t kRowChunk = 32;    // query rows whose logits one tile pass forms
 constexpr int64_t kSplitRows = 512;  // keys per split, a multiple of kTileRows
+constexpr int64_t kLanes = 16;       // independent partial sums of a dot product
+constexpr int64_t kValueRows = 4;    // value rows added per pass over an output row
 // Float32 partial state a head's splits may hold (1 MiB): with many query
 // rows (a long chunk of a prompt) a split's [R, dv] output costs as much as
 // its work saves, so such heads are cut less.
@@ -63,25 +67,29 @@ struct RowState {
 // load time, so the extension stays portable while using the machine's widest
 // vectors.
 
-constexpr int64_t kLanes = 16;  // independent partial sums of a dot product
-constexpr int64_t kValueRows = 4;  // value rows added per pass over an output row
-
-// logits[t] = query_row . key_rows[t] for the first `visible` rows of a tile.
-// The lanes fix the summation order, so every variant gives the same value.
+// logits[r, t] = query_rows[r] . key_rows[t] for `row_count` query rows and
+// the `key_count` rows of a tile (logits is [row_count, kTileRows]). Each key
+// row serves every query row while it is in the first-level cache. The
+// lanes fix the summation order, so every variant gives the same value.
 __attribute__((target_clones("avx512f", "avx2", "default"))) void
-tile_logits(const float* __restrict query_row, const float* const* key_rows,
-            int64_t visible, int64_t head_dim, float* __restrict logits) {
-  for (int64_t t = 0; t < visible; ++t) {
+tile_logits(const float* __restrict query_rows, int64_t row_count,
+            const float* const* key_rows, int64_t key_count, int64_t head_dim,
+            float* __restrict logits) {
+  for (int64_t t = 0; t < key_count; ++t) {
     const float* __restrict key = key_rows[t];
-    float lanes[kLanes] = {};
-    int64_t k = 0;
-    for (; k + kLanes <= head_dim; k += kLanes) {
-      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += query_row[k + l] * key[k + l];
+    for (int64_t r = 0; r < row_count; ++r) {
+      const float* __restrict query = query_rows + r * head_dim;
+      float lanes[kLanes] = {};
+      int64_t k = 0;
+      for (; k + kLanes <= head_dim; k += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) lanes[l] += query[k + l] * key[k + l];
+      }
+      float sum = 0.0f;
+      for (; k < head_dim; ++k) sum += query[k] * key[k];
+      // In order: a halving tree of the lanes was slower (GCC 12).
+      for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
+      logits[r * kTileRows + t] = sum;
     }
-    float sum = 0.0f;
-    for (; k < head_dim; ++k) sum += query_row[k] * key[k];
-    for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
-    logits[t] = sum;
   }
 }
 
@@ -136,25 +144,65 @@ to_float(const at::BFloat16* x, int64_t len, float* y) {
   for (int64_t i = 0; i < len; ++i) y[i] = static_cast<float>(x[i]);
 }
 
+// exp(x) for x <= 0, within 0.7 ulp of the exact value (Cephes' expf: a
+// Cody-Waite reduction by ln 2, then a degree-7 polynomial), and written so
+// that it vectorizes: std::exp is a library call, and a float clamp does not
+// if-convert under GCC's default -ftrapping-math, so x is clamped to -87 on
+// its bits (for x <= 0 a larger magnitude has larger bits). Below -87 it
+// gives exp(-87) ~ 1.6e-38 for 0: a weight next to the row's largest, 1.
+inline float exp_nonpositive(float x) {
+  x = std::bit_cast<float>(std::min(std::bit_cast<uint32_t>(x), std::bit_cast<uint32_t>(-87.0f)));
+  constexpr float kRoundToInteger = 0x1.8p23f;  // adding it rounds to an integer
+  const float n = (x * 1.44269504088896341f + kRoundToInteger) - kRoundToInteger;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln 2
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float two_to_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return (p * r * r + r + 1.0f) * two_to_n;
+}
+
+// Turns the raw dot products of one row's first `visible` keys into weights
+// exp(logit - new_max), new_max being the larger of row_max and the tile's
+// largest logit. Returns new_max and the sum of the weights.
+__attribute__((target_clones("avx512f", "avx2", "default"))) std::pair<float, float>
+tile_weights(float* __restrict logits, int64_t visible, float scale, float softcap,
+             float row_max) {
+  for (int64_t t = 0; t < visible; ++t) logits[t] *= scale;
+  if (softcap > 0.0f) {
+    // Gemma 2's order: scaled, then capped.
+    for (int64_t t = 0; t < visible; ++t) logits[t] = softcap * std::tanh(logits[t] / softcap);
+  }
+  float max_lanes[kLanes];
+  std::fill(max_lanes, max_lanes + kLanes, row_max);
+  int64_t t = 0;
+  for (; t + kLanes <= visible; t += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) max_lanes[l] = std::max(max_lanes[l], logits[t + l]);
+  }
+  float new_max = row_max;
+  for (; t < visible; ++t) new_max = std::max(new_max, logits[t]);
+  for (int64_t l = 0; l < kLanes; ++l) new_max = std::max(new_max, max_lanes[l]);
+
+  for (t = 0; t < visible; ++t) logits[t] = exp_nonpositive(logits[t] - new_max);
+  float sum_lanes[kLanes] = {};
+  for (t = 0; t + kLanes <= visible; t += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) sum_lanes[l] += logits[t + l];
+  }
+  float sum = 0.0f;
+  for (; t < visible; ++t) sum += logits[t];
+  for (int64_t l = 0; l < kLanes; ++l) sum += sum_lanes[l];
+  return {new_max, sum};
+}
+
 // Folds the first `visible` keys of a tile into one row's state. `logits`
 // holds the raw dot products and is overwritten with the weights.
 void online_softmax_step(float* logits, int64_t visible, float scale, float softcap,
                          const float* const* value_rows, int64_t value_dim,
                          float* out_row, float& row_max, float& row_sum) {
-  float tile_max = kNegInf;
-  for (int64_t t = 0; t < visible; ++t) {
-    float logit = logits[t] * scale;
-    // Gemma 2's order: scaled, then capped.
-    if (softcap > 0.0f) logit = softcap * std::tanh(logit / softcap);
-    logits[t] = logit;
-    tile_max = std::max(tile_max, logit);
-  }
-  const float new_max = std::max(row_max, tile_max);
-  float tile_sum = 0.0f;
-  for (int64_t t = 0; t < visible; ++t) {
-    logits[t] = std::exp(logits[t] - new_max);
-    tile_sum += logits[t];
-  }
+  const auto [new_max, tile_sum] = tile_weights(logits, visible, scale, softcap, row_max);
   // exp(-inf) = 0 drops the empty state of a row's first tile.
   const float correction = std::exp(row_max - new_max);
   row_sum = row_sum * correction + tile_sum;
@@ -232,23 +280,34 @@ void attend_split(const Problem& pr, const Split& split, const scalar_t* key_poo
   const float* group_query =
       pr.query + (split.seq * p.heads + split.kv_head * p.group) * q * p.head_dim;
   Tile tile;
-  float logits[kTileRows];
+  float logits[kRowChunk * kTileRows];
   for (int64_t tile_begin = split.key_begin; tile_begin < split.key_end;
        tile_begin += kTileRows) {
     const int64_t rows = std::min(kTileRows, split.key_end - tile_begin);
     load_tile(pr, split, key_pool, value_pool, tile_begin, rows, key_buffer,
               value_buffer, tile);
-    // Rows before this one see none of the tile's keys.
+    // Folds the tile into rows [row_begin, row_end), which all see part of it.
+    auto fold_rows = [&](int64_t row_begin, int64_t row_end) {
+      for (int64_t chunk = row_begin; chunk < row_end; chunk += kRowChunk) {
+        const int64_t chunk_rows = std::min(kRowChunk, row_end - chunk);
+        tile_logits(group_query + chunk * p.head_dim, chunk_rows, tile.keys, rows,
+                    p.head_dim, logits);
+        for (int64_t r = chunk; r < chunk + chunk_rows; ++r) {
+          const int64_t visible = std::min(rows, first_seen_offset + r % q - tile_begin + 1);
+          online_softmax_step(logits + (r - chunk) * kTileRows, visible, pr.scale,
+                              pr.softcap, tile.values, p.value_dim,
+                              state.out + r * p.value_dim, state.max[r], state.sum[r]);
+        }
+      }
+    };
+    // Query rows before first_row see none of the tile's keys. Away from the
+    // newest keys that is none, and the rows of all heads go together.
     const int64_t first_row = std::max<int64_t>(0, tile_begin - first_seen_offset);
-    for (int64_t head = 0; head < p.group; ++head) {
-      for (int64_t i = first_row; i < q; ++i) {
-        const int64_t r = head * q + i;
-        const int64_t visible = std::min(rows, first_seen_offset + i - tile_begin + 1);
-        const float* query_row = group_query + r * p.head_dim;
-        tile_logits(query_row, tile.keys, visible, p.head_dim, logits);
-        online_softmax_step(logits, visible, pr.scale, pr.softcap, tile.values,
-                            p.value_dim, state.out + r * p.value_dim, state.max[r],
-                            state.sum[r]);
+    if (first_row == 0) {
+      fold_rows(0, p.group * q);
+    } else {
+      for (int64_t head = 0; head < p.group; ++head) {
+        fold_rows(head * q + first_row, (head + 1) * q);
       }
     }
   }
@@ -256,7 +315,7 @@ void attend_split(const Problem& pr, const Split& split, const scalar_t* key_poo
 
 // Writes the normalized output rows of one head from the states of its
 // splits (out may be the output rows of the only split). Its sink, exp(s),
-// joins each row's denominator; a row that saw no key and has no sink is 0.
+// joins each row's denominator; a row that saw no key is 0.
 void finish_head(const PagedAttentionParams& p, const std::vector<RowState>& splits,
                  const float* group_sinks, float* out) {
   const int64_t q = p.queries;
@@ -265,7 +324,9 @@ void finish_head(const PagedAttentionParams& p, const std::vector<RowState>& spl
     float row_max = group_sinks ? group_sinks[r / q] : kNegInf;
     for (const RowState& s : splits) row_max = std::max(row_max, s.max[r]);
     float* out_row = out + r * p.value_dim;
-    if (row_max == kNegInf) {
+    // No key seen and no sink, or a sink of +inf that takes all the weight
+    // and carries no value.
+    if (std::isinf(row_max)) {
       std::fill(out_row, out_row + p.value_dim, 0.0f);
       continue;
     }
@@ -297,6 +358,8 @@ at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& key_po
   const at::Tensor values = value_pool.contiguous();
   const at::Tensor table = block_table.contiguous();
   const at::Tensor head_lengths = lengths.contiguous();
+  // Sink values are not checked (the checks read no values, so that CUDA
+  // need not synchronize): -inf is no sink, +inf takes all of a row's weight.
   const at::Tensor sinks_f32 = sinks.has_value() ? sinks->to(at::kFloat).contiguous() : at::Tensor();
   const Problem pr{p,
                    query_f32.const_data_ptr<float>(),
@@ -339,7 +402,8 @@ at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& key_po
       }
     }
   }
-  // Only heads with one split; their running max and sum.
+  // The running max and sum of the heads that have one split, whose output
+  // rows serve as their accumulators.
   const int64_t heads_total = p.batch * p.kv_heads;
   std::vector<float> head_max(heads_total * rows_per_head, kNegInf);
   std::vector<float> head_sum(heads_total * rows_per_head, 0.0f);
@@ -368,7 +432,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& key_po
     const scalar_t* value_data = values.const_data_ptr<scalar_t>();
     at::parallel_for(0, jobs.size(), 1, [&](int64_t begin, int64_t end) {
       // This thread's float32 copies of half-precision tiles.
-      const bool converts = !std::is_same_v<scalar_t, float>;
+      constexpr bool converts = !std::is_same_v<scalar_t, float>;
       std::vector<float> key_buffer(converts ? kTileRows * p.head_dim : 0);
       std::vector<float> value_buffer(converts ? kTileRows * p.value_dim : 0);
       for (int64_t j = begin; j < end; ++j) {

@@ -19,11 +19,6 @@ void paged_write_cpu(at::Tensor& key_pool, at::Tensor& value_pool,
                      const std::optional<at::Tensor>& row_count) {
   const PagedWriteParams p = check_paged_write_inputs(
       key_pool, value_pool, block_table, start, key, value, row_index, row_count);
-  // Written through raw pointers, so they must be the caller's own storage.
-  TORCH_CHECK(key_pool.is_contiguous() && value_pool.is_contiguous(),
-              "paged_write: expected contiguous key_pool and value_pool (they are "
-              "written in place), got strides ",
-              key_pool.strides(), " and ", value_pool.strides());
   const at::Tensor k = key.contiguous();
   const at::Tensor v = value.contiguous();
   const at::Tensor table = block_table.contiguous();

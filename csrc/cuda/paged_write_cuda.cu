@@ -115,12 +115,6 @@ void paged_write_cuda(at::Tensor& key_pool, at::Tensor& value_pool, const at::Te
                       const std::optional<at::Tensor>& row_count) {
   const PagedWriteParams s = check_paged_write_inputs(key_pool, value_pool, block_table, start, key,
                                                       value, row_index, row_count);
-  // The CPU kernel's words: the pools are written in place, through raw
-  // pointers, so they must be the caller's own contiguous storage.
-  TORCH_CHECK(key_pool.is_contiguous() && value_pool.is_contiguous(),
-              "paged_write: expected contiguous key_pool and value_pool (they are "
-              "written in place), got strides ",
-              key_pool.strides(), " and ", value_pool.strides());
   if (s.batch * s.kv_heads == 0) return;
   const c10::cuda::CUDAGuard guard(key_pool.device());
   const at::Tensor k = key.contiguous();

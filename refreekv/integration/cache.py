@@ -16,7 +16,7 @@ import torch
 from refreekv.compression import CompressionMethod, KeepPlan, LayerInputs
 from refreekv.integration.compat import DynamicLayer
 from refreekv.integration.forwards import require_patched_forward
-from refreekv.integration.paged import PagedLayer, pack_paged
+from refreekv.integration.paged import PagedLayer, pack_paged, paged_fits
 from refreekv.ops import compact_kv
 
 __all__ = [
@@ -247,17 +247,21 @@ def compress_layer(
     and leaves that many rows free (no more than it evicts) for the tokens
     decoded until the next cut (`left_aligned_layer`). With
     `paged_block_rows` the layer is a `PagedLayer` with blocks of that many
-    rows (and `headroom` rows reserved per head)."""
+    rows (and `headroom` rows reserved per head), unless block rounding
+    could make it hold more than the uncompressed cache (`paged_fits`):
+    then it is padded."""
     plan = method.plan(inputs)
     if plan is None or plan.keeps_everything(inputs.real_len):
         return None
     key = inputs.key
     if paged_block_rows is not None:
-        return pack_paged(
-            key, value, plan.keep_index, plan.kept_lengths(), logical_length=key.shape[2],
-            block_rows=paged_block_rows, reserve=headroom or 0,
-            scaling=inputs.scaling, softcap=inputs.softcap, sinks=inputs.sinks,
-        )  # fmt: skip
+        kept = plan.kept_lengths().expand(key.shape[:2]).cpu()
+        if paged_fits(kept, key.shape[2], paged_block_rows):
+            return pack_paged(
+                key, value, plan.keep_index, kept, logical_length=key.shape[2],
+                block_rows=paged_block_rows, reserve=headroom or 0,
+                scaling=inputs.scaling, softcap=inputs.softcap, sinks=inputs.sinks,
+            )  # fmt: skip
     if evict and headroom is not None:
         return left_aligned_layer(key, value, plan.keep_index, plan.kept_lengths(), logical_length=key.shape[2], headroom=headroom)
     if evict:
@@ -275,13 +279,15 @@ def whole_layer(
     inputs: LayerInputs, *, headroom: int, paged_block_rows: Optional[int] = None
 ) -> CompressedLayer | PagedLayer:
     """A compressed layer holding every real row of `inputs`, for a layer
-    that keeps everything at prefill but is re-cut while decoding."""
-    if paged_block_rows is None:
-        return CompressedLayer(inputs.key, inputs.value, inputs.prompt_valid[:, None, :], evicted=0)
+    that keeps everything at prefill but is re-cut while decoding: paged
+    where left padding leaves room for the block rounding (`paged_fits`)."""
     batch, kv_heads, length = inputs.key.shape[:3]
+    kept = inputs.real_len[:, None].expand(batch, kv_heads).cpu()
+    if paged_block_rows is None or not paged_fits(kept, length, paged_block_rows):
+        return CompressedLayer(inputs.key, inputs.value, inputs.prompt_valid[:, None, :], evicted=0)
     real = (inputs.first_real[:, None] + torch.arange(length, device=inputs.key.device)).clamp(max=length - 1)
     return pack_paged(
-        inputs.key, inputs.value, real[:, None, :].expand(batch, kv_heads, length), inputs.real_len[:, None],
+        inputs.key, inputs.value, real[:, None, :].expand(batch, kv_heads, length), kept,
         logical_length=length, block_rows=paged_block_rows, reserve=headroom,
         scaling=inputs.scaling, softcap=inputs.softcap, sinks=inputs.sinks,
     )  # fmt: skip

@@ -19,6 +19,14 @@ without asking the device when a head's blocks run out. It then reserves
 blocks for every head at once, for the next `reserve` tokens, in a larger
 pool (one copy of the pool, as `GrowingLayer` reallocates when its
 headroom runs out).
+
+Like `GrowingLayer`, a paged layer never allocates more than the
+uncompressed cache holds at the same step (b * Hkv * positions rows).
+Block rounding costs up to `block_rows - 1` rows per head, so a layer is
+paged only where its heads evict at least that many rows on average
+(`paged_fits`); otherwise it stays padded, where the cap always holds.
+Reservations shrink to the blocks the heads need when the cap is near,
+and blocks a head reserved but never wrote go to the others.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from refreekv.integration.forwards import require_patched_forward
 from refreekv.integration.compat import DynamicLayer
 from refreekv.ops import paged_attention, paged_write
 
-__all__ = ["DEFAULT_BLOCK_ROWS", "PagedLayer", "pack_paged", "paged_block_rows"]
+__all__ = ["DEFAULT_BLOCK_ROWS", "PagedLayer", "pack_paged", "paged_block_rows", "paged_fits"]
 
 DEFAULT_BLOCK_ROWS = 16
 MAX_BLOCK_ROWS = 4096
@@ -60,6 +68,21 @@ def paged_block_rows(method, storage: Optional[str], block_rows, *, evict: bool)
             "verify eviction); use storage='padded' with evict=False"
         )
     return int(block_rows)
+
+
+def paged_fits(kept: torch.Tensor, logical_length: int, block_rows: int) -> bool:
+    """Whether heads holding `kept` [b, Hkv] rows (CPU), standing for
+    `logical_length` positions each, can be paged in blocks of `block_rows`
+    without ever holding more than the uncompressed cache: true when, with
+    a partly filled block per head, they hold no more now. Appends add a
+    row to every head and a position to the cap alike, so it stays true."""
+    heads = kept.numel()
+    return int(kept.sum()) + heads * (block_rows - 1) <= heads * logical_length
+
+
+def _block_limit(heads: int, logical_length: int, block_rows: int) -> int:
+    """Blocks a layer may allocate: no more rows than the uncompressed cache."""
+    return heads * logical_length // block_rows
 
 
 class PagedLayer(DynamicLayer):
@@ -107,6 +130,8 @@ class PagedLayer(DynamicLayer):
         self.lengths = lengths
         self._host_lengths = host_lengths
         self._blocks_per_head = blocks_per_head
+        # Pool blocks no head's table lists (handed back by `reserve`).
+        self._free_blocks = torch.zeros(0, dtype=torch.long)
         self.prompt_lengths = host_lengths
         self.logical_length = logical_length
         self.scaling, self.softcap, self.sinks = scaling, softcap, sinks
@@ -135,25 +160,36 @@ class PagedLayer(DynamicLayer):
     def reserve(self, tokens: int) -> None:
         """Makes room for `tokens` more rows in every head: each head whose
         blocks cannot take them gets blocks for `tokens` plus an eighth of
-        its rows (one block at least), appended to a larger pool."""
-        capacity = self._blocks_per_head * self.block_rows
-        wanted = self._host_lengths + tokens
-        short = wanted > capacity
+        its rows (one block at least); where that would pass the cap
+        (`_block_limit`), every head gets just the blocks it needs. New
+        blocks come from those no head holds rows in, then from a larger
+        pool (one copy of the pool)."""
+        lengths = self._host_lengths + tokens
+        have = self._blocks_per_head
+        needed = -(-lengths // self.block_rows)
+        short = needed > have
         if not bool(short.any()):
             return
-        spare = torch.clamp(self._host_lengths // 8, min=self.block_rows)
-        blocks = torch.where(short, -(-(wanted + spare) // self.block_rows), self._blocks_per_head)
-        extra = blocks - self._blocks_per_head
-        # Head by head in table order, each takes the next `extra` ids after the pool's last block.
-        first_id = self.keys.shape[0] + (extra.flatten().cumsum(0) - extra.flatten()).view_as(extra)
-        slots = torch.arange(int(blocks.max()))
+        spare = torch.clamp(lengths // 8, min=self.block_rows)
+        wanted = torch.where(short, -(-(lengths + spare) // self.block_rows), have)
+        if int(wanted.sum()) > _block_limit(lengths.numel(), self.logical_length + tokens, self.block_rows):
+            wanted = needed  # also hands back blocks reserved but not written
+        slots = torch.arange(max(int(wanted.max()), self.block_table.shape[2]))
         table = torch.nn.functional.pad(self.block_table.cpu(), (0, slots.numel() - self.block_table.shape[2]))
-        is_new = (slots >= self._blocks_per_head[..., None]) & (slots < blocks[..., None])
-        table = torch.where(is_new, first_id[..., None] + slots - self._blocks_per_head[..., None], table)
-        self.keys = _grown_pool(self.keys, int(extra.sum()))
-        self.values = _grown_pool(self.values, int(extra.sum()))
+        released = table[(slots >= wanted[..., None]) & (slots < have[..., None])]
+        free = torch.cat([self._free_blocks, released])
+        is_new = (slots >= have[..., None]) & (slots < wanted[..., None])
+        count = int(is_new.sum())
+        grow = max(count - free.numel(), 0)
+        # Head by head in table order, each takes the next free ids, then fresh ones after the pool's last block.
+        ids = torch.cat([free, torch.arange(self.keys.shape[0], self.keys.shape[0] + grow)])
+        table[is_new] = ids[:count]
+        self._free_blocks = ids[count:]
+        if grow:
+            self.keys = _grown_pool(self.keys, grow)
+            self.values = _grown_pool(self.values, grow)
         self.block_table = table.to(self.keys.device)
-        self._blocks_per_head = blocks
+        self._blocks_per_head = wanted
 
     # -- the DynamicLayer interface -----------------------------------------
 
@@ -284,12 +320,22 @@ def pack_paged(
     """A `PagedLayer` holding, for each head, the rows `keep_index[s, h,
     :kept[s, h]]` of `key` and `value` ([b, Hkv, n, d]), with blocks for
     `reserve` more rows per head (for decode-time cuts: the tokens until
-    the next one) and otherwise none beyond each head's last partly filled
-    block. One synchronisation reads the counts; one `paged_write` packs."""
+    the next one; none where they would pass the uncompressed cache's size)
+    and otherwise none beyond each head's last partly filled block. The
+    counts must pass `paged_fits`. One synchronisation reads the counts
+    (none if `kept` is on the CPU); one `paged_write` packs."""
     batch, kv_heads = key.shape[:2]
     kept = kept.expand(batch, kv_heads)
     host_kept = kept.cpu()
+    if not paged_fits(host_kept, logical_length, block_rows):
+        raise ValueError(
+            f"paged storage of {int(host_kept.sum())} rows over {host_kept.numel()} heads in blocks of {block_rows} "
+            f"could hold more than the uncompressed cache ({host_kept.numel()} x {logical_length} rows); check "
+            "paged_fits first and keep such a layer padded"
+        )
     blocks_per_head = -(-(host_kept + reserve) // block_rows)
+    if int(blocks_per_head.sum()) > _block_limit(host_kept.numel(), logical_length, block_rows):
+        blocks_per_head = -(-host_kept // block_rows)
     total = int(blocks_per_head.sum())
     first = (blocks_per_head.flatten().cumsum(0) - blocks_per_head.flatten()).view(batch, kv_heads)
     width = int(blocks_per_head.max()) if blocks_per_head.numel() else 0

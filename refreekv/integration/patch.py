@@ -546,6 +546,7 @@ class PatchHandle:
                 self.method, cache.layers[layer_idx], decoding.queries[layer_idx], variant,
                 layer_idx=layer_idx, num_layers=self.num_layers, max_tokens=self.decode.max_cache_tokens,
                 step=decoding.generated, evict=self.evict, headroom=self.decode.every,
+                paged_block_rows=self.paged_block_rows,
             )  # fmt: skip
             cache.layers[layer_idx] = new_layer
             decoding.timeline.events.append(event)

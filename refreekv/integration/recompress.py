@@ -32,7 +32,7 @@ from refreekv.compression import CompressionMethod, KeepPlan, LayerInputs, fixed
 from refreekv.compression.checks import is_integer
 from refreekv.integration.cache import CompressedLayer, kept_positions, left_aligned_layer
 from refreekv.integration.compat import AttentionVariant
-from refreekv.integration.paged import PagedLayer, pack_paged
+from refreekv.integration.paged import PagedLayer, pack_paged, paged_fits
 
 __all__ = ["CompressionEvent", "DecodeCompression", "recompress_layer"]
 
@@ -153,13 +153,15 @@ def recompress_layer(
     step: int,
     evict: bool,
     headroom: int,
+    paged_block_rows: Optional[int] = None,
 ) -> tuple[CompressedLayer | PagedLayer, CompressionEvent]:
     """Re-cuts the rows `layer` holds. `queries` [b, H, q, d] are those of
     the newest q tokens, all held; `variant` is the layer's softmax;
     `headroom` rows are left free after the kept ones for the next tokens
     (no more than the rows it no longer holds, so that the layer allocates
-    no more than the uncompressed cache; see `left_aligned_layer`); a
-    `PagedLayer` reserves them per head in its new pool."""
+    no more than the uncompressed cache; see `left_aligned_layer`). With
+    `paged_block_rows` the new layer is paged, reserving them per head in
+    its new pool, where its counts pass `paged_fits` (padded otherwise)."""
     order = None
     if isinstance(layer, PagedLayer):
         keys, values, held = layer.left_padded_rows()
@@ -178,10 +180,12 @@ def recompress_layer(
     if cut is None:
         return layer, CompressionEvent(step, layer_idx, before, before, _rows_held(layer))
     keep_index, kept = cut
-    if isinstance(layer, PagedLayer):
+    logical_length = layer.get_seq_length()
+    kept = kept.expand(keys.shape[:2])
+    if paged_block_rows is not None and paged_fits(kept.cpu(), logical_length, paged_block_rows):
         new_layer = pack_paged(
-            keys, values, keep_index, kept, logical_length=layer.get_seq_length(), block_rows=layer.block_rows,
-            reserve=headroom, scaling=layer.scaling, softcap=layer.softcap, sinks=layer.sinks,
+            keys, values, keep_index, kept.cpu(), logical_length=logical_length, block_rows=paged_block_rows,
+            reserve=headroom, scaling=variant.scaling, softcap=variant.softcap, sinks=variant.sinks,
         )  # fmt: skip
     elif evict:
         new_layer = left_aligned_layer(keys, values, keep_index, kept, logical_length=layer.get_seq_length(), headroom=headroom)
