@@ -63,9 +63,10 @@ bench-ops: build
 
 # Paged against padded storage alone (part of `make bench`): KV bytes held,
 # decode tokens/s and packing cost for Coverage and AdaKV at 4k, 8k and 16k
-# tokens on SmolLM2-135M; sets nothing in latest.json on its own.
+# tokens on SmolLM2-135M, and the plot of KV bytes held against prompt length;
+# sets nothing in latest.json on its own.
 bench-paged: build
-	$(PY) benchmarks/bench_paged.py
+	$(PY) benchmarks/bench_paged.py --plot benchmarks/results/paged_held_bytes.png
 
 # ReFreeKV's options on the needle tasks of tests/test_real_model.py (~4 min)
 needle-sweep: build

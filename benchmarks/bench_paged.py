@@ -6,7 +6,7 @@ and at 16k with linear rope x2. Methods whose KV heads keep different
 counts: Coverage (its defaults, a count per KV head) and AdaKV at 50%.
 Every ratio is against a baseline measured in the same process.
 
-    python benchmarks/bench_paged.py [--quick] [--json out.json] [--lengths 4096,8192]
+    python benchmarks/bench_paged.py [--quick] [--json out.json] [--lengths 4096,8192] [--plot held.png]
 
 Figures (keys of the JSON, under `paged`, per prompt length and method):
   kept_rows, held_rows  prompt rows kept and held in memory, summed over
@@ -23,6 +23,9 @@ Figures (keys of the JSON, under `paged`, per prompt length and method):
   pack_share            time spent packing the kept rows into the pool /
                         the paged prefill's time (target <= 1%)
   prefill_s             prefill seconds, paged and padded (one run each)
+  paged_held_bytes      (a key of its own) KV bytes after prefill
+                        (full, padded, paged) per method at 1k to 8k tokens
+                        (`--plot` draws them against prompt length)
 It prints figures and asserts nothing about time.
 """
 
@@ -44,6 +47,7 @@ from refreekv.assets import load_bundled_model
 METHODS = {"coverage": {}, "adakv": {"budget": 0.5}}
 CASES = [(4096, 1.0), (8192, 1.0), (16384, 2.0)]
 QUICK_CASES = [(1024, 1.0), (2048, 1.0)]
+HELD_LENGTHS, QUICK_HELD_LENGTHS = [1024, 2048, 4096, 6144, 8192], [512, 1024, 2048]
 DECODE_STEPS, QUICK_DECODE_STEPS = 24, 8
 
 
@@ -122,6 +126,44 @@ def measure(model, ids, steps: int) -> dict:
     return rows
 
 
+@torch.no_grad()
+def held_bytes(model, tokenizer, lengths: list[int]) -> dict:
+    """KV bytes after prefill, per prompt length: the full cache's and, per
+    method, the padded and the paged cache's (no decoding)."""
+    rows = {}
+    for tokens in lengths:
+        ids = prompt_ids(tokenizer, tokens)
+        row = {}
+        for method, options in METHODS.items():
+            for storage in ("padded", "paged"):
+                with refreekv.patch(model, method, storage=storage, **options) as kv:
+                    model(input_ids=ids, use_cache=True)
+                row[f"{method}_{storage}"] = kv.stats.kv_bytes_after
+                row["full"] = kv.stats.kv_bytes_before
+        rows[str(tokens)] = row
+        print(f"  held KV MiB at {tokens} tokens: " + "  ".join(f"{k} {v / 2**20:.2f}" for k, v in row.items()), flush=True)
+    return rows
+
+
+def plot(held: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = [int(t) for t in held]
+    figure, axes = plt.subplots(1, len(METHODS), figsize=(5 * len(METHODS), 4), sharey=True)
+    for axis, method in zip(axes, METHODS):
+        axis.plot(tokens, [row["full"] / 2**20 for row in held.values()], "k--", label="full cache")
+        for storage, style in (("padded", "o-"), ("paged", "s-")):
+            axis.plot(tokens, [row[f"{method}_{storage}"] / 2**20 for row in held.values()], style, label=storage)
+        axis.set(title=f"{method}: KV held after prefill", xlabel="prompt tokens", ylabel="MiB (30 layers, float32)")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def print_rows(tokens: int, rope: str, rows: dict) -> None:
     full = rows["full"]
     print(f"  {tokens} tokens, rope {rope}: full cache decode {full['decode_tok_s']:.2f} tok/s, prefill {full['prefill_s']:.2f} s")
@@ -141,6 +183,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1k and 2k tokens, fewer decode steps (a smoke run)")
     parser.add_argument("--lengths", help="comma-separated prompt lengths (16384 runs with linear rope x2)")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--plot", help="write the plot of KV bytes held against prompt length to this PNG")
     args = parser.parse_args()
     cases = QUICK_CASES if args.quick else CASES
     if args.lengths:
@@ -157,9 +200,12 @@ def main() -> None:
         rows["rope"] = rope
         print_rows(tokens, rope, rows)
         results[str(tokens)] = rows
+    held = held_bytes(model, tokenizer, QUICK_HELD_LENGTHS if args.quick else HELD_LENGTHS)
+    if args.plot:
+        plot(held, args.plot)
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"paged": results}, out, indent=2)
+            json.dump({"paged": results, "paged_held_bytes": held}, out, indent=2)
 
 
 if __name__ == "__main__":

@@ -186,8 +186,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         ops = run("bench_ops.py", Path(scratch) / "ops.json", args.quick)
         e2e = run("bench_e2e.py", Path(scratch) / "e2e.json", args.quick)
-        paged = run("bench_paged.py", Path(scratch) / "paged.json", args.quick)
         RESULTS.mkdir(exist_ok=True)
+        paged = run("bench_paged.py", Path(scratch) / "paged.json", args.quick, "--plot", str(RESULTS / "paged_held_bytes.png"))
         decode = run("bench_decode.py", Path(scratch) / "decode.json", args.quick, "--plot", str(RESULTS / "decode_rows.png"))
         peers = run("bench_peers.py", Path(scratch) / "peers.json", args.quick, "--peers-python", args.peers_python)
     results = {"date": stamp.isoformat(timespec="seconds"), "quick": args.quick, "machine": machine(), **e2e, **paged, **decode, **peers, "ops": ops}

@@ -204,6 +204,23 @@ def test_non_contiguous_and_expanded_inputs(device, generator):
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
 
 
+def test_inputs_that_require_grad_on_several_threads(device, generator):
+    """A model's query and keys require grad; scoring them under no_grad on
+    several threads must not fail in the worker threads, which do not
+    inherit the caller's grad mode unless the kernel carries it over."""
+    query, key, kv_valid = make_inputs(2, 8, 2, 17, 300, 16, torch.float32, device, generator, pad=[5, 0])
+    expected = refreekv.attention_importance(query, key, 0.25, kv_valid=kv_valid)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            ours = refreekv.attention_importance(query.requires_grad_(), key.requires_grad_(), 0.25, kv_valid=kv_valid)
+    finally:
+        torch.set_num_threads(before)
+    assert not ours.requires_grad
+    torch.testing.assert_close(ours, expected)
+
+
 def test_inputs_are_not_modified(device, dtype, generator):
     query, key, kv_valid = make_inputs(1, 4, 2, 3, 20, 8, dtype, device, generator, pad=[2])
     before = (query.clone(), key.clone(), kv_valid.clone())

@@ -10,6 +10,7 @@
 // exists.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -217,7 +218,13 @@ at::Tensor attention_importance_cpu(const at::Tensor& query, const at::Tensor& k
   const at::Tensor scratch = at::empty(
       {threads, 2, positions_per_block(p, largest_chunk) * p.group * p.keys}, float_opts);
 
+  // The jobs call ATen operators on OpenMP worker threads, which do not
+  // inherit this thread's dispatch state (grad mode, the autograd keys the
+  // dispatcher excluded before this kernel): without it they would refuse
+  // out= arguments that require grad, or record autograd graphs.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t job = begin; job < end; ++job) {
       const int64_t group_index = job / chunks;
       const int64_t chunk = job % chunks;
