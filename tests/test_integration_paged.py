@@ -6,6 +6,7 @@ per head; appends never move a held row. The other verified families run
 paged storage in tests/test_integration_families.py."""
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -41,8 +42,12 @@ def compare_storages(model, batch, method, options, float32_error, new_tokens=8)
     handles."""
     runs = {}
     for storage in ("padded", "paged"):
-        with refreekv.patch(model, method, storage=storage, block_rows=BLOCK_ROWS, **options) as kv:
-            runs[storage] = (*greedy(model, *batch, new_tokens=new_tokens), kv)
+        # Counts the paged layers made: a layer whose cut would not pay for its block rounding stays padded.
+        with mock.patch.object(PagedLayer, "__init__", autospec=True, side_effect=PagedLayer.__init__) as made:
+            with refreekv.patch(model, method, storage=storage, block_rows=BLOCK_ROWS, **options) as kv:
+                runs[storage] = (*greedy(model, *batch, new_tokens=new_tokens), kv)
+        if storage == "paged" and method != "fullkv":
+            assert made.call_count > 0, "some layer should be paged"
     (padded_tokens, padded_logits, padded), (paged_tokens, paged_logits, paged) = runs["padded"], runs["paged"]
     assert torch.equal(paged_tokens, padded_tokens)
     # Different row layouts sum in different orders: within float32's own error (flash-attention's rule).
