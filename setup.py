@@ -130,7 +130,8 @@ def _extension():
     # region when torch itself uses OpenMP: without -fopenmp here the kernels
     # compile it as a serial loop. Linking with -fopenmp resolves to the libgomp
     # torch already loads.
-    if torch.backends.openmp.is_available():
+    # Linux only: Apple's clang has no -fopenmp.
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
     cuda_sources = _sources("csrc/cuda/*.cu")

@@ -95,6 +95,7 @@ def test_the_pool_holds_kept_rows_and_at_most_one_partial_block_per_head(model, 
     with torch.no_grad(), refreekv.patch(model, "coverage", **PER_HEAD, storage="paged", block_rows=BLOCK_ROWS) as kv:
         cache = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True).past_key_values
     memory = kv_memory(cache, kv.stats.layers)
+    assert all(isinstance(layer, PagedLayer) for layer in cache.layers), "every layer of this test should be paged"
     for layer, in_use, allocated in zip(cache.layers, memory.in_use, memory.allocated):
         row_bytes = layer.keys[0, 0].nbytes + layer.values[0, 0].nbytes
         lengths = layer.lengths.cpu()

@@ -219,9 +219,9 @@ at::Tensor attention_importance_cpu(const at::Tensor& query, const at::Tensor& k
       {threads, 2, positions_per_block(p, largest_chunk) * p.group * p.keys}, float_opts);
 
   // The jobs call ATen operators on OpenMP worker threads, which do not
-  // inherit this thread's dispatch state (grad mode, the autograd keys the
-  // dispatcher excluded before this kernel): without it they would refuse
-  // out= arguments that require grad, or record autograd graphs.
+  // inherit this thread's thread-local state: a caller under no_grad with
+  // inputs that require grad (a model's queries and keys) would see them
+  // refuse out= arguments in grad mode.
   const at::ThreadLocalState caller_state;
   at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard state_guard(caller_state);

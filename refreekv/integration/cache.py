@@ -247,7 +247,8 @@ def compress_layer(
     and leaves that many rows free (no more than it evicts) for the tokens
     decoded until the next cut (`left_aligned_layer`). With
     `paged_block_rows` the layer is a `PagedLayer` with blocks of that many
-    rows (and `headroom` rows reserved per head), unless block rounding
+    rows (and `headroom` rows reserved per head, none where that would pass
+    the uncompressed cache's size), unless block rounding
     could make it hold more than the uncompressed cache (`paged_fits`):
     then it is padded."""
     plan = method.plan(inputs)

@@ -100,10 +100,11 @@ class PagedLayer(DynamicLayer):
         lengths: [b, Hkv] int64 rows held per head, on the pool's device.
         prompt_lengths: [b, Hkv] int64 prompt rows kept per head at the
             last cut, on the CPU.
-
-    `host_lengths` is `lengths` on the CPU, and `blocks_per_head` [b, Hkv]
-    (CPU) the blocks the table lists for each head, its first entries.
         scaling, softcap, sinks: the layer's softmax (see `AttentionVariant`).
+
+    Host copies, so that appends never wait for the device: `host_lengths`
+    (`lengths`), `host_table` (`block_table`) and `blocks_per_head` [b, Hkv],
+    the blocks the table lists for each head (its first entries).
     """
 
     # Cropping counts in positions this layer no longer holds one-to-one.
@@ -117,6 +118,7 @@ class PagedLayer(DynamicLayer):
         lengths: torch.Tensor,
         *,
         host_lengths: torch.Tensor,
+        host_table: torch.Tensor,
         blocks_per_head: torch.Tensor,
         logical_length: int,
         scaling: float,
@@ -129,6 +131,7 @@ class PagedLayer(DynamicLayer):
         self.block_table = block_table
         self.lengths = lengths
         self._host_lengths = host_lengths
+        self._host_table = host_table
         self._blocks_per_head = blocks_per_head
         # Pool blocks no head's table lists (handed back by `reserve`).
         self._free_blocks = torch.zeros(0, dtype=torch.long)
@@ -159,11 +162,14 @@ class PagedLayer(DynamicLayer):
 
     def reserve(self, tokens: int) -> None:
         """Makes room for `tokens` more rows in every head: each head whose
-        blocks cannot take them gets blocks for `tokens` plus an eighth of
-        its rows (one block at least); where that would pass the cap
-        (`_block_limit`), every head gets just the blocks it needs. New
-        blocks come from those no head holds rows in, then from a larger
-        pool (one copy of the pool)."""
+        blocks cannot take them gets blocks for its rows and the `tokens`,
+        plus an eighth of that (one block at least). Where that would pass
+        the cap (`_block_limit`), every head gets the blocks it needs and
+        the blocks left under the cap are shared out in proportion to the
+        spare each head wanted or holds, so blocks a head reserved but did
+        not write may go to another. New blocks come from those no head
+        holds rows in, then from a larger pool (one copy of the pool). It
+        reads only host copies: no synchronisation with the device."""
         lengths = self._host_lengths + tokens
         have = self._blocks_per_head
         needed = -(-lengths // self.block_rows)
@@ -172,10 +178,12 @@ class PagedLayer(DynamicLayer):
             return
         spare = torch.clamp(lengths // 8, min=self.block_rows)
         wanted = torch.where(short, -(-(lengths + spare) // self.block_rows), have)
-        if int(wanted.sum()) > _block_limit(lengths.numel(), self.logical_length + tokens, self.block_rows):
-            wanted = needed  # also hands back blocks reserved but not written
-        slots = torch.arange(max(int(wanted.max()), self.block_table.shape[2]))
-        table = torch.nn.functional.pad(self.block_table.cpu(), (0, slots.numel() - self.block_table.shape[2]))
+        limit = _block_limit(lengths.numel(), self.logical_length + tokens, self.block_rows)
+        if int(wanted.sum()) > limit:
+            extra = wanted - needed
+            wanted = needed + extra * (limit - int(needed.sum())) // max(int(extra.sum()), 1)
+        slots = torch.arange(max(int(wanted.max()), self._host_table.shape[2]))
+        table = torch.nn.functional.pad(self._host_table, (0, slots.numel() - self._host_table.shape[2]))
         released = table[(slots >= wanted[..., None]) & (slots < have[..., None])]
         free = torch.cat([self._free_blocks, released])
         is_new = (slots >= have[..., None]) & (slots < wanted[..., None])
@@ -188,6 +196,7 @@ class PagedLayer(DynamicLayer):
         if grow:
             self.keys = _grown_pool(self.keys, grow)
             self.values = _grown_pool(self.values, grow)
+        self._host_table = table
         self.block_table = table.to(self.keys.device)
         self._blocks_per_head = wanted
 
@@ -351,6 +360,6 @@ def pack_paged(
         row_index=keep_index, row_count=lengths,
     )  # fmt: skip
     return PagedLayer(
-        key_pool, value_pool, block_table, lengths, host_lengths=host_kept.clone(), blocks_per_head=blocks_per_head,
-        logical_length=logical_length, scaling=scaling, softcap=softcap, sinks=sinks,
+        key_pool, value_pool, block_table, lengths, host_lengths=host_kept.clone(), host_table=table,
+        blocks_per_head=blocks_per_head, logical_length=logical_length, scaling=scaling, softcap=softcap, sinks=sinks,
     )  # fmt: skip

@@ -161,7 +161,8 @@ def recompress_layer(
     (no more than the rows it no longer holds, so that the layer allocates
     no more than the uncompressed cache; see `left_aligned_layer`). With
     `paged_block_rows` the new layer is paged, reserving them per head in
-    its new pool, where its counts pass `paged_fits` (padded otherwise)."""
+    its new pool (none where that would pass the uncompressed cache's
+    size), where its counts pass `paged_fits` (padded otherwise)."""
     order = None
     if isinstance(layer, PagedLayer):
         keys, values, held = layer.left_padded_rows()
@@ -182,9 +183,10 @@ def recompress_layer(
     keep_index, kept = cut
     logical_length = layer.get_seq_length()
     kept = kept.expand(keys.shape[:2])
-    if paged_block_rows is not None and paged_fits(kept.cpu(), logical_length, paged_block_rows):
+    host_kept = None if paged_block_rows is None else kept.cpu()
+    if host_kept is not None and paged_fits(host_kept, logical_length, paged_block_rows):
         new_layer = pack_paged(
-            keys, values, keep_index, kept.cpu(), logical_length=logical_length, block_rows=paged_block_rows,
+            keys, values, keep_index, host_kept, logical_length=logical_length, block_rows=paged_block_rows,
             reserve=headroom, scaling=variant.scaling, softcap=variant.softcap, sinks=variant.sinks,
         )  # fmt: skip
     elif evict:
