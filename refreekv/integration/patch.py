@@ -324,39 +324,55 @@ class PatchHandle:
         thread = self._thread
         thread.compressed_nothing("it ran no prefill")
         try:
-            self._refuse_draft_verification(args, kwargs)
+            self._refuse_unsupported_generation(args, kwargs)
             return self._model_generate(*args, **kwargs)
         except Exception as error:
             if thread.stats is None:
                 thread.no_stats += f" ({type(error).__name__}: {error})"
             raise
 
-    def _refuse_draft_verification(self, args, kwargs) -> None:
-        """Assisted decoding, prompt lookup, early-exit and multi-token-
+    def _refuse_unsupported_generation(self, args, kwargs) -> None:
+        """Refuses, before anything runs, generate options whose forwards
+        refreekv would compress wrongly.
+
+        Assisted decoding, prompt lookup, early-exit and multi-token-
         prediction drafts run the prompt and the first draft tokens in one
         forward, which refreekv would take for the prefill (and compress the
         drafts as prompt), then crop the rejected drafts off the cache,
-        which a compressed layer cannot undo."""
+        which a compressed layer cannot undo. A chunked prefill
+        (`prefill_chunk_size` shorter than the prompt) would be cut after
+        its first chunk, the rest appended uncompressed (issue #21)."""
         try:
             bound = inspect.signature(self._model_generate).bind_partial(*args, **kwargs).arguments
         except TypeError:
             return  # generate reports its own argument errors
         options = bound.get("kwargs", {})
         configs = [config for config in (bound.get("generation_config"), self.model.generation_config) if config is not None]
-        requested = [] if bound.get("assistant_model") is None else [f"assistant_model={type(bound['assistant_model']).__name__}"]
-        for name in _DRAFT_OPTIONS:
+
+        def option(name):
             if name in options:
-                value = options[name]
-            else:
-                value = next((getattr(c, name) for c in configs if getattr(c, name, None) is not None), None)
-            if value is not None and value is not False:
-                requested.append(f"{name}={value!r}")
+                return options[name]
+            return next((getattr(c, name) for c in configs if getattr(c, name, None) is not None), None)
+
+        requested = [] if bound.get("assistant_model") is None else [f"assistant_model={type(bound['assistant_model']).__name__}"]
+        requested += [f"{name}={option(name)!r}" for name in _DRAFT_OPTIONS if option(name) not in (None, False)]
         if requested:
             raise ValueError(
                 f"refreekv does not support assisted decoding or prompt lookup (generate got {', '.join(requested)}): "
                 "they verify draft tokens in the same forward as the prompt, which refreekv would compress as prompt, "
                 "and crop rejected drafts off a cache that compression has already cut. Generate without them "
                 "under the patch, or call .remove() first to use them without compression"
+            )
+        chunk = option("prefill_chunk_size")
+        prompt = next((p for p in (bound.get("inputs"), options.get("input_ids"), options.get("inputs_embeds")) if p is not None), None)
+        prompt_length = None if prompt is None else prompt.shape[1]
+        if chunk is not None and (prompt_length is None or prompt_length > chunk):
+            got = "a prompt of unknown length" if prompt_length is None else f"a prompt of {prompt_length} tokens"
+            raise ValueError(
+                f"refreekv cannot yet compress a prompt prefilled in chunks (generate got prefill_chunk_size={chunk!r} "
+                f"and {got}): it would cut the first chunk as if it were the whole prompt and append the rest "
+                "uncompressed. Prefill in one forward (prefill_chunk_size=None, or a chunk at least as long as the "
+                "prompt) under the patch, or call .remove() first to prefill in chunks without compression"
             )
 
     # -- hooks --------------------------------------------------------------
