@@ -32,7 +32,7 @@ test: build
 	$(PY) -m pytest -q
 
 # Main job: a planted-fact question over ~3000 tokens of essays, answered by
-# SmolLM2-135M-Instruct with the full cache, ReFreeKV and SnapKV at 50%.
+# SmolLM2-135M-Instruct with the full cache, ReFreeKV, Coverage (paged), SnapKV and AdaKV at 50%.
 demo: build
 	$(PY) -m refreekv.demo --plot demo_kept_per_layer.png
 
