@@ -5,6 +5,10 @@
   method, one panel per context length, full cache as a reference line;
   frontier_<task>.png: the same for each task (one file per task keeps every
   panel large enough to read, where a task x length grid would not);
+  frontier_held.png: overall score against mean held budget (the rows in
+  memory), when some point holds more than it keeps (a per-head method in
+  padded storage, block rounding in paged storage): the memory the score
+  actually costs;
   needle_heatmap.png: score by needle depth and context length, one panel
   per grid point (records with a depth only, mean over the needle tasks);
   layer_budgets.png: kept fraction of the prompt per layer, one line per grid
@@ -46,6 +50,8 @@ def write_quality_figures(summary: dict[str, Any], output_dir: Path) -> list[Pat
     colors = _method_colors(summary["points"])
     paths = [_plot_frontier(summary, OVERALL, output_dir / "frontier.png", colors)]
     paths += [_plot_frontier(summary, task, output_dir / f"frontier_{task}.png", colors) for task in summary["tasks"]]
+    if any(_holds_more_than_it_keeps(cell) for cell in summary["cells"]):
+        paths.append(_plot_frontier(summary, OVERALL, output_dir / "frontier_held.png", colors, budget="held"))
     if summary["needle"]:
         paths.append(_plot_needle_heatmap(summary, output_dir / "needle_heatmap.png"))
     if any(_varies_by_layer(row) for row in summary["layers"]):
@@ -96,28 +102,36 @@ def _setting(label: str, method: str) -> str:
     return label.removeprefix(method).removeprefix("(").removesuffix(")") if label.startswith(method) else label
 
 
-def _plot_frontier(summary: dict[str, Any], task: str, path: Path, colors: dict[str, str]) -> Path:
+def _holds_more_than_it_keeps(cell: dict[str, Any]) -> bool:
+    held, kept = cell.get("held_budget"), cell["kept_budget"]
+    return held is not None and kept is not None and held > kept
+
+
+def _plot_frontier(
+    summary: dict[str, Any], task: str, path: Path, colors: dict[str, str], budget: str = "kept"
+) -> Path:
+    """Score against the `budget` ("kept" or "held") of each cell; cells
+    without that budget are left out."""
+    key = f"{budget}_budget"
     lengths = summary["lengths"]
     figure, axes = _panels(len(lengths), columns=3, panel_size=(4.5, 3.6))
     for ax, length in zip(axes, lengths):
-        cells = [
-            c for c in summary["cells"] if (c["length"], c["task"]) == (length, task) and c["kept_budget"] is not None
-        ]
+        cells = [c for c in summary["cells"] if (c["length"], c["task"]) == (length, task) and c.get(key) is not None]
         compressed = [c for c in cells if c["method"] != FULL_CACHE_METHOD]
         for method, members in group_by(compressed, lambda cell: cell["method"]).items():
-            _draw_method_curve(ax, method, sorted(members, key=lambda cell: cell["kept_budget"]), colors)
-        _draw_full_cache(ax, summary, length, task, [c for c in cells if c["method"] == FULL_CACHE_METHOD])
+            _draw_method_curve(ax, method, sorted(members, key=lambda cell: cell[key]), colors, key)
+        _draw_full_cache(ax, summary, length, task, [c for c in cells if c["method"] == FULL_CACHE_METHOD], key)
         # Fixed axes: panels of different lengths and tasks compare at a glance.
-        ax.set(title=f"{length} tokens", xlabel="mean kept KV cache (% of prompt)", ylabel="score",
+        ax.set(title=f"{length} tokens", xlabel=f"mean {budget} KV cache (% of prompt)", ylabel="score",
                xlim=(0, 105), ylim=(0, 105))  # fmt: skip
         ax.grid(alpha=0.3)
     _figure_legend(figure, axes)
     name = "overall score (mean over tasks)" if task == OVERALL else task
-    return _save(figure, path, f"{name} against kept budget")
+    return _save(figure, path, f"{name} against {budget} budget")
 
 
-def _draw_method_curve(ax, method: str, cells: list[dict[str, Any]], colors: dict[str, str]) -> None:
-    budgets = [100 * cell["kept_budget"] for cell in cells]
+def _draw_method_curve(ax, method: str, cells: list[dict[str, Any]], colors: dict[str, str], key: str) -> None:
+    budgets = [100 * cell[key] for cell in cells]
     scores = [cell["score"] for cell in cells]
     ax.plot(budgets, scores, marker="o", color=colors[method], label=method)
     for budget, score, cell in zip(budgets, scores, cells):
@@ -126,7 +140,7 @@ def _draw_method_curve(ax, method: str, cells: list[dict[str, Any]], colors: dic
 
 
 def _draw_full_cache(
-    ax, summary: dict[str, Any], length: int, task: str, full_cache_cells: list[dict[str, Any]]
+    ax, summary: dict[str, Any], length: int, task: str, full_cache_cells: list[dict[str, Any]], key: str
 ) -> None:
     """Full cache as a line across the panel (what every budget is measured
     against), its 95% line (the safe-budget bar) and a marker where it is."""
@@ -136,7 +150,7 @@ def _draw_full_cache(
     ax.axhline(reference["score"], color=FULL_CACHE_COLOR, linestyle="--", linewidth=1, label="full cache")
     ax.axhline(summary["safe_fraction"] * reference["score"], color="grey", linestyle=":", linewidth=1,
                label=f"{100 * summary['safe_fraction']:g}% of full cache")  # fmt: skip
-    ax.scatter([100 * c["kept_budget"] for c in full_cache_cells], [c["score"] for c in full_cache_cells],
+    ax.scatter([100 * c[key] for c in full_cache_cells], [c["score"] for c in full_cache_cells],
                color=FULL_CACHE_COLOR, marker="*", s=80, zorder=3)  # fmt: skip
 
 
