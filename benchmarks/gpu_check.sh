@@ -8,7 +8,8 @@
 #    defaults to the device's own capability, e.g. 9.0 on an H200; MAX_JOBS to
 #    the core count),
 # 2. runs the operator tests, which then run on CUDA as well as CPU
-#    (tests/test_ops_*.py, including the CUDA/CPU parity suite, and
+#    (tests/test_ops_*.py, including the CUDA/CPU parity suite with the paged
+#    operators, and
 #    tests/test_native.py),
 # 3. runs benchmarks/gpu_integration_check.py: refreekv.patch end to end on
 #    tiny models of six families, tokens and kept counts against the CPU,

@@ -49,6 +49,11 @@ CASES = [
     ("refreekv", {"recompress_every": 4}),
     ("snapkv", {"window": 4, "recompress_every": 4, "max_cache_tokens": 24}),
     ("refreekv", {"evict": False}),
+    # Paged storage (paged_attention, paged_write) in small blocks, so that
+    # tiny prompts are paged and decoding crosses block boundaries.
+    ("coverage", {"window": 8, "block_rows": 4}),
+    ("adakv", {"budget": 0.5, "block_rows": 4}),
+    ("coverage", {"window": 4, "block_rows": 4, "recompress_every": 4}),
 ]
 NEW_TOKENS = 10
 
