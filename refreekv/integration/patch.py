@@ -355,7 +355,8 @@ class PatchHandle:
             return next((getattr(c, name) for c in configs if getattr(c, name, None) is not None), None)
 
         requested = [] if bound.get("assistant_model") is None else [f"assistant_model={type(bound['assistant_model']).__name__}"]
-        requested += [f"{name}={option(name)!r}" for name in _DRAFT_OPTIONS if option(name) not in (None, False)]
+        drafts = {name: option(name) for name in _DRAFT_OPTIONS}
+        requested += [f"{name}={value!r}" for name, value in drafts.items() if value is not None and value is not False]
         if requested:
             raise ValueError(
                 f"refreekv does not support assisted decoding or prompt lookup (generate got {', '.join(requested)}): "
