@@ -178,34 +178,6 @@ def test_generate_is_the_models_own_again_after_remove(model):
     assert out.shape == (1, 44)
 
 
-# -- chunked prefill --------------------------------------------------------
-
-
-@pytest.mark.parametrize("where", ["call", "generation config"])
-def test_a_prefill_in_chunks_shorter_than_the_prompt_is_refused(model, forwards, where):
-    """Until chunked prefill is compressed as one prompt (issue #21), it is
-    refused rather than cut after its first chunk."""
-    input_ids, attention_mask = prompts([70])
-    options = {"prefill_chunk_size": 16}
-    if where == "generation config":
-        options = {"generation_config": GenerationConfig(prefill_chunk_size=16, max_new_tokens=4)}
-    with refreekv.patch(model, "snapkv", budget=0.5):
-        forwards["embedding"] = 0
-        with pytest.raises(ValueError, match=r"refreekv cannot yet compress a prompt prefilled in chunks \(generate got "
-                                             r"prefill_chunk_size=16 and a prompt of 70 tokens\)"):  # fmt: skip
-            model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False, pad_token_id=0, **options)
-        assert forwards["embedding"] == 0, "nothing ran"
-
-
-def test_a_chunk_as_long_as_the_prompt_is_one_forward(model):
-    input_ids, attention_mask = prompts([40])
-    with refreekv.patch(model, "snapkv", budget=0.5):
-        expected, _ = greedy(model, input_ids, attention_mask, new_tokens=4)
-        out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4, min_new_tokens=4,
-                             do_sample=False, pad_token_id=0, prefill_chunk_size=40)  # fmt: skip
-    assert torch.equal(out[:, input_ids.shape[1] :], expected)
-
-
 # -- stats describe the call that made them ---------------------------------
 
 
@@ -377,9 +349,8 @@ def test_a_compressed_cache_is_refused_by_the_unpatched_model(model):
 
 def test_a_compressed_cache_crops_only_its_appended_tokens(model):
     input_ids, attention_mask = prompts([70])
-    with torch.no_grad(), refreekv.patch(model, "snapkv", budget=0.4):
-        out = model(input_ids=input_ids, attention_mask=attention_mask)
-        cache = out.past_key_values
+    with torch.no_grad(), refreekv.patch(model, "snapkv", budget=0.4) as kv:
+        cache = kv.compress_context(input_ids, attention_mask).cache()  # several tokens may follow a context
         before = model(input_ids=input_ids[:, -1:], past_key_values=copy.deepcopy(cache)).logits
         model(input_ids=input_ids[:, -3:], past_key_values=cache)  # three tokens, then crop them
         cache.crop(-3)

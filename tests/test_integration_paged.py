@@ -171,8 +171,8 @@ def test_a_multi_token_turn_is_causal_among_its_rows(model, float32_error):
     turn = prompts([5], seed=7)[0]
     logits = {}
     for storage in ("padded", "paged"):
-        with torch.no_grad(), refreekv.patch(model, "coverage", **PER_HEAD, storage=storage, block_rows=BLOCK_ROWS):
-            cache = model(input_ids=input_ids, use_cache=True).past_key_values
+        with torch.no_grad(), refreekv.patch(model, "coverage", **PER_HEAD, storage=storage, block_rows=BLOCK_ROWS) as kv:
+            cache = kv.compress_context(input_ids).cache()  # a turn of several tokens may follow a context
             logits[storage] = model(input_ids=turn, past_key_values=cache, use_cache=True).logits
     assert (logits["paged"] - logits["padded"]).abs().max() <= 2 * float32_error
 
@@ -185,11 +185,12 @@ def test_crop_removes_only_appended_tokens(model):
         layer = next(layer for layer in cache.layers if isinstance(layer, PagedLayer))
         prompt = layer.lengths.clone()
         token = out.logits[:, -1:].argmax(-1)
+        model(input_ids=token, past_key_values=cache, use_cache=True)
         model(input_ids=torch.cat([token, token], dim=1), past_key_values=cache, use_cache=True)
         cache.crop(-2)
-        assert torch.equal(layer.lengths, prompt) and cache.get_seq_length() == 30
-        with pytest.raises(NotImplementedError, match=r"holds 0 tokens appended since its last cut"):
-            layer.crop(-1)
+        assert torch.equal(layer.lengths, prompt + 1) and cache.get_seq_length() == 31
+        with pytest.raises(NotImplementedError, match=r"cannot crop 2 tokens .* holds 1 tokens appended since its last cut"):
+            layer.crop(-2)
 
 
 # -- defaults and bad input ---------------------------------------------------

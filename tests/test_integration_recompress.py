@@ -175,7 +175,7 @@ BAD = {
                                   r"h2o keeps a fixed budget: with recompress_every it needs max_cache_tokens"),
     "cap on a threshold-free method": ("refreekv", {"recompress_every": 8, "max_cache_tokens": 100},
                                        r"refreekv decides its own budget and takes no max_cache_tokens \(got 100\)"),
-    "cap without events": ("snapkv", {"max_cache_tokens": 100}, r"max_cache_tokens=100 caps the cache while decoding; it needs recompress_every"),
+    "cap without events": ("snapkv", {"max_cache_tokens": 100}, r"max_cache_tokens=100 caps the cache at re-cuts; it needs recompress_every or prefill='streaming'"),
     "window past a period": ("snapkv", {"recompress_every": 4, "max_cache_tokens": 32},
                              r"SnapKV\(.*\) reads the newest 8 queries at each event, .* set recompress_every >= 8 or a smaller window"),
     "rows past a period": ("refreekv", {"window_rows": 6, "recompress_every": 5}, r"reads the newest 6 queries at each event"),

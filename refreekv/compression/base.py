@@ -60,6 +60,13 @@ class LayerInputs:
     sinks: [H] the layer's learned sink logits (GPT-OSS), None without.
     max_tokens: at a decode event, the hard cap on rows kept per sequence
         for fixed-budget methods (`max_cache_tokens`); None at prefill.
+    summed_importance: [b, Hkv, n] float32, for a prompt that arrived in
+        pieces (SPEC 11) and a method that reads every prompt query
+        (`CompressionMethod.sums_every_query`): the attention of every
+        prompt query onto each key, summed over the queries and averaged
+        over each KV head's query group, accumulated piece by piece (what
+        `importance(n, normalize=False, group_reduce="mean")` gives in one
+        forward; `query` then holds only the last piece's newest rows).
     """
 
     query: torch.Tensor
@@ -73,6 +80,7 @@ class LayerInputs:
     softcap: Optional[float] = None
     sinks: Optional[torch.Tensor] = None
     max_tokens: Optional[int] = None
+    summed_importance: Optional[torch.Tensor] = None
 
     @property
     def prompt_len(self) -> int:
@@ -236,6 +244,22 @@ class CompressionMethod:
         """The rows to keep for one layer; None keeps the layer as it is."""
         raise NotImplementedError
 
+    def prefill_query_rows(self, prompt_len: int) -> int:
+        """How many of the prompt's newest queries the cut after prefill
+        reads (at most `prompt_len`). A prompt that arrives in pieces
+        (SPEC 11) keeps that many across them, so the cut sees what one
+        forward would have given it. By default every query: a method
+        that reads fewer says so."""
+        return prompt_len
+
+    @property
+    def sums_every_query(self) -> bool:
+        """Whether the cut after prefill sums every prompt query's
+        attention onto each key (H2O over every query): a prompt in pieces
+        then accumulates that sum piece by piece
+        (`LayerInputs.summed_importance`) instead of keeping the queries."""
+        return False
+
     def decode_query_rows(self, recompress_every: int) -> int:
         """How many of the newest queries the method reads at a decode
         event. Patching refuses more than `recompress_every`: only the
@@ -288,6 +312,9 @@ class PositionalMethod(CompressionMethod):
     def fewest_kept(self) -> int:
         return self.num_sinks + 1  # the sinks and the newest token
 
+    def prefill_query_rows(self, prompt_len: int) -> int:
+        return min(1, prompt_len)  # positions only (subclasses that read attention say more)
+
     def recent_count(self, inputs: LayerInputs, sinks: torch.Tensor) -> torch.Tensor:
         """[b] recent tokens to keep, at most real_len - sinks each."""
         raise NotImplementedError
@@ -319,6 +346,9 @@ class ScoredMethod(CompressionMethod):
 
     def decode_query_rows(self, recompress_every: int) -> int:
         return self.window
+
+    def prefill_query_rows(self, prompt_len: int) -> int:
+        return min(self.window, prompt_len)
 
     def fewest_kept(self) -> int:
         return self.window  # the forced window, the newest token included

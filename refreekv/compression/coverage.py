@@ -81,6 +81,9 @@ class Coverage(CompressionMethod):
     def decode_query_rows(self, recompress_every: int) -> int:
         return self.window
 
+    def prefill_query_rows(self, prompt_len: int) -> int:
+        return min(self.window, prompt_len)
+
     @property
     def per_head_counts(self) -> bool:
         return self.granularity == "head"

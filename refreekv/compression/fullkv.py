@@ -18,5 +18,8 @@ class FullKV(CompressionMethod):
     def plan(self, inputs: LayerInputs) -> None:
         return None
 
+    def prefill_query_rows(self, prompt_len: int) -> int:
+        return min(1, prompt_len)
+
     def recompression_refusal(self) -> str:
         return "fullkv never cuts, so re-cutting while decoding would only add work"

@@ -35,6 +35,12 @@ class H2O(ScoredMethod):
         # "all": every query since the last event, the ones sure to be held.
         return recompress_every if self.observation == "all" else self.window
 
+    @property
+    def sums_every_query(self) -> bool:
+        return self.observation == "all"
+
     def scores(self, inputs: LayerInputs) -> torch.Tensor:
+        if self.sums_every_query and inputs.summed_importance is not None:
+            return inputs.summed_importance  # a prompt that arrived in pieces
         rows = inputs.query_rows if self.observation == "all" else self.window
         return inputs.importance(rows, normalize=False, group_reduce="mean")

@@ -63,6 +63,9 @@ class ReFreeKV(PositionalMethod):
             rows = self._window_rows_of(inputs.prompt_len)
         return inputs.importance(rows, group_reduce=group_reduce)
 
+    def prefill_query_rows(self, prompt_len: int) -> int:
+        return self._window_rows_of(prompt_len)
+
     def decode_query_rows(self, recompress_every: int) -> int:
         if isinstance(self.window_rows, numbers.Integral):
             return int(self.window_rows)

@@ -40,6 +40,7 @@ from refreekv.integration import compat
 from refreekv.integration.cache import CompressedLayer, compress_layer, whole_layer
 from refreekv.integration.forwards import patched_forward_began, patched_forward_ended
 from refreekv.integration.paged import DEFAULT_BLOCK_ROWS, PagedLayer, paged_block_rows
+from refreekv.integration.pieces import EXACT, STREAMING, PromptFill, check_prefill_mode, declare_prompt, declared_length
 from refreekv.integration.recompress import DecodeCompression, Timeline, recompress_layer
 from refreekv.integration.stats import CompressionStats
 
@@ -51,6 +52,7 @@ def patch(
     method: str | CompressionMethod = "refreekv",
     *,
     evict: bool = True,
+    prefill: str = EXACT,
     recompress_every: Optional[int] = None,
     max_cache_tokens: Optional[int] = None,
     storage: Optional[str] = None,
@@ -71,13 +73,25 @@ def patch(
         evict: remove the evicted rows from the cache (default). With False
             they are kept but masked out, which computes the same outputs
             without saving memory; it exists to verify eviction.
+        prefill: how a prompt that arrives in several forwards (SPEC 11;
+            `generate(prefill_chunk_size=...)`, or a cache from
+            `PatchHandle.new_cache(prompt_length=...)` filled by hand) is
+            cut. "exact" (default): once, after its last piece, exactly as
+            if it had come in one forward (its memory peaks at the whole
+            prompt, as without chunks). "streaming": the first piece is cut
+            as a prompt, every later one re-cuts the rows held by the rules
+            of decode-time compression (SPEC 8; fixed-budget methods then
+            need `max_cache_tokens`), so a layer never holds more than its
+            kept rows plus one piece. A different method from the
+            one-forward cut, with its own quality.
         recompress_every: None (default) compresses once, after prefill
             (SPEC 1). An integer N >= 1 also re-cuts every compressed layer
             after every N generated tokens, over all the rows it holds,
             with the newest tokens' queries as the signal (SPEC 8), so the
             cache stays bounded while generating.
-        max_cache_tokens: with `recompress_every`, the rows each layer may
-            hold per sequence after an event, for the fixed-budget methods
+        max_cache_tokens: with `recompress_every` or streaming prefill, the
+            rows each layer may hold per sequence after a re-cut, for the
+            fixed-budget methods
             (`refreekv.compression.fixed_budget_methods()`; required for
             them, refused for the others, which set their own budget).
         storage: how compressed layers hold their rows (SPEC 10).
@@ -102,19 +116,9 @@ def patch(
     else:
         resolved = make_method(method, **options)
     return PatchHandle(
-        model, resolved, evict=evict, recompress_every=recompress_every, max_cache_tokens=max_cache_tokens,
-        storage=storage, block_rows=block_rows,
+        model, resolved, evict=evict, prefill=prefill, recompress_every=recompress_every,
+        max_cache_tokens=max_cache_tokens, storage=storage, block_rows=block_rows,
     )  # fmt: skip
-
-
-@dataclass
-class _Prefill:
-    """Bookkeeping of the prefill forward in progress."""
-
-    prompt_valid: torch.Tensor  # [b, n] bool
-    real_len: torch.Tensor  # [b] int64
-    kv_bytes_before: int = 0
-    seen_layers: set = field(default_factory=set)  # full-attention layers whose attention ran
 
 
 @dataclass
@@ -148,8 +152,10 @@ class _Forward:
     """The decoder forward in progress in one thread."""
 
     cache: Any  # the DynamicCache it reads and fills; None without a cache
-    prefill: Optional[_Prefill] = None
+    prefill: Optional[PromptFill] = None  # a piece of a prompt (the whole prompt in one forward)
     decoding: Optional[_Decoding] = None
+    query_rows: Optional[int] = None  # newest queries each re-cut layer keeps, when a re-cut may follow
+    recut_piece: bool = False  # a streaming piece, attended to as held and re-cut after the forward
 
 
 @dataclass
@@ -161,6 +167,8 @@ class _CacheRecord:
     patch: str  # the name of the patch that prefilled it
     stats: CompressionStats
     decoding: Optional[_Decoding]  # with recompress_every
+    context: bool = False  # cut by `compress_context`: a question may follow in one forward
+    untouched: bool = True  # nothing appended since the cut
 
 
 class _ThreadState(threading.local):
@@ -202,11 +210,13 @@ class PatchHandle:
         method: CompressionMethod,
         *,
         evict: bool = True,
+        prefill: str = EXACT,
         recompress_every: Optional[int] = None,
         max_cache_tokens: Optional[int] = None,
         storage: Optional[str] = None,
         block_rows: int = DEFAULT_BLOCK_ROWS,
     ):
+        self.prefill = check_prefill_mode(prefill)
         self.paged_block_rows = paged_block_rows(method, storage, block_rows, evict=evict)
         existing = getattr(model, "_refreekv_handle", None)
         if existing is not None:
@@ -219,7 +229,9 @@ class PatchHandle:
         self.evict = evict
         self.num_layers = model.config.num_hidden_layers
         method.check_model(self.num_layers)
-        self.decode = DecodeCompression.configure(method, recompress_every, max_cache_tokens)
+        self.decode = DecodeCompression.configure(
+            method, recompress_every, max_cache_tokens, streaming=self.prefill == STREAMING
+        )
         self._full_layers = frozenset(self.layout.full_layers)
         self._base_implementation = model.config._attn_implementation
         self._base_attention = compat.base_attention_function(
@@ -267,6 +279,37 @@ class PatchHandle:
         `recompress_every`, or when that call compressed nothing)."""
         return self._thread.timeline
 
+    def new_cache(self, prompt_length: Optional[int] = None):
+        """An empty cache for the model. With `prompt_length` (positions,
+        left padding included), the prompt that fills it may arrive in
+        several forwards (a hand-written chunked prefill, each forward
+        given the padding mask of every position so far): they are pieces
+        of one prompt until it has all `prompt_length` positions, cut as
+        the patch's `prefill` mode says. Without it, the first forward is
+        the whole prompt, and a second forward of several tokens right
+        after it is refused (it would have been cut too early)."""
+        cache = compat.new_cache(self.model)
+        if prompt_length is not None:
+            declare_prompt(cache, prompt_length)
+        return cache
+
+    def compress_context(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *, chunk_size: Optional[int] = None):
+        """Prefills and cuts a context with no question after it (SPEC
+        11): the cut's signal is the context's own end (or, in streaming
+        mode, each piece's). Returns a `CompressedContext`, whose
+        `generate(question_ids, ...)` answers each question from a copy of
+        the compressed cache, leaving it as it is.
+
+        Args:
+            input_ids: [b, n] the context, left-padded.
+            attention_mask: [b, n] its padding mask (None: no padding).
+            chunk_size: prefill in pieces of this many positions (bounded
+                memory in streaming mode); None: one forward.
+        """
+        from refreekv.integration.context import compress_context
+
+        return compress_context(self, input_ids, attention_mask, chunk_size=chunk_size)
+
     def remove(self) -> None:
         """Restores the model as it was (an attention implementation or a
         `generate` the caller set while patched stays). Removing twice does
@@ -312,7 +355,7 @@ class PatchHandle:
     def __repr__(self) -> str:
         state = "removed" if self._hooks is None else "active"
         storage = "padded" if self.paged_block_rows is None else f"paged, block_rows={self.paged_block_rows}"
-        return f"PatchHandle({self.method!r}, evict={self.evict}, storage={storage}, {state})"
+        return f"PatchHandle({self.method!r}, evict={self.evict}, prefill={self.prefill}, storage={storage}, {state})"
 
     # -- generate -----------------------------------------------------------
 
@@ -324,28 +367,30 @@ class PatchHandle:
         thread = self._thread
         thread.compressed_nothing("it ran no prefill")
         try:
-            self._refuse_unsupported_generation(args, kwargs)
+            kwargs = self._prepare_generation(args, kwargs)
             return self._model_generate(*args, **kwargs)
         except Exception as error:
             if thread.stats is None:
                 thread.no_stats += f" ({type(error).__name__}: {error})"
             raise
 
-    def _refuse_unsupported_generation(self, args, kwargs) -> None:
+    def _prepare_generation(self, args, kwargs) -> dict:
         """Refuses, before anything runs, generate options whose forwards
-        refreekv would compress wrongly.
+        refreekv would compress wrongly, and declares a prompt prefilled
+        in chunks; returns generate's keyword arguments.
 
         Assisted decoding, prompt lookup, early-exit and multi-token-
         prediction drafts run the prompt and the first draft tokens in one
         forward, which refreekv would take for the prefill (and compress the
         drafts as prompt), then crop the rejected drafts off the cache,
         which a compressed layer cannot undo. A chunked prefill
-        (`prefill_chunk_size` shorter than the prompt) would be cut after
-        its first chunk, the rest appended uncompressed (issue #21)."""
+        (`prefill_chunk_size` shorter than the prompt) fills a cache
+        declared with the prompt's length, so that its chunks are pieces
+        of one prompt (SPEC 11)."""
         try:
             bound = inspect.signature(self._model_generate).bind_partial(*args, **kwargs).arguments
         except TypeError:
-            return  # generate reports its own argument errors
+            return kwargs  # generate reports its own argument errors
         options = bound.get("kwargs", {})
         configs = [config for config in (bound.get("generation_config"), self.model.generation_config) if config is not None]
 
@@ -365,16 +410,28 @@ class PatchHandle:
                 "under the patch, or call .remove() first to use them without compression"
             )
         chunk = option("prefill_chunk_size")
+        if chunk is None:
+            return kwargs
         prompt = next((p for p in (bound.get("inputs"), options.get("input_ids"), options.get("inputs_embeds")) if p is not None), None)
-        prompt_length = None if prompt is None else prompt.shape[1]
-        if chunk is not None and (prompt_length is None or prompt_length > chunk):
-            got = "a prompt of unknown length" if prompt_length is None else f"a prompt of {prompt_length} tokens"
+        if prompt is None:
             raise ValueError(
-                f"refreekv cannot yet compress a prompt prefilled in chunks (generate got prefill_chunk_size={chunk!r} "
-                f"and {got}): it would cut the first chunk as if it were the whole prompt and append the rest "
-                "uncompressed. Prefill in one forward (prefill_chunk_size=None, or a chunk at least as long as the "
-                "prompt) under the patch, or call .remove() first to prefill in chunks without compression"
+                f"refreekv needs the prompt (input_ids or inputs_embeds) to prefill it in chunks (generate got "
+                f"prefill_chunk_size={chunk!r} and no prompt): a chunked prompt is cut once its length has arrived"
             )
+        if prompt.shape[1] <= chunk:
+            return kwargs  # one forward
+        cache = options.get("past_key_values")
+        if cache is None:
+            cache = compat.new_cache(self.model)
+            kwargs = {**kwargs, "past_key_values": cache}
+        elif cache.get_seq_length():
+            raise ValueError(
+                f"refreekv cannot prefill in chunks (prefill_chunk_size={chunk!r}) into a cache that already holds "
+                f"{cache.get_seq_length()} positions: transformers chunks the whole prompt from its first token. "
+                "Give an empty cache, or generate from this one without prefill_chunk_size"
+            )
+        declare_prompt(cache, prompt.shape[1])
+        return kwargs
 
     # -- hooks --------------------------------------------------------------
 
@@ -419,14 +476,16 @@ class PatchHandle:
             thread.compressed_nothing("it ran without a cache (use_cache=False)")
         elif tokens is None:
             thread.compressed_nothing("it was given neither input_ids nor inputs_embeds")  # the model says so too
-        elif cache.get_seq_length() == 0:
-            thread.compressed_nothing("its prefill raised before it finished")  # until `_after_forward` reports it
-            compat.check_cache(cache)
-            forward.prefill = self._start_prefill(bound.get("attention_mask"), tokens.shape[0], tokens.shape[1], tokens.device)
-            if self.decode is not None:
-                forward.decoding = _Decoding()
+        elif getattr(cache, "_refreekv_fill", None) is not None or cache.get_seq_length() == 0:
+            self._start_piece(forward, bound.get("attention_mask"), tokens)
         else:
             record = getattr(cache, "_refreekv", None)
+            if record is not None and record.patch != self._name and record.context:
+                raise RuntimeError(
+                    "this cache holds a context compressed by another refreekv patch (on another model, or one "
+                    "removed since): its rows were cut for that patch's model and method. Answer it under the patch "
+                    "that compressed it, or compress the context again under this one"
+                )
             if record is None or record.patch != self._name:
                 record = None
                 thread.compressed_nothing(
@@ -434,16 +493,51 @@ class PatchHandle:
                     "patch, by a prefill that raised, or by a branched prefill, whose stats Prefill.branch returns)"
                 )
             else:
+                if record.untouched and tokens.shape[1] > 1 and not record.context:
+                    raise ValueError(
+                        f"this forward appends {tokens.shape[1]} tokens to a cache whose prompt refreekv has just cut "
+                        f"({cache.get_seq_length()} positions), before any token was generated: if they are more of "
+                        "the prompt, it was cut too early. Declare a prompt that arrives in pieces with "
+                        "kv.new_cache(prompt_length=...) (generate(prefill_chunk_size=...) does it for you); to ask "
+                        "questions about a context compressed on its own, use kv.compress_context(...)"
+                    )
+                record.untouched = False
                 thread.report(record)
-            if self.decode is not None:
+            if self.decode is not None and self.decode.every is not None:
                 if record is None:
                     raise RuntimeError(
                         "decode-time compression (recompress_every) continues a cache that this patch prefilled; this "
                         "cache was filled elsewhere (before patching, by another patch or by a branched prefill)"
                     )
                 forward.decoding = record.decoding
+                forward.query_rows = self.decode.query_rows
                 forward.decoding.advance(tokens.shape[1], self.decode.every)
         return args, kwargs
+
+    def _start_piece(self, forward: _Forward, attention_mask, tokens: torch.Tensor) -> None:
+        """A forward that brings a prompt, or a piece of one (SPEC 11)."""
+        cache, thread = forward.cache, self._thread
+        fill = getattr(cache, "_refreekv_fill", None)
+        if fill is None:
+            compat.check_cache(cache)
+            fill = PromptFill(declared_length(cache) or tokens.shape[1], patch=self._name)
+            if self.decode is not None:
+                fill.decoding = _Decoding()
+        elif fill.patch != self._name:
+            raise RuntimeError(
+                f"this cache holds the first {fill.received} of {fill.length} positions of a prompt that another "
+                "refreekv patch began (or one removed since); finish its prompt under that patch, or start a new cache"
+            )
+        thread.compressed_nothing("its prefill raised before it finished")  # until `_after_forward` reports it
+        fill.add_piece(attention_mask, tokens.shape[0], tokens.shape[1], tokens.device)
+        cache._refreekv_fill = fill
+        fill.cutting = fill.final or (self.prefill == STREAMING and not fill.cut and fill.has_real_tokens())
+        forward.prefill = fill
+        forward.decoding = fill.decoding
+        forward.recut_piece = fill.cut
+        if fill.cut:
+            fill.decoding.queries = {}  # a piece's re-cut reads its own newest queries
+            forward.query_rows = self.decode.piece_query_rows(self.method, tokens.shape[1])
 
     def _after_forward(self, module, args, kwargs, output):
         """Runs after every forward, also one that raised (output None):
@@ -457,52 +551,41 @@ class PatchHandle:
             patched_forward_ended()
         if forward is None or output is None:
             return  # the forward raised; `_before_forward` left stats saying what was under way
-        if forward.prefill is not None:
-            missed = sorted(self._full_layers - forward.prefill.seen_layers)
-            if missed:
-                raise RuntimeError(
-                    f"the attention of layers {missed} did not go through transformers' attention-function registry "
-                    "during prefill, so refreekv could not compress them; this model is not supported"
-                )
-            record = _CacheRecord(self._name, self._read_stats(forward.cache, forward.prefill), forward.decoding)
-            forward.cache._refreekv = record
-            thread.report(record)
-        elif forward.decoding is not None and forward.decoding.event_due:
-            self._recompress(forward)
-
-    @staticmethod
-    def _start_prefill(attention_mask, batch: int, length: int, device) -> _Prefill:
-        if length == 0:
-            raise ValueError("refreekv got an empty prompt (0 tokens); a prefill needs at least one token per sequence")
-        if attention_mask is None:
-            prompt_valid = torch.ones(batch, length, dtype=torch.bool, device=device)
-        elif attention_mask.dim() != 2:
-            raise ValueError(
-                f"refreekv needs a 2-D padding mask [batch, length] at prefill, got a {attention_mask.dim()}-D attention_mask"
+        fill = forward.prefill
+        if fill is None:
+            if forward.decoding is not None and forward.decoding.event_due:
+                self._recompress(forward)
+            return
+        missed = sorted(self._full_layers - fill.seen_layers)
+        if missed:
+            raise RuntimeError(
+                f"the attention of layers {missed} did not go through transformers' attention-function registry "
+                "during prefill, so refreekv could not compress them; this model is not supported"
             )
-        else:
-            prompt_valid = attention_mask.to(device=device, dtype=torch.bool)
-        real_len = prompt_valid.sum(-1)
-        empty = (real_len == 0).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(
-                f"refreekv got sequences without a real token: the attention_mask is all padding in rows {empty} of "
-                f"the batch of {batch}; every sequence needs at least one real token"
+        if forward.recut_piece:
+            self._recompress(forward, piece=fill.piece_length)
+        fill.cut = fill.cut or (self.prefill == STREAMING and fill.cutting)
+        if not fill.final:
+            thread.compressed_nothing(
+                f"its prompt has arrived in part ({fill.received} of the {fill.length} positions declared); it is "
+                "cut once the last piece arrives"
             )
-        padded_after = (prompt_valid.long().diff(dim=-1) < 0).any(-1).nonzero().flatten().tolist()
-        if padded_after:
-            raise ValueError(
-                "refreekv expects left-padded prompts (tokenizer.padding_side = 'left'); the attention_mask has "
-                f"padding after a real token in rows {padded_after} of the batch"
-            )
-        return _Prefill(prompt_valid=prompt_valid, real_len=real_len)
+            return
+        del forward.cache._refreekv_fill
+        if forward.decoding is not None:
+            forward.decoding.queries = {}  # decode-time events read the queries of generated tokens only
+        decoding = forward.decoding if self.decode is not None and self.decode.every is not None else None
+        record = _CacheRecord(self._name, self._read_stats(forward.cache, fill), decoding)
+        forward.cache._refreekv = record
+        thread.report(record)
 
     # -- the attention function ---------------------------------------------
 
     def _attention(self, module, query, key, value, attention_mask, **kwargs):
         layer_idx = module.layer_idx
         forward = self._thread.forward  # None for a layer called outside the decoder's forward
-        if forward is not None and forward.prefill is not None:
+        fill = None if forward is None else forward.prefill
+        if fill is not None and not forward.recut_piece:
             output = self._base_attention(module, query, key, value, attention_mask, **kwargs)
             if layer_idx in self._full_layers:
                 self._compress(forward, module, query, key, value, kwargs)
@@ -510,9 +593,13 @@ class PatchHandle:
         cache = None if forward is None else forward.cache
         source = self.layout.cache_source[layer_idx]
         layer = cache.layers[source] if cache is not None and source is not None else None
+        if fill is not None and layer_idx in self._full_layers:
+            # A streaming piece appended to held rows: its own rows count in the uncompressed prompt.
+            fill.seen_layers.add(layer_idx)
+            fill.kv_bytes_before += (key.nbytes // key.shape[2] + value.nbytes // value.shape[2]) * query.shape[2]
         decoding = None if forward is None else forward.decoding
-        if decoding is not None and layer_idx in decoding.variants:
-            decoding.keep_queries(layer_idx, query, self.decode.query_rows)
+        if decoding is not None and forward.query_rows is not None and layer_idx in decoding.variants:
+            decoding.keep_queries(layer_idx, query, forward.query_rows)
         if isinstance(layer, PagedLayer):
             return layer.attend(query).transpose(1, 2).contiguous(), None
         if isinstance(layer, CompressedLayer):
@@ -522,51 +609,74 @@ class PatchHandle:
         return self._base_attention(module, query, key, value, attention_mask, **kwargs)
 
     def _compress(self, forward: _Forward, module, query, key, value, attention_kwargs: dict) -> None:
+        """A full-attention layer's part of a prompt forward, once its
+        attention has run: the cut over every row so far when the forward
+        is `cutting`, or, before the last piece, keeping what that cut will
+        read of this one."""
         layer_idx = module.layer_idx
-        prefill = forward.prefill
-        prefill.seen_layers.add(layer_idx)
-        prefill.kv_bytes_before += key.nbytes + value.nbytes
+        fill = forward.prefill
+        fill.seen_layers.add(layer_idx)
+        if fill.cutting:
+            fill.kv_bytes_before += key.nbytes + value.nbytes  # every row so far, none cut yet
         if self.method.is_protected(layer_idx, self.num_layers):
             return
         variant = compat.attention_variant(module, self._base_attention, attention_kwargs)
-        if self.decode is not None:
-            forward.decoding.variants[layer_idx] = variant
         inputs = LayerInputs(
             query=query,
             key=key,
             scaling=variant.scaling,
             layer_idx=layer_idx,
             num_layers=self.num_layers,
-            prompt_valid=prefill.prompt_valid,
-            real_len=prefill.real_len,
+            prompt_valid=fill.prompt_valid,
+            real_len=fill.real_len,
             value=value,
             softcap=variant.softcap,
             sinks=variant.sinks,
         )
-        headroom = None if self.decode is None else self.decode.every
+        if not fill.cutting:
+            fill.hold_signal(self.method, inputs)
+            return
+        inputs = fill.signal_inputs(self.method, inputs)
+        # Re-cut later: at decode-time events, or at the next pieces of a streaming prompt.
+        recut = self.decode is not None and (self.decode.every is not None or not fill.final)
+        if recut:
+            forward.decoding.variants[layer_idx] = variant
+        headroom = self._headroom(fill) if recut else None
         compressed = compress_layer(
             self.method, inputs, value, evict=self.evict, headroom=headroom, paged_block_rows=self.paged_block_rows
         )
-        if self.decode is not None:
+        if recut:
             if compressed is None:  # kept whole, but re-cut later: a compressed layer holding everything
                 compressed = whole_layer(inputs, headroom=headroom, paged_block_rows=self.paged_block_rows)
             compressed.recompressing = True
         if compressed is not None:
             forward.cache.layers[layer_idx] = compressed
 
-    def _recompress(self, forward: _Forward) -> None:
-        """A decode-time event (SPEC 8): every compressed layer re-cuts the
-        rows it holds, after the forward of the step that made it due."""
+    def _headroom(self, fill: PromptFill) -> int:
+        """Rows a cut leaves free for what comes next: the next piece of a
+        streaming prompt (as long as this one, at most what is left), or
+        the tokens generated until the next decode-time event."""
+        if not fill.final:
+            return min(fill.piece_length, fill.length - fill.received)
+        return self.decode.every or 0
+
+    def _recompress(self, forward: _Forward, piece: Optional[int] = None) -> None:
+        """A re-cut of every compressed layer's held rows (SPEC 8), after
+        the forward of the decode step that made an event due, or of a
+        streaming prompt's `piece` (SPEC 11; not an event of the
+        timeline)."""
         decoding, cache = forward.decoding, forward.cache
+        headroom = self.decode.every if piece is None else self._headroom(forward.prefill)
         for layer_idx, variant in decoding.variants.items():
             new_layer, event = recompress_layer(
                 self.method, cache.layers[layer_idx], decoding.queries[layer_idx], variant,
                 layer_idx=layer_idx, num_layers=self.num_layers, max_tokens=self.decode.max_cache_tokens,
-                step=decoding.generated, evict=self.evict, headroom=self.decode.every,
+                step=decoding.generated, evict=self.evict, headroom=headroom,
                 paged_block_rows=self.paged_block_rows,
             )  # fmt: skip
             cache.layers[layer_idx] = new_layer
-            decoding.timeline.events.append(event)
+            if piece is None:
+                decoding.timeline.events.append(event)
         decoding.event_due = False
 
     def _held_rows_mask(self, layer: CompressedLayer, mask, query, kv_length: int):
@@ -599,7 +709,7 @@ class PatchHandle:
 
     # -- stats --------------------------------------------------------------
 
-    def _read_stats(self, cache, prefill: _Prefill) -> CompressionStats:
+    def _read_stats(self, cache, prefill: PromptFill) -> CompressionStats:
         full_layers = self.layout.full_layers
         return CompressionStats.from_cache(
             [cache.layers[i] for i in full_layers], prefill.real_len, prefill.kv_bytes_before,

@@ -1,5 +1,6 @@
 """Decode-time compression (SPEC 8): every `recompress_every` generated
-tokens, each compressed layer re-cuts the whole cache it holds.
+tokens, each compressed layer re-cuts the whole cache it holds. Streaming
+prefill (SPEC 11) re-cuts the same way after every piece of a prompt.
 
 At an event the layer's held rows (sinks, rows earlier cuts kept, every
 token generated since) are handed to the method as a left-padded prompt
@@ -39,47 +40,65 @@ __all__ = ["CompressionEvent", "DecodeCompression", "recompress_layer"]
 
 @dataclass(frozen=True)
 class DecodeCompression:
-    """The decode-time settings of a patch.
+    """The re-cutting settings of a patch: decode-time events (SPEC 8)
+    and, in streaming prefill (SPEC 11), a re-cut after every piece of a
+    prompt, by the same rules.
 
-    every: generated tokens between two events.
+    every: generated tokens between two events; None without decode-time
+        events (streaming prefill only).
     max_cache_tokens: the hard cap per layer and sequence of a fixed-budget
-        method at events (None for the threshold-free methods).
-    query_rows: newest queries each layer keeps for the signal.
+        method at a re-cut (None for the threshold-free methods).
+    query_rows: newest queries each layer keeps for an event's signal
+        (None without events).
+    streaming: whether every piece of a prompt but the first is re-cut.
     """
 
-    every: int
+    every: Optional[int]
     max_cache_tokens: Optional[int]
-    query_rows: int
+    query_rows: Optional[int]
+    streaming: bool = False
 
     @classmethod
     def configure(
-        cls, method: CompressionMethod, recompress_every: Optional[int], max_cache_tokens: Optional[int]
+        cls,
+        method: CompressionMethod,
+        recompress_every: Optional[int],
+        max_cache_tokens: Optional[int],
+        *,
+        streaming: bool = False,
     ) -> Optional["DecodeCompression"]:
-        """The settings, or None for prefill-only compression; raises a clear
-        error for options that do not fit the method."""
-        if recompress_every is None:
+        """The settings, or None when nothing is re-cut (prefill-only
+        compression); raises a clear error for options that do not fit the
+        method."""
+        if recompress_every is None and not streaming:
             if max_cache_tokens is not None:
                 raise ValueError(
-                    f"max_cache_tokens={max_cache_tokens!r} caps the cache while decoding; it needs recompress_every"
+                    f"max_cache_tokens={max_cache_tokens!r} caps the cache at re-cuts; it needs recompress_every "
+                    "or prefill='streaming'"
                 )
             return None
-        if not is_integer(recompress_every) or recompress_every < 1:
-            raise ValueError(f"recompress_every must be an integer >= 1 or None, got {recompress_every!r}")
+        what = "recompress_every" if recompress_every is not None else "prefill='streaming'"
+        query_rows = None
+        if recompress_every is not None:
+            if not is_integer(recompress_every) or recompress_every < 1:
+                raise ValueError(f"recompress_every must be an integer >= 1 or None, got {recompress_every!r}")
+            recompress_every = int(recompress_every)
         refusal = method.recompression_refusal()
         if refusal is not None:
-            raise ValueError(f"recompress_every is not available for this method: {refusal}")
-        query_rows = method.decode_query_rows(int(recompress_every))
-        if query_rows > recompress_every:
-            raise ValueError(
-                f"{method!r} reads the newest {query_rows} queries at each event, but only the recompress_every="
-                f"{recompress_every} tokens generated since the last event are sure to be held; "
-                f"set recompress_every >= {query_rows} or a smaller window"
-            )
+            raise ValueError(f"{what} is not available for this method: {refusal}")
+        if recompress_every is not None:
+            query_rows = method.decode_query_rows(recompress_every)
+            if query_rows > recompress_every:
+                raise ValueError(
+                    f"{method!r} reads the newest {query_rows} queries at each event, but only the recompress_every="
+                    f"{recompress_every} tokens generated since the last event are sure to be held; "
+                    f"set recompress_every >= {query_rows} or a smaller window"
+                )
         if method.fixed_budget:
             if max_cache_tokens is None:
                 raise ValueError(
-                    f"{method.name} keeps a fixed budget: with recompress_every it needs max_cache_tokens, "
-                    "the rows each layer may hold per sequence after an event"
+                    f"{method.name} keeps a fixed budget: with {what} it needs max_cache_tokens, "
+                    "the rows each layer may hold per sequence after a re-cut"
                 )
             fewest = method.fewest_kept()
             if not is_integer(max_cache_tokens) or max_cache_tokens < fewest:
@@ -93,10 +112,17 @@ class DecodeCompression:
                 f"only fixed-budget methods ({', '.join(fixed_budget_methods())}) take a cap"
             )
         return cls(
-            every=int(recompress_every),
+            every=recompress_every,
             max_cache_tokens=None if max_cache_tokens is None else int(max_cache_tokens),
             query_rows=query_rows,
+            streaming=streaming,
         )
+
+    def piece_query_rows(self, method: CompressionMethod, piece: int) -> int:
+        """Newest queries of a prompt piece of `piece` positions that its
+        re-cut reads: what the method reads at an event every `piece`
+        tokens, no more than the piece brings."""
+        return min(method.decode_query_rows(piece), piece)
 
 
 @dataclass
