@@ -17,4 +17,5 @@ def test_quickstart_notebook_executes(tmp_path):
     assert not [output for output in outputs if output.output_type == "error"]
     text = "".join(output.get("text", "") for output in outputs if output.output_type == "stream")
     assert "full cache :" in text and "ReFreeKV   :" in text
+    assert "coverage, chunks of 256:" in text and "context (exact):" in text and "context (streaming):" in text
     assert any("image/png" in output.get("data", {}) for output in outputs), "the budget plot is shown"
