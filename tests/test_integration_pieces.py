@@ -370,6 +370,18 @@ def test_questions_from_copies_of_a_context_equal_each_after_its_own_compression
         assert context.stats.budget < 1.0
 
 
+def test_a_padded_context_answers_as_the_same_context_alone(model):
+    """Left padding changes neither positions nor answers."""
+    context_ids, context_mask = prompts([60, 45], seed=11)
+    question = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(1))
+    options = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with refreekv.patch(model, "coverage", tolerance=0.2) as kv:
+        answers = kv.compress_context(context_ids, context_mask, chunk_size=16).generate(question, **options)
+        real = context_mask[1].bool()
+        alone = kv.compress_context(context_ids[1:, real], chunk_size=16).generate(question[1:], **options)
+    assert torch.equal(answers[1, context_ids.shape[1] :], alone[0, int(real.sum()) :])
+
+
 def test_a_context_is_refused_after_remove_and_by_another_model(model):
     context_ids, _ = prompts([40], seed=12)
     question = torch.randint(3, 200, (1, 4))

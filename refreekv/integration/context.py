@@ -100,9 +100,15 @@ def compress_context(
     step = length if chunk_size is None else int(chunk_size)
     cache = handle.new_cache(prompt_length=length)
     model = handle.model
+    # Positions count real tokens, as generate numbers a left-padded prompt
+    # (and so the question that follows it).
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     for start in range(0, length, step):
         end = min(start + step, length)
-        model(input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end], past_key_values=cache, use_cache=True)
+        model(
+            input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
+            position_ids=position_ids[:, start:end], past_key_values=cache, use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
     record = cache._refreekv
     record.context = True
     return CompressedContext(handle, input_ids, attention_mask, record.stats, cache)
