@@ -13,6 +13,13 @@ timings, harness speed) and a dated copy of run.json plus the summary. It
 measures; it asserts nothing.
 
     python benchmarks/quality_map.py [--lengths 1024,2048] [--samples 10] [--resume]
+
+`make quality-prefill` runs it on sweeps/prefill_modes.toml instead (the
+full cache, Coverage and SnapKV at 50%, each with the whole prompt in one
+forward, the question after a question-agnostic context cut, and a
+streaming prefill in pieces of 512 and 1024 tokens; SPEC 11), at 2k
+tokens, into benchmarks/results/quality_prefill/, without the harness-speed
+slice (`--speed-samples 0`): its modes run plainly, never branched.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +37,7 @@ from refreekv.eval.sweep import SweepRequest, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "quality"
+DEFAULT_GRID = ROOT / "sweeps" / "quality.toml"
 COMPARED = ("pred", "new_tokens", "budget", "kept_per_layer")
 
 
@@ -69,13 +78,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="1024,2048")
     parser.add_argument("--samples", type=int, default=10, help="samples per task and length")
-    parser.add_argument("--grid", default=str(ROOT / "sweeps" / "quality.toml"))
+    parser.add_argument("--grid", default=str(DEFAULT_GRID))
     parser.add_argument("--batch-size", type=int, default=40, help="the four needle tasks (10 samples each) decode as one batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", default=str(ROOT / "build" / "quality"), help="sweep directories (not kept in git)")
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--resume", action="store_true", help="continue the sweep in --work-dir instead of starting afresh")
-    parser.add_argument("--speed-samples", type=int, default=2, help="samples per task of the plain-vs-branched slice")
+    parser.add_argument("--speed-samples", type=int, default=2,
+                        help="samples per task of the plain-vs-branched slice (0: no slice)")  # fmt: skip
     args = parser.parse_args()
     work, output = Path(args.work_dir), Path(args.output)
     lengths = [int(n) for n in args.lengths.split(",")]
@@ -85,7 +95,9 @@ def main() -> None:
         work / "sweep", not args.resume, grid=args.grid, lengths=lengths, samples=args.samples,
         batch_size=args.batch_size, seed=args.seed,
     )  # fmt: skip
-    speed = harness_speed(work, Path(args.grid), lengths[0], ["qa_planted"], args.speed_samples, args.batch_size)
+    speed = None
+    if args.speed_samples > 0:
+        speed = harness_speed(work, Path(args.grid), lengths[0], ["qa_planted"], args.speed_samples, args.batch_size)
 
     output.mkdir(parents=True, exist_ok=True)
     for stale in output.glob("*.png"):  # a figure this run does not draw must not linger
@@ -95,7 +107,8 @@ def main() -> None:
             shutil.copy2(path, output / path.name)
     sweep = json.loads((work / "sweep" / "sweep.json").read_text(encoding="utf-8"))
     run = {
-        "command": "make quality",
+        "command": "make quality" if Path(args.grid).resolve() == DEFAULT_GRID else " ".join(["benchmarks/quality_map.py", *sys.argv[1:]]),
+        "grid": str(args.grid),
         "model": sweep["model"],
         "lengths": lengths,
         "samples_per_cell": args.samples,

@@ -119,3 +119,91 @@ def test_a_point_is_checked_by_building_its_method_once(monkeypatch):
         GridPoint.of("snapkv", {"budget": 1.5})
     with pytest.raises(UsageError, match="unknown method 'nope'"):
         GridPoint.of("nope", {})
+
+
+# -- prefill modes (the `prefill` key) ------------------------------------------
+
+
+def test_the_prefill_key_sweeps_modes_as_points_of_their_own(tmp_path):
+    points = grid(tmp_path, """
+[fullkv]
+prefill = ["one-forward", "question-after", "streaming-512", "streaming-1024"]
+
+[snapkv]
+budget = [0.25, 0.5]
+prefill = ["streaming-512", "question-after"]
+
+[coverage]
+prefill = "question-after"
+
+[refreekv]
+""")
+    assert [p.label for p in points] == [
+        "fullkv", "fullkv [question after]", "fullkv [streaming 512]", "fullkv [streaming 1024]",
+        "snapkv(budget=0.25) [streaming 512]", "snapkv(budget=0.25) [question after]",
+        "snapkv(budget=0.5) [streaming 512]", "snapkv(budget=0.5) [question after]",
+        "coverage [question after]", "refreekv",
+    ]  # fmt: skip
+    assert [(p.prefill.kind, p.prefill.chunk) for p in points[:4]] == [
+        ("one-forward", None), ("question-after", None), ("streaming", 512), ("streaming", 1024),
+    ]  # fmt: skip
+    # prefill is no method option; sweep.json names it beside them (older points without it are one-forward)
+    snap = points[6]
+    assert snap.options == {"budget": 0.5} and "prefill" not in snap.all_options
+    assert snap.to_json() == {"label": "snapkv(budget=0.5) [streaming 512]", "method": "snapkv", "options": snap.all_options,
+                              "prefill": "streaming-512"}  # fmt: skip
+    assert points[-1].to_json()["prefill"] == "one-forward" and points[-1].prefill.one_forward
+
+
+def test_a_fixed_budget_streaming_point_is_capped_at_its_budget_of_the_prompt(tmp_path):
+    snap, tokens, refree, full = grid(tmp_path, """
+[snapkv]
+budget = 0.5
+prefill = "streaming-512"
+
+[[h2o]]
+budget = 300
+prefill = "streaming-512"
+
+[refreekv]
+prefill = "streaming-512"
+
+[fullkv]
+prefill = "streaming-512"
+""")
+    assert [snap.prefill.max_cache_tokens(snap.instance, n) for n in (2000, 2001, 2003, 9)] == [1000, 1000, 1002, 8]
+    assert tokens.prefill.max_cache_tokens(tokens.instance, 2000) == 300  # a budget in tokens is the cap itself
+    assert refree.prefill.max_cache_tokens(refree.instance, 2000) is None  # threshold-free: no cap
+    assert full.prefill.max_cache_tokens(full.instance, 2000) is None
+    assert [snap.prefill.pieces(n) for n in (512, 513, 2048)] == [1, 2, 4]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[snapkv]\nprefill = "chunked"', r"\[snapkv\] prefill: unknown prefill mode 'chunked'; expected one-forward, "
+                                          r"question-after or streaming-<tokens> \(e.g. streaming-512\)"),
+        ('[snapkv]\nprefill = "streaming"', r"streaming-<tokens> takes the tokens per piece, a whole number >= 1 .*got 'streaming'"),
+        ('[snapkv]\nprefill = "streaming-0"', r"a whole number >= 1 .*got 'streaming-0'"),
+        ('[snapkv]\nprefill = "streaming-1.5"', r"got 'streaming-1.5'"),
+        ("[snapkv]\nprefill = 512", r"\[snapkv\] prefill: expected a string, .*got 512 \(an integer\)"),
+        ("[snapkv]\nprefill = []", r"\[snapkv\] prefill is an empty list"),
+        ('[snapkv]\nprefill = ["question-after", "question-after"]', "prefill names question-after twice"),
+        ('[adakv]\nbudget = 0.5\nprefill = ["one-forward", "streaming-512"]',
+         r"\[adakv\] budget=0.5, prefill='streaming-512': adakv cannot prefill in streaming mode: .*use snapkv"),
+        ('[[snapkv]]\nprefill = "streaming-512"\n[[snapkv]]\nprefill = "streaming-512"',
+         r"one setting twice: snapkv \[streaming 512\] and snapkv \[streaming 512\]"),
+        ('[snapkv]\nbudget = 1.5\nprefill = "question-after"', r"budget=1.5, prefill='question-after': budget as a fraction"),
+    ],
+)
+def test_bad_prefill_modes_are_refused_when_the_grid_is_read(tmp_path, text, message):
+    with pytest.raises(UsageError, match=message):
+        grid(tmp_path, text)
+
+
+def test_the_shipped_prefill_modes_grid():
+    from pathlib import Path
+
+    points = load_grid(Path(__file__).parent.parent / "sweeps" / "prefill_modes.toml")
+    modes = ["", " [question after]", " [streaming 512]", " [streaming 1024]"]
+    assert [p.label for p in points] == [f"{m}{mode}" for m in ("fullkv", "coverage", "snapkv(budget=0.5)") for mode in modes]

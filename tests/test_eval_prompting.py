@@ -7,7 +7,8 @@ import pytest
 from eval_fixtures import build_tokenizer
 
 from refreekv.eval.data import Sample, read_samples
-from refreekv.eval.prompting import build_input, format_prompt, truncate_middle
+from refreekv.eval.prompting import build_input, format_prompt, split_input, split_refusal, truncate_middle
+from refreekv.eval.task import Task
 from refreekv.eval.tasks import (
     ALL_TASKS,
     CHAT_TEMPLATE_EXCEPTIONS,
@@ -136,6 +137,74 @@ class TestBuildInput:
         assert built.text.startswith("<|user|>\nAnswer the question based on the given passages.")
         assert built.text.endswith("Question: Who?\nAnswer:</s>\n<|assistant|>\n")
         assert 128 < built.input_ids.shape[1] <= 128 + 12  # the template's own tokens come on top
+
+
+class TestSplitInput:
+    """The context part and the question part of the question-after mode:
+    together exactly `build_input`'s tokens, the context part ending where
+    the sample's context ends."""
+
+    CONTEXT = "The heron nests by the lake. " * 20
+
+    def with_prefix(self, prefix="The answer is"):
+        return Sample(0, "id-0", "Where does it nest?", self.CONTEXT, ["lake"], None, None, raw={"answer_prefix": prefix})
+
+    def check(self, tokenizer, task, item, max_length=10**6, chat_template=True):
+        split = split_input(tokenizer, task, item, max_length, chat_template)
+        built = build_input(tokenizer, task, item, max_length, chat_template)
+        ids = built.input_ids[0].tolist()
+        assert split.built.input_ids[0].tolist() == ids and split.built.text == built.text
+        assert split.context_ids[0].tolist() + split.question_ids[0].tolist() == ids
+        assert split.context_tokens + split.question_tokens == len(ids) and split.question_tokens > 0
+        return split, tokenizer.decode(split.context_ids[0]), tokenizer.decode(split.question_ids[0])
+
+    @pytest.mark.parametrize("task", ["hotpotqa", "passage_retrieval_en", "gov_report", "qa_planted", "niah_single"])
+    def test_chat_template_concatenation_is_the_input(self, tokenizer, task):
+        item = self.with_prefix() if task in ("qa_planted", "niah_single") else sample(context=self.CONTEXT, question="Where?")
+        split, context, question = self.check(tokenizer, TASKS[task], item)
+        assert split.built.chat and split.moved_tokens == 0
+        # the context part ends with the sample's context; the rest of the template follows it
+        assert context.rstrip().endswith(self.CONTEXT.rstrip()) and context.startswith("<|user|>\n")
+        after = TASKS[task].prompt.split("{context}")[1].format(input=item.input)
+        prefix = item.raw.get("answer_prefix", "")
+        assert question == f"{after}</s>\n<|assistant|>\n{prefix}"
+
+    def test_the_answer_prefix_is_in_the_question_part(self, tokenizer):
+        _, context, question = self.check(tokenizer, TASKS["qa_planted"], self.with_prefix("Answer:"))
+        assert question.endswith("Where does it nest? Answer in a few words.</s>\n<|assistant|>\nAnswer:")
+        assert "Answer:" not in context and "Where does it nest?" not in context
+        _, _, raw_question = self.check(tokenizer, TASKS["qa_planted"], self.with_prefix("Answer:"), chat_template=False)
+        assert raw_question == "\n\nQuestion: Where does it nest? Answer in a few words.\nAnswer:"
+
+    @pytest.mark.parametrize("task", ["trec", "lcc", "hotpotqa"])
+    def test_raw_template_concatenation_is_the_input(self, tokenizer, task):
+        """Few-shot and code tasks are raw; so is any task without the chat template."""
+        item = sample(context=self.CONTEXT, question="Question: Where is it?\nType:")
+        split, context, question = self.check(tokenizer, TASKS[task], item, chat_template=False)
+        assert not split.built.chat
+        assert split.context_ids[0, 0].item() == tokenizer.bos_token_id  # the raw tokenization's BOS opens the context part
+        assert context.rstrip().endswith(self.CONTEXT.rstrip())
+        assert question == TASKS[task].prompt.split("{context}")[1].format(input=item.input)
+
+    def test_a_truncated_prompt_splits_where_its_kept_context_ends(self, tokenizer):
+        item = sample(context=" ".join(f"w{i}" for i in range(600)), question="Who?")
+        split, context, question = self.check(tokenizer, TASKS["hotpotqa"], item, max_length=300)
+        assert split.built.truncated and "Question: Who?" in question and "Question: Who?" not in context
+        assert context.rstrip().endswith("w599")  # the end of the context is kept, and ends the context part
+
+    def test_a_question_cut_by_the_truncation_cannot_be_split(self, tokenizer):
+        item = sample(context="short", question=" ".join(f"q{i}" for i in range(400)))
+        with pytest.raises(ValueError, match="no longer whole after the middle truncation"):
+            split_input(tokenizer, TASKS["hotpotqa"], item, 64)
+
+    def test_a_template_with_the_question_first_cannot_be_split(self, tokenizer):
+        question_first = Task("question_first", "Question: {input}\n\nRead this:\n{context}\nAnswer:", 8, "qa_f1", "en", "test")
+        assert "comes before the context" in split_refusal(question_first)
+        assert "exactly once" in split_refusal(Task("no_context", "Question: {input}", 8, "qa_f1", "en", "test"))
+        with pytest.raises(ValueError, match=r"task question_first: cannot split .*\(\{input\}\) comes before the context"):
+            split_input(tokenizer, question_first, sample(), 1000)
+        # every shipped task puts its question after its context
+        assert [name for name, task in TASKS.items() if split_refusal(task)] == []
 
 
 class TestReadSamples:

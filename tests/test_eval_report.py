@@ -209,7 +209,8 @@ def test_report_csv_rows(report):
     summary, output, _ = report
     rows = list(csv.DictReader((output / "quality.csv").open()))
     assert list(rows[0]) == [
-        "point", "method", "options", "length", "task", "score", "kept_budget", "held_budget", "samples", "complete"
+        "point", "method", "options", "length", "task", "score", "kept_budget", "held_budget", "samples", "complete",
+        "prefill",
     ]  # fmt: skip
     assert len(rows) == len(summary["cells"])
     overall = find(rows, point="snapkv(budget=0.4)", length="2048", task=OVERALL)
@@ -218,6 +219,7 @@ def test_report_csv_rows(report):
         "task": OVERALL, "score": "50.0000", "kept_budget": "0.400000",
         "held_budget": "",  # these records predate held_budget
         "samples": "4", "complete": "False",
+        "prefill": "one-forward",  # and a prefill mode: these records predate it too
     }  # fmt: skip
 
 

@@ -19,8 +19,22 @@ of ints as one value and a list of lists as a sweep.
     observation = "all"
     budget = 0.5
 
-Every point is checked (method, option names and values) when the file is
-read, so a bad grid fails before any model is loaded.
+The `prefill` key of a table is not a method option: it says how the
+point's prompt reaches the model (refreekv.eval.prefill): "one-forward"
+(the default), "question-after" (the context compressed alone, the question
+fed after) or "streaming-<tokens>" (pieces of that many tokens, re-cut
+after each). Like an option, a list is swept:
+
+    [snapkv]
+    budget = 0.5
+    prefill = ["one-forward", "question-after", "streaming-512"]
+
+A point in another mode than one-forward is a point of its own, labelled
+with its mode, e.g. `snapkv(budget=0.5) [streaming 512]`.
+
+Every point is checked (method, option names and values, prefill mode
+against the method) when the file is read, so a bad grid fails before any
+model is loaded.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ from typing import Any
 
 from refreekv.eval.errors import UsageError
 from refreekv.eval.options import coerce_option, jsonable, method_defaults, method_label
+from refreekv.eval.prefill import ONE_FORWARD, PREFILL_KEY, PrefillMode
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,9 +60,10 @@ __all__ = ["GridPoint", "load_grid", "parse_grid"]
 
 @dataclass(frozen=True)
 class GridPoint:
-    """One method with its settings. `options` holds what the grid (or
-    `run --option`) set; `all_options` every option of the method, defaults
-    included. Made by `GridPoint.of`, which checks the options."""
+    """One method with its settings and prefill mode. `options` holds what
+    the grid (or `run --option`) set; `all_options` every option of the
+    method, defaults included. Made by `GridPoint.of`, which checks the
+    options and the mode."""
 
     method: str
     options: dict[str, Any]
@@ -55,30 +71,38 @@ class GridPoint:
     # the method, built once by `of` (methods hold only their checked options,
     # so one instance serves every layer check, patch and branch of the point)
     instance: Any = field(repr=False, compare=False)
+    prefill: PrefillMode = PrefillMode(ONE_FORWARD)
 
     @classmethod
-    def of(cls, method: str, options: dict[str, Any]) -> GridPoint:
-        """The point of `method` with typed `options`, checked by building
+    def of(cls, method: str, options: dict[str, Any], prefill: Any = None) -> GridPoint:
+        """The point of `method` with typed `options` in the `prefill` mode
+        (a PrefillMode or its name; None: one-forward), checked by building
         the method once: an unknown method is a UsageError, an unknown
-        option or a bad value the method's TypeError or ValueError."""
+        option, a bad value or a mode the method cannot run in the method's
+        TypeError or ValueError."""
         from refreekv.compression import make_method
 
         defaults = method_defaults(method)
+        mode = PrefillMode.parse(prefill)
         instance = make_method(method, **options)
-        return cls(method, dict(options), {k: jsonable(v) for k, v in {**defaults, **options}.items()}, instance)
+        mode.check_method(method, instance)
+        all_options = {k: jsonable(v) for k, v in {**defaults, **options}.items()}
+        return cls(method, dict(options), all_options, instance, mode)
 
     @property
     def label(self) -> str:
         """The method with the options the grid set and any other that
-        differs from its default, e.g. `snapkv(budget=0.5)`."""
-        return method_label(self.method, self.all_options, always=self.options)
+        differs from its default, then the prefill mode unless it is one
+        forward, e.g. `snapkv(budget=0.5)`, `coverage [question after]`."""
+        return method_label(self.method, self.all_options, always=self.options) + self.prefill.suffix()
 
     def check_layers(self, layers: int) -> None:
         """ValueError if an option names a layer a model of `layers` layers lacks."""
         self.instance.check_model(layers)
 
     def to_json(self) -> dict[str, Any]:
-        return {"label": self.label, "method": self.method, "options": self.all_options}
+        # A point without `prefill` (sweep.json of an older version) is one-forward.
+        return {"label": self.label, "method": self.method, "options": self.all_options, PREFILL_KEY: self.prefill.name}
 
 
 def load_grid(path: str | Path) -> list[GridPoint]:
@@ -114,16 +138,38 @@ def parse_grid(document: dict[str, Any]) -> list[GridPoint]:
         raise UsageError("the grid names no method")
     seen: dict[str, GridPoint] = {}
     for point in points:
-        same = json.dumps([point.method, point.all_options], sort_keys=True)
+        same = json.dumps([point.method, point.all_options, point.prefill.name], sort_keys=True)
         if same in seen:
             raise UsageError(f"the grid has one setting twice: {seen[same].label} and {point.label}")
         seen[same] = point
     return points
 
 
+def _prefill_modes(method: str, table: dict[str, Any]) -> list[PrefillMode]:
+    """The modes a table's `prefill` key names (one-forward without it)."""
+    value = table.get(PREFILL_KEY)
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise UsageError(f"[{method}] {PREFILL_KEY} is an empty list; give at least one mode")
+    modes = []
+    for item in values:
+        try:
+            modes.append(PrefillMode.parse(item))
+        except ValueError as error:
+            raise UsageError(f"[{method}] {PREFILL_KEY}: {error}") from None
+    names = [mode.name for mode in modes]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UsageError(f"[{method}] {PREFILL_KEY} names {', '.join(twice)} twice")
+    return modes
+
+
 def _expand(method: str, table: dict[str, Any], defaults: dict[str, Any]) -> list[GridPoint]:
+    modes = _prefill_modes(method, table)
     axes: list[list[tuple[str, Any]]] = []
     for key, value in table.items():
+        if key == PREFILL_KEY:
+            continue
         swept = isinstance(value, list) and (
             not isinstance(defaults.get(key), tuple) or any(isinstance(v, list) for v in value)
         )
@@ -134,9 +180,11 @@ def _expand(method: str, table: dict[str, Any], defaults: dict[str, Any]) -> lis
     points = []
     for combination in itertools.product(*axes):
         options = dict(combination)
-        try:
-            points.append(GridPoint.of(method, options))
-        except (TypeError, ValueError) as error:
-            shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
-            raise UsageError(f"[{method}] {shown}: {error}") from None
+        for mode in modes:
+            try:
+                points.append(GridPoint.of(method, options, mode))
+            except (TypeError, ValueError) as error:
+                shown = [f"{k}={v!r}" for k, v in options.items()]
+                shown += [] if mode.one_forward else [f"{PREFILL_KEY}={mode.name!r}"]
+                raise UsageError(f"[{method}] {', '.join(shown)}: {error}") from None
     return points

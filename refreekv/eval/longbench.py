@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         "needle heatmap, per-layer budgets). Re-running the same command resumes.",
     )
     sweep.add_argument("--model", required=True, help="a local transformers model folder, or 'bundled:smollm2'")
-    sweep.add_argument("--grid", required=True, help="TOML file: one table of options per method, lists are swept")
+    sweep.add_argument("--grid", required=True, help="TOML file: one table of options per method, lists are swept; a "
+                       "table's prefill key picks the prefill modes (one-forward, question-after, streaming-<tokens>)")
     sweep.add_argument("--lengths", required=True, type=comma_separated(int), help="context lengths in model tokens, e.g. 1024,2048")
     sweep.add_argument("--suite", default=None, choices=["ruler"], help="generate this suite into OUTPUT_DIR/data")
     sweep.add_argument("--data-dir", default=None, help="instead of --suite: a folder of <length>/<task>.jsonl")

@@ -18,7 +18,13 @@ prefilled once (`refreekv.integration.branch`), every grid point branches
 that prefill into its own compressed cache and decodes from it. A branched
 point gives exactly the tokens and kept counts of a plain `refreekv.patch`
 run (tests prove it), and `plain=True` runs that way instead, one prefill
-per point, to measure the difference.
+per point, to measure the difference. Points in the question-after or
+streaming prefill modes (the grid's `prefill` key, refreekv.eval.prefill)
+always run plainly, one patched call per point and group of sequences
+(`Decoder.mode_point`); a question-after point needs every task's prompt
+split where its context ends (refreekv.eval.prompting.split_input), so a
+task whose question comes before its context is refused before the model
+loads.
 
 Resuming: a restarted sweep skips every (point, length, task, sample) with
 a record; a last line cut short by a crash is removed first. Points,
@@ -49,7 +55,8 @@ from refreekv.eval.errors import UsageError, usage_errors
 from refreekv.eval.generation import Decoder, decode_groups, left_pad, sample_record, until_end
 from refreekv.eval.grid import GridPoint, load_grid
 from refreekv.eval.models import ModelSettings
-from refreekv.eval.prompting import build_input
+from refreekv.eval.prefill import PREFILL_KEY, QUESTION_AFTER
+from refreekv.eval.prompting import build_input, split_input, split_refusal
 from refreekv.eval.rundir import SWEEP, SWEEP_FILE, environment, read_records, write_record
 from refreekv.eval.runner import Plan, check_layers, load, plan, read_task
 from refreekv.eval.tasks import RULER_TASKS, TASKS, resolve_tasks
@@ -105,6 +112,13 @@ def _check_request(request: SweepRequest) -> Plan:
         foreign = [t for t in tasks if t not in RULER_TASKS]
         if foreign:
             raise UsageError(f"task(s) {', '.join(foreign)} are not in the ruler suite ({', '.join(RULER_TASKS)})")
+    asking_after = [p.label for p in points if p.prefill.kind == QUESTION_AFTER]
+    unsplit = {t: split_refusal(TASKS[t]) for t in tasks if asking_after and split_refusal(TASKS[t])}
+    if unsplit:
+        raise UsageError(
+            f"the question-after point(s) {', '.join(asking_after)} need each prompt split where its context ends; "
+            + "; ".join(f"task {t} cannot be: {why}" for t, why in unsplit.items())
+        )
     check_int("--samples", request.samples, minimum=1)
     check_int("--batch-size", request.batch_size, minimum=1)
     if request.max_input_length is not None:
@@ -257,36 +271,56 @@ def run_sweep(
                 pending = [(t, s) for t, s in items if any(_record_key(p.label, length, t, s.id) not in done for p in plan.points)]
                 for first in range(0, len(pending), request.batch_size):
                     batch = pending[first : first + request.batch_size]
-                    inputs = [
-                        build_input(tokenizer, TASKS[t], s, request.max_input_length or sys.maxsize, plan.settings.chat_template)
-                        for t, s in batch
-                    ]
-                    input_ids, attention_mask = left_pad(inputs, settings.pad, plan.device)
                     missing = [
                         p for p in plan.points
                         if any(_record_key(p.label, length, t, s.id) not in done for t, s in batch)
                     ]  # fmt: skip
-                    for point, tokens, stats in decoder.points(missing, input_ids, attention_mask, settings):
-                        for row, (task_name, sample) in enumerate(batch):
-                            key = _record_key(point.label, length, task_name, sample.id)
-                            if key in done:
-                                continue
-                            new_tokens = until_end(tokens[row], settings.eos)
-                            record = {
-                                **sample_record(sample, inputs[row], new_tokens, tokenizer, stats, row),
-                                # the suite's length in tokens, not the sample's words
-                                "length": int(length),
-                                "point": point.label,
-                                "method": point.method,
-                                "options": point.all_options,
-                                "task": task_name,
-                            }
-                            write_record(out, record)
-                            done.add(key)
-                            report["done_now"] += 1
-                            bar.update(1)
-                            if after_record is not None:
-                                after_record(record)
+                    max_length = request.max_input_length or sys.maxsize
+                    chat = plan.settings.chat_template
+                    if any(p.prefill.kind == QUESTION_AFTER for p in missing):
+                        try:
+                            split = [split_input(tokenizer, TASKS[t], s, max_length, chat) for t, s in batch]
+                        except ValueError as error:
+                            raise UsageError(f"a question-after point cannot run: {error}") from None
+                        inputs = [item.built for item in split]
+                    else:
+                        split, inputs = None, [build_input(tokenizer, TASKS[t], s, max_length, chat) for t, s in batch]
+
+                    def write(point: GridPoint, row: int, tokens, stats, stats_row: int) -> None:
+                        task_name, sample = batch[row]
+                        key = _record_key(point.label, length, task_name, sample.id)
+                        if key in done:
+                            return
+                        new_tokens = until_end(tokens, settings.eos)
+                        record = {
+                            **sample_record(sample, inputs[row], new_tokens, tokenizer, stats, stats_row),
+                            # the suite's length in tokens, not the sample's words
+                            "length": int(length),
+                            "point": point.label,
+                            "method": point.method,
+                            "options": point.all_options,
+                            PREFILL_KEY: point.prefill.name,
+                            "task": task_name,
+                        }
+                        write_record(out, record)
+                        done.add(key)
+                        report["done_now"] += 1
+                        bar.update(1)
+                        if after_record is not None:
+                            after_record(record)
+
+                    one_forward = [p for p in missing if p.prefill.one_forward]
+                    if one_forward:
+                        input_ids, attention_mask = left_pad(inputs, settings.pad, plan.device)
+                        for point, tokens, stats in decoder.points(one_forward, input_ids, attention_mask, settings):
+                            for row in range(len(batch)):
+                                write(point, row, tokens[row], stats, row)
+                    for point in (p for p in missing if not p.prefill.one_forward):
+                        # Only the sequences this point still lacks.
+                        rows = [r for r, (t, s) in enumerate(batch) if _record_key(point.label, length, t, s.id) not in done]
+                        items = [(split or inputs)[r] for r in rows]
+                        for row, (tokens, kept) in zip(rows, decoder.mode_point(point, items, settings, plan.device)):
+                            write(point, row, tokens, kept, 0)
         report["finished"] = True
     finally:
         bar.close()

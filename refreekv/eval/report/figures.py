@@ -2,7 +2,10 @@
 
 * the quality map (`write_quality_figures`):
   frontier.png: overall score against mean kept budget, one curve per
-  method, one panel per context length, full cache as a reference line;
+  method and prefill mode (a method's modes share its color, each mode
+  its line style and marker: `snapkv [streaming 512]` beside `snapkv`),
+  one panel per context length, full cache as a reference line (its
+  points in other prefill modes as labelled markers beside it);
   frontier_<task>.png: the same for each task (one file per task keeps every
   panel large enough to read, where a task x length grid would not);
   frontier_held.png: overall score against mean held budget (the rows in
@@ -27,12 +30,16 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from refreekv.eval.prefill import ONE_FORWARD, PrefillMode
 from refreekv.eval.report.summary import FULL_CACHE_METHOD, OVERALL, group_by
 
 __all__ = ["comparison_figure", "study_figure", "write_quality_figures"]
 
 FULL_CACHE_COLOR = "black"
 LINE_STYLES = ("-", "--", ":", "-.")
+# Per prefill mode, in order of appearance (one-forward first): curve markers, and the full cache's.
+MODE_MARKERS = ("o", "s", "^", "D", "v", "P")
+FULL_CACHE_MARKERS = ("*", "X", "P", "d", "h", "p")
 
 
 def _pyplot():
@@ -97,9 +104,17 @@ def _figure_legend(figure, axes) -> None:
         figure.legend(entries.values(), entries.keys(), loc="outside right upper", fontsize=8)
 
 
-def _setting(label: str, method: str) -> str:
-    """The options part of a point label such as 'snapkv(budget=0.5)'."""
+def _setting(label: str, method: str, prefill: str = ONE_FORWARD) -> str:
+    """The options part of a point label such as 'snapkv(budget=0.5)' (or
+    'snapkv(budget=0.5) [streaming 512]': its series names the mode)."""
+    label = label.removesuffix(PrefillMode.parse(prefill).suffix())
     return label.removeprefix(method).removeprefix("(").removesuffix(")") if label.startswith(method) else label
+
+
+def _mode_styles(points: list[dict[str, Any]]) -> dict[str, int]:
+    """Prefill mode -> its index in LINE_STYLES and the marker lists, one-forward first."""
+    modes = [ONE_FORWARD] + [p.get("prefill", ONE_FORWARD) for p in points]
+    return {mode: i for i, mode in enumerate(dict.fromkeys(modes))}
 
 
 def _holds_more_than_it_keeps(cell: dict[str, Any]) -> bool:
@@ -114,13 +129,15 @@ def _plot_frontier(
     without that budget are left out."""
     key = f"{budget}_budget"
     lengths = summary["lengths"]
+    modes = _mode_styles(summary["points"])
     figure, axes = _panels(len(lengths), columns=3, panel_size=(4.5, 3.6))
     for ax, length in zip(axes, lengths):
         cells = [c for c in summary["cells"] if (c["length"], c["task"]) == (length, task) and c.get(key) is not None]
         compressed = [c for c in cells if c["method"] != FULL_CACHE_METHOD]
-        for method, members in group_by(compressed, lambda cell: cell["method"]).items():
-            _draw_method_curve(ax, method, sorted(members, key=lambda cell: cell[key]), colors, key)
-        _draw_full_cache(ax, summary, length, task, [c for c in cells if c["method"] == FULL_CACHE_METHOD], key)
+        # older summaries name no series: a method is one
+        for series, members in group_by(compressed, lambda cell: cell.get("series", cell["method"])).items():
+            _draw_method_curve(ax, series, sorted(members, key=lambda cell: cell[key]), colors, key, modes)
+        _draw_full_cache(ax, summary, length, task, [c for c in cells if c["method"] == FULL_CACHE_METHOD], key, modes)
         # Fixed axes: panels of different lengths and tasks compare at a glance.
         ax.set(title=f"{length} tokens", xlabel=f"mean {budget} KV cache (% of prompt)", ylabel="score",
                xlim=(0, 105), ylim=(0, 105))  # fmt: skip
@@ -130,28 +147,41 @@ def _plot_frontier(
     return _save(figure, path, f"{name} against {budget} budget")
 
 
-def _draw_method_curve(ax, method: str, cells: list[dict[str, Any]], colors: dict[str, str], key: str) -> None:
+def _draw_method_curve(
+    ax, series: str, cells: list[dict[str, Any]], colors: dict[str, str], key: str, modes: dict[str, int]
+) -> None:
+    """One series: a method's points in one prefill mode, in its color,
+    with the mode's line style and marker."""
+    method, prefill = cells[0]["method"], cells[0].get("prefill", ONE_FORWARD)
+    style = modes.get(prefill, 0)
     budgets = [100 * cell[key] for cell in cells]
     scores = [cell["score"] for cell in cells]
-    ax.plot(budgets, scores, marker="o", color=colors[method], label=method)
+    ax.plot(budgets, scores, marker=MODE_MARKERS[style % len(MODE_MARKERS)], linestyle=LINE_STYLES[style % len(LINE_STYLES)],
+            color=colors[method], label=series)  # fmt: skip
     for budget, score, cell in zip(budgets, scores, cells):
-        ax.annotate(_setting(cell["point"], method), (budget, score), textcoords="offset points", xytext=(3, 3),
+        ax.annotate(_setting(cell["point"], method, prefill), (budget, score), textcoords="offset points", xytext=(3, 3),
                     fontsize=6, color=colors[method])  # fmt: skip
 
 
 def _draw_full_cache(
-    ax, summary: dict[str, Any], length: int, task: str, full_cache_cells: list[dict[str, Any]], key: str
+    ax, summary: dict[str, Any], length: int, task: str, full_cache_cells: list[dict[str, Any]], key: str,
+    modes: dict[str, int],
 ) -> None:
     """Full cache as a line across the panel (what every budget is measured
-    against), its 95% line (the safe-budget bar) and a marker where it is."""
+    against), its 95% line (the safe-budget bar) and a marker where it is;
+    its points in other prefill modes as markers of their own."""
     reference = next((r for r in summary["reference"] if (r["length"], r["task"]) == (length, task)), None)
     if reference is None:
         return
     ax.axhline(reference["score"], color=FULL_CACHE_COLOR, linestyle="--", linewidth=1, label="full cache")
     ax.axhline(summary["safe_fraction"] * reference["score"], color="grey", linestyle=":", linewidth=1,
                label=f"{100 * summary['safe_fraction']:g}% of full cache")  # fmt: skip
-    ax.scatter([100 * c[key] for c in full_cache_cells], [c["score"] for c in full_cache_cells],
-               color=FULL_CACHE_COLOR, marker="*", s=80, zorder=3)  # fmt: skip
+    for prefill, members in group_by(full_cache_cells, lambda cell: cell.get("prefill", ONE_FORWARD)).items():
+        style = modes.get(prefill, 0)
+        label = None if prefill == ONE_FORWARD else members[0].get("series", members[0]["point"])
+        ax.scatter([100 * c[key] for c in members], [c["score"] for c in members], color=FULL_CACHE_COLOR,
+                   marker=FULL_CACHE_MARKERS[style % len(FULL_CACHE_MARKERS)], s=80 if style == 0 else 40, zorder=3,
+                   label=label)  # fmt: skip
 
 
 def _plot_needle_heatmap(summary: dict[str, Any], path: Path) -> Path:
@@ -260,10 +290,14 @@ def study_figure(summaries: Sequence[dict[str, Any]], rows: list[dict[str, Any]]
     for ax, (summary, length) in zip(axes[0], panels):
         overall = [c for c in summary["cells"] if c["length"] == length and c["task"] == OVERALL and c["complete"]]
         for method in baselines:
-            curve = sorted((100 * c["kept_budget"], c["score"]) for c in overall if c["method"] == method)
+            curve = sorted(
+                (100 * c["kept_budget"], c["score"])
+                for c in overall
+                if c["method"] == method and c.get("prefill", ONE_FORWARD) == ONE_FORWARD
+            )
             if curve:
                 ax.plot(*zip(*curve), marker="o", linewidth=1, alpha=0.7, label=method)
-        full = [c["score"] for c in overall if c["method"] == FULL_CACHE_METHOD]
+        full = [c["score"] for c in overall if c["method"] == FULL_CACHE_METHOD and c.get("prefill", ONE_FORWARD) == ONE_FORWARD]
         if full:
             ax.axhline(full[0], color=FULL_CACHE_COLOR, linestyle="--", linewidth=1, label="full cache")
         for row in (r for r in rows if r["length"] == length):

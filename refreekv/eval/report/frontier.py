@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from refreekv.compression import fixed_budget_methods
+from refreekv.eval.prefill import ONE_FORWARD
 from refreekv.eval.report import OVERALL
 
 __all__ = ["FIXED_BUDGET_METHODS", "LOSSLESS_POINTS", "baseline_score_at", "judge_point"]
@@ -78,13 +79,16 @@ def judge_point(summary: dict[str, Any], point: str, length: int) -> Optional[di
 
 
 def _baselines_at(summary: dict[str, Any], length: int, budget: float, full_score: float) -> dict[str, Optional[float]]:
-    """Each fixed-budget method's overall score interpolated at `budget`."""
+    """Each fixed-budget method's overall score interpolated at `budget`
+    (its one-forward points: another prefill mode is another method)."""
     baselines = {}
     for method in FIXED_BUDGET_METHODS:
         curve = [
             (c["kept_budget"], c["score"])
             for c in summary["cells"]
             if (c["method"], c["length"], c["task"]) == (method, length, OVERALL) and c["complete"]
+            # the baselines' one-forward curves (cells of older summaries name no mode)
+            and c.get("prefill", ONE_FORWARD) == ONE_FORWARD
         ]
         if curve:
             baselines[method] = baseline_score_at(curve, budget, full_score)

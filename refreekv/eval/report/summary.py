@@ -8,6 +8,14 @@ does the same for the per-task scores of `refreekv-longbench score` runs.
 Budgets are the measured kept fractions (not the requested ones): methods
 with a threshold instead of a budget land where they land, and only the
 measured value makes methods comparable.
+
+Prefill modes (refreekv.eval.prefill): a point in the question-after or a
+streaming mode is a point of its own, and a method in one mode a series of
+its own ("snapkv [streaming 512]"): its own curve on the frontier plot, its
+own safe budget. The full-cache reference is the one-forward fullkv points
+(the others, e.g. `fullkv [streaming 512]`, are points beside it; they are
+the reference only where no one-forward fullkv point was run). Records and
+points of older sweeps name no mode: they are one-forward.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 from typing import Any, Callable, Hashable, Iterable, Optional, Sequence
 
 from refreekv.eval.metrics import record_score
+from refreekv.eval.prefill import ONE_FORWARD, PREFILL_KEY, PrefillMode
 from refreekv.eval.tasks import TASKS
 
 __all__ = [
@@ -32,8 +41,10 @@ SAFE_FRACTION = 0.95
 def summarize(records: Iterable[dict[str, Any]], points: Optional[Sequence[dict[str, Any]]] = None) -> dict[str, Any]:
     """Means per grid point, length and task, from sweep records.
 
-    `points` (the sweep's `points`: label, method, options) fixes the row
-    order; points seen only in the records follow in order of appearance.
+    `points` (the sweep's `points`: label, method, options, prefill) fixes
+    the row order; points seen only in the records follow in order of
+    appearance. Each point, cell and safe-budget row names its `prefill`
+    mode and `series` (the method, and the mode unless one-forward).
     Every part of the result is a flat list of rows, so that it is JSON as
     it stands and each row can be found by its fields:
 
@@ -48,10 +59,11 @@ def summarize(records: Iterable[dict[str, Any]], points: Optional[Sequence[dict[
       a depth), plus task "overall": the mean over the needle tasks;
     * layers: point x length -> kept_fraction per layer (kept_per_layer /
       input_tokens, averaged over samples);
-    * reference: length x task -> the full-cache score (mean over the fullkv
-      points) and which points gave it;
-    * safe_budgets: method x length x task -> the lowest measured budget
-      from which every point of the method scores at least SAFE_FRACTION of
+    * reference: length x task -> the full-cache score (mean over the
+      one-forward fullkv points, or every fullkv point if none is) and
+      which points gave it;
+    * safe_budgets: series x length x task -> the lowest measured budget
+      from which every point of the series scores at least SAFE_FRACTION of
       full cache, or None (never, or no full cache to compare with).
       Incomplete cells count as they are: the tables mark them.
 
@@ -101,13 +113,18 @@ def _record_score(record: dict[str, Any]) -> float:
     return 100 * record_score(task, record)
 
 
+def _point(label: str, method: str, options: dict[str, Any], prefill: Any) -> dict[str, Any]:
+    mode = PrefillMode.parse(prefill)
+    return {"label": label, "method": method, "options": options, PREFILL_KEY: mode.name, "series": method + mode.suffix()}
+
+
 def _point_list(records: list[dict[str, Any]], points: Optional[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
-    listed = [{"label": p["label"], "method": p["method"], "options": p.get("options", {})} for p in points or ()]
+    listed = [_point(p["label"], p["method"], p.get("options", {}), p.get(PREFILL_KEY)) for p in points or ()]
     known = {point["label"] for point in listed}
     for record in records:
         if record["point"] not in known:
             known.add(record["point"])
-            listed.append({"label": record["point"], "method": record["method"], "options": record.get("options", {})})
+            listed.append(_point(record["point"], record["method"], record.get("options", {}), record.get(PREFILL_KEY)))
     return listed
 
 
@@ -157,7 +174,8 @@ def _cells(scored, point_list, lengths, tasks) -> list[dict[str, Any]]:
 
 
 def _row(point: dict[str, Any], length: int, task: str, **values: Any) -> dict[str, Any]:
-    return {"point": point["label"], "method": point["method"], "length": length, "task": task, **values}
+    return {"point": point["label"], "method": point["method"], PREFILL_KEY: point[PREFILL_KEY], "series": point["series"],
+            "length": length, "task": task, **values}  # fmt: skip
 
 
 def _needle_rows(scored, point_list) -> list[dict[str, Any]]:
@@ -209,25 +227,27 @@ def _layer_rows(records, point_list) -> list[dict[str, Any]]:
 def _reference(cells) -> list[dict[str, Any]]:
     full_cache = [cell for cell in cells if cell["method"] == FULL_CACHE_METHOD]
     groups = group_by(full_cache, lambda cell: (cell["length"], cell["task"]))
-    return [
-        {"length": length, "task": task, "score": mean(cell["score"] for cell in members),
-         "points": [cell["point"] for cell in members]}
-        for (length, task), members in groups.items()
-    ]  # fmt: skip
+    rows = []
+    for (length, task), members in groups.items():
+        one_forward = [cell for cell in members if cell[PREFILL_KEY] == ONE_FORWARD]
+        members = one_forward or members
+        rows.append({"length": length, "task": task, "score": mean(cell["score"] for cell in members),
+                     "points": [cell["point"] for cell in members]})  # fmt: skip
+    return rows
 
 
 def _safe_budgets(cells, reference, point_list) -> list[dict[str, Any]]:
     reference_scores = {(row["length"], row["task"]): row["score"] for row in reference}
-    methods = list(dict.fromkeys(p["method"] for p in point_list if p["method"] != FULL_CACHE_METHOD))
-    measured = [cell for cell in cells if cell["kept_budget"] is not None and cell["method"] in methods]
-    groups = group_by(measured, lambda cell: (cell["method"], cell["length"], cell["task"]))
+    series = {p["series"]: p for p in point_list if p["method"] != FULL_CACHE_METHOD}
+    measured = [cell for cell in cells if cell["kept_budget"] is not None and cell["series"] in series]
+    groups = group_by(measured, lambda cell: (cell["series"], cell["length"], cell["task"]))
     return [
-        {"method": method, "length": length, "task": task,
+        {"method": first["method"], PREFILL_KEY: first[PREFILL_KEY], "series": name, "length": length, "task": task,
          "safe_budget": _safe_budget([(cell["kept_budget"], cell["score"]) for cell in members],
                                      reference_scores.get((length, task)))}
-        for method in methods
-        for (group_method, length, task), members in groups.items()
-        if group_method == method
+        for name, first in series.items()
+        for (group_series, length, task), members in groups.items()
+        if group_series == name
     ]  # fmt: skip
 
 

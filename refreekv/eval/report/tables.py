@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from refreekv.eval.prefill import ONE_FORWARD
 from refreekv.eval.report.summary import OVERALL
 
 __all__ = [
@@ -16,11 +17,14 @@ __all__ = [
     "write_comparison_csv", "write_quality_csv",
 ]  # fmt: skip
 
-CSV_COLUMNS = ("point", "method", "options", "length", "task", "score", "kept_budget", "held_budget", "samples", "complete")
+CSV_COLUMNS = (
+    "point", "method", "options", "length", "task", "score", "kept_budget", "held_budget", "samples", "complete", "prefill",
+)  # fmt: skip
 
 
 def write_quality_csv(summary: dict[str, Any], path: Path) -> None:
     options = {point["label"]: json.dumps(point["options"], sort_keys=True) for point in summary["points"]}
+    prefill = {point["label"]: point.get("prefill", ONE_FORWARD) for point in summary["points"]}
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
@@ -28,7 +32,7 @@ def write_quality_csv(summary: dict[str, Any], path: Path) -> None:
             writer.writerow([
                 cell["point"], cell["method"], options[cell["point"]], cell["length"], cell["task"],
                 csv_number(cell["score"], 4), csv_number(cell["kept_budget"], 6), csv_number(cell["held_budget"], 6),
-                cell["samples"], cell["complete"],
+                cell["samples"], cell["complete"], prefill[cell["point"]],
             ])  # fmt: skip
 
 
@@ -70,6 +74,12 @@ def quality_markdown(summary: dict[str, Any], title: Optional[str] = None) -> st
         "How to read it: down to its safe budget a method is as good as full cache; "
         "the lower, the more memory it saves.",
     ]
+    if any(point.get("prefill", ONE_FORWARD) != ONE_FORWARD for point in summary["points"]):
+        parts[-1] += (
+            " A method in another prefill mode than one forward is a row of its own: `[question after]`, the context "
+            "cut alone and the question fed after it (the budget counts the question's rows, all kept); "
+            "`[streaming N]`, the prompt in pieces of N tokens, re-cut after each."
+        )
     safe_rows = _safe_budget_rows(summary, columns)
     parts.append(markdown_table(["method"] + header[1:], safe_rows) if safe_rows else "No compressed point to compare.")
     if summary.get("duplicates"):
@@ -97,7 +107,8 @@ def _reference_text(summary: dict[str, Any]) -> str:
 
 
 def _safe_budget_rows(summary: dict[str, Any], columns: list[tuple[int, str]]) -> list[list[str]]:
-    safe = {(row["method"], row["length"], row["task"]): row["safe_budget"] for row in summary["safe_budgets"]}
+    # a method in one prefill mode (older summaries: the method alone)
+    safe = {(row.get("series", row["method"]), row["length"], row["task"]): row["safe_budget"] for row in summary["safe_budgets"]}
     with_reference = {(row["length"], row["task"]) for row in summary["reference"]}
     methods = list(dict.fromkeys(method for method, _, _ in safe))
 
