@@ -126,3 +126,19 @@ def with_settings(values: dict, overrides: dict) -> dict:
     names = {f.name for f in fields(ModelSettings)}
     settings = {"threads": 1, "progress": False, **{k: v for k, v in overrides.items() if k in names}}
     return {**values, **{k: v for k, v in overrides.items() if k not in names}, "settings": ModelSettings(**settings)}
+
+
+def markdown_tables(text):
+    """Each markdown table of `text` as {first cell: [other cells]}, with its header."""
+    tables, current = [], None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            current = None
+            continue
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if current is None:
+            current = {"header": cells, "rows": {}}
+            tables.append(current)
+        elif not set(cells[0]) <= {"-"}:
+            current["rows"][cells[0]] = cells[1:]
+    return tables

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 import pytest
-from eval_fixtures import save_tiny_model, with_settings
+from eval_fixtures import markdown_tables, save_tiny_model, with_settings
 
 from refreekv.eval import runner, sweep as sweep_module
 from refreekv.eval.errors import UsageError
@@ -228,22 +228,7 @@ def test_modes_are_series_of_their_own_and_the_reference_is_one_forward(tmp_path
     assert judged["baselines"] == {"snapkv": pytest.approx(100 * (0.3 - 0.25) / 0.25)}
     files = {path.name for path in write_quality_report(summary, tmp_path)}
     assert {"frontier.png", "quality.md"} <= files
-    scores, safe_table = [t for t in _tables((tmp_path / "quality.md").read_text())]
+    scores, safe_table = [t["rows"] for t in markdown_tables((tmp_path / "quality.md").read_text())]
     assert list(safe_table) == ["snapkv", "snapkv [streaming 512]", "coverage [question after]"]
     assert safe_table["snapkv [streaming 512]"][0] == "25.0%" and safe_table["snapkv"][0] == "50.0%"
     assert "fullkv [streaming 512]" in scores
-
-
-def _tables(text):
-    tables, current = [], None
-    for line in text.splitlines():
-        if not line.startswith("|"):
-            current = None
-            continue
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
-        if current is None:
-            current = {}
-            tables.append(current)
-        elif not set(cells[0]) <= {"-"}:
-            current[cells[0]] = cells[1:]
-    return tables

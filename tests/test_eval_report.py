@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from eval_fixtures import markdown_tables
 from refreekv.eval.longbench import main
 from refreekv.eval.report import OVERALL, summarize, write_quality_report
 from refreekv.eval.report.figures import study_figure
@@ -221,22 +222,6 @@ def test_report_csv_rows(report):
         "samples": "4", "complete": "False",
         "prefill": "one-forward",  # and a prefill mode: these records predate it too
     }  # fmt: skip
-
-
-def markdown_tables(text):
-    """Each markdown table of `text` as {first cell: [other cells]}, with its header."""
-    tables, current = [], None
-    for line in text.splitlines():
-        if not line.startswith("|"):
-            current = None
-            continue
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
-        if current is None:
-            current = {"header": cells, "rows": {}}
-            tables.append(current)
-        elif not set(cells[0]) <= {"-"}:
-            current["rows"][cells[0]] = cells[1:]
-    return tables
 
 
 def test_report_markdown_tables(report):
