@@ -11,7 +11,7 @@ PEERS_PY   := $(PEERS_VENV)/bin/python
 PEERS_DEPS := $(PEERS_VENV)/.deps-installed
 NATIVE_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
 
-.PHONY: setup build test demo bench bench-decode bench-ops bench-paged bench-peers needle-sweep quality stopping-rules cuda-build clean
+.PHONY: setup build test demo bench bench-decode bench-ops bench-paged bench-long-prompts bench-peers needle-sweep quality quality-prefill stopping-rules cuda-build clean
 
 setup: $(DEPS)
 
@@ -68,6 +68,16 @@ bench-ops: build
 bench-paged: build
 	$(PY) benchmarks/bench_paged.py --plot benchmarks/results/paged_held_bytes.png
 
+# Long prompts in pieces alone (part of `make bench`, SPEC 11): peak RSS
+# growth, KV held at the peak and prefill time of one forward against
+# chunked and streaming prefill (full cache, Coverage, SnapKV at 50%) at 4k
+# to 32k tokens on SmolLM2-135M, each row in its own process (about 24 min on
+# 2 cores; fewer rows at 16k and 32k, see its docstring), and the plot of peak
+# RSS growth against prompt length; sets nothing in latest.json on its own.
+# LONG_PROMPTS_ARGS passes options on, e.g. --quick (2 min) or --lengths 4096.
+bench-long-prompts: build
+	$(PY) benchmarks/bench_long_prompts.py --plot benchmarks/results/long_prompts_peak.png $(LONG_PROMPTS_ARGS)
+
 # ReFreeKV's options on the needle tasks of tests/test_real_model.py (~4 min)
 needle-sweep: build
 	$(PY) benchmarks/needle_sweep.py
@@ -79,6 +89,19 @@ needle-sweep: build
 # tables, figures and run.json go to benchmarks/results/quality/.
 quality: build
 	$(PY) benchmarks/quality_map.py
+
+# Prompts that arrive in pieces on the quality map (SPEC 11): the full cache,
+# Coverage and SnapKV at 50%, each in one forward, with the question fed after
+# a question-agnostic cut of the context, and streaming in pieces of 512 and
+# 1024 tokens (sweeps/prefill_modes.toml), on the RULER-style suite at 2k
+# tokens. Not part of `make quality` (already ~30 min on 2 cores): these modes
+# run plainly, one sequence per call. Sweeps run in build/quality-prefill;
+# tables and figures go to benchmarks/results/quality_prefill/.
+# PREFILL_SAMPLES sets the samples per task (default 3).
+PREFILL_SAMPLES ?= 3
+quality-prefill: build
+	$(PY) benchmarks/quality_map.py --grid sweeps/prefill_modes.toml --lengths 2048 --samples $(PREFILL_SAMPLES) \
+		--work-dir build/quality-prefill --output benchmarks/results/quality_prefill --speed-samples 0
 
 # The stopping-rule study (docs/coverage.md): Coverage's axes one at a time
 # with the quality grid at 1k and 2k tokens (sweeps/stopping_rules.toml), then

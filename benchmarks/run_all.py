@@ -1,14 +1,17 @@
 """`make bench`: every benchmark, one results file, one summary.
 
 Runs benchmarks/bench_ops.py, benchmarks/bench_e2e.py,
-benchmarks/bench_paged.py, benchmarks/bench_decode.py and
-benchmarks/bench_peers.py (each prints its own tables as it goes), then writes
+benchmarks/bench_paged.py, benchmarks/bench_long_prompts.py,
+benchmarks/bench_decode.py and benchmarks/bench_peers.py (each prints its own
+tables as it goes), then writes
 
   benchmarks/results/latest.json          all figures + the machine they ran on
   benchmarks/results/<UTC date-time>.json a dated copy
   benchmarks/results/summary.md           the headline figures against their targets
   benchmarks/results/figures.png          prefill overhead, decode speedup, operator speedups
   benchmarks/results/decode_rows.png      KV rows held while generating, per decode-time setting
+  benchmarks/results/long_prompts_peak.png  peak RSS growth of the prefill against prompt length,
+                                          one forward against chunked and streaming
 
     python benchmarks/run_all.py [--quick] [--peers-python .venv-peers/bin/python]
 """
@@ -98,6 +101,8 @@ def summary(results: dict) -> str:
                 f"| paged {method} @ {tokens} tokens: decode tok/s paged / full cache | {row['decode_paged_over_full']:.3f} | {full_target} |",
                 f"| paged {method} @ {tokens} tokens: packing share of prefill | {row['pack_share']:.3%} | <= 1% |",
             ]
+    if "long_prompts" in results:  # older results files have none
+        lines += long_prompts_summary(results["long_prompts"])
     peak = results["peak_memory_ratio"]
     lines.append(f"| peak_memory_ratio @ {peak['tokens']} tokens (patched / unpatched) | {peak['ratio']:.3f} | <= 1.05 |")
     ref = results["reference_ratios"]
@@ -148,6 +153,35 @@ def summary(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def long_prompts_summary(long_prompts: dict) -> list[str]:
+    """Rows of benchmarks/bench_long_prompts.py against their targets."""
+    lines = []
+    for tokens, rows in long_prompts["lengths"].items():
+        for name in ("coverage_streaming", "snapkv_streaming"):
+            row = rows.get(name)
+            if row is None:
+                continue
+            lines.append(
+                f"| long_prompts {name} @ {tokens} tokens: KV held at the peak / kept + one piece per layer; every layer "
+                f"within its held rows + one piece at every piece | {row['kv_peak_bytes'] / 2**20:.1f} / "
+                f"{row['kv_kept_plus_chunk_bytes'] / 2**20:.1f} MiB; {'yes' if row['kv_bound_ok'] else 'NO'} | yes |"
+            )
+        for name, row in rows.items():
+            if name == "full" or "peak_rss_growth_over_full" not in row:
+                continue
+            growth_target = "<= 0.4" if name == "coverage_streaming" and int(tokens) == 32768 else "-"
+            time_target = "<= 1.1" if name.endswith("_streaming") and int(tokens) == 8192 else "-"
+            lines.append(
+                f"| long_prompts {name} @ {tokens} tokens ({row['budget']:.1%} kept): peak RSS growth of the prefill; "
+                f"prefill time (/ full cache in one forward) | {row['peak_rss_growth_over_full']:.3f} "
+                f"({row['peak_rss_growth_bytes'] / 2**20:.0f} MiB); {row['prefill_over_full']:.3f} ({row['prefill_s']:.1f} s) | "
+                f"{growth_target}; {time_target} |"
+            )
+    for tokens, rows in long_prompts.get("rows_left_out", {}).items():
+        lines.append(f"| long_prompts @ {tokens} tokens: rows not run (time) | {', '.join(rows)} | |")
+    return lines
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -188,9 +222,12 @@ def main() -> None:
         e2e = run("bench_e2e.py", Path(scratch) / "e2e.json", args.quick)
         RESULTS.mkdir(exist_ok=True)
         paged = run("bench_paged.py", Path(scratch) / "paged.json", args.quick, "--plot", str(RESULTS / "paged_held_bytes.png"))
+        long_prompts = run(
+            "bench_long_prompts.py", Path(scratch) / "long_prompts.json", args.quick, "--plot", str(RESULTS / "long_prompts_peak.png")
+        )
         decode = run("bench_decode.py", Path(scratch) / "decode.json", args.quick, "--plot", str(RESULTS / "decode_rows.png"))
         peers = run("bench_peers.py", Path(scratch) / "peers.json", args.quick, "--peers-python", args.peers_python)
-    results = {"date": stamp.isoformat(timespec="seconds"), "quick": args.quick, "machine": machine(), **e2e, **paged, **decode, **peers, "ops": ops}
+    results = {"date": stamp.isoformat(timespec="seconds"), "quick": args.quick, "machine": machine(), **e2e, **paged, **long_prompts, **decode, **peers, "ops": ops}
     latest = RESULTS / "latest.json"
     latest.write_text(json.dumps(results, indent=2) + "\n")
     shutil.copy(latest, RESULTS / f"{stamp.strftime('%Y-%m-%dT%H%M%SZ')}.json")
