@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from proc_status import release_freed_memory, reset_peak_rss, status_bytes
 
 WARMUP_TOKENS = 256
+STREAM_CHUNK = 1024  # tokens per piece of a streaming prefill
 # kvpress's SimLayerKV leaves prompts of up to n_initial + n_recent + n_last
 # tokens alone; its warm-up must be longer to reach the compressing path.
 WARMUP_TOKENS_ADAPTIVE = 1100
@@ -65,6 +66,16 @@ ALIGNED = {
         ("h2o", {"budget": 0.5, "observation": "all", "window": 1}),
         lambda kvpress: kvpress.ObservedAttentionPress(compression_ratio=0.5),
         {"refreekv": "sdpa", "kvpress": "eager"},
+    ),
+    # Streaming prefill (SPEC 11): ours cuts SnapKV's rows after every piece
+    # of STREAM_CHUNK tokens, within a cap of half the prompt, so a layer
+    # never holds more than half the prompt plus one piece; kvpress has no
+    # chunked prefill that compresses as it goes, so its best equivalent is
+    # the same press after a full prefill.
+    "snapkv_streaming": (
+        ("snapkv", {"budget": 0.5, "window": 64, "kernel": 5, "pooling": "avg", "prefill": "streaming"}),
+        lambda kvpress: kvpress.SnapKVPress(compression_ratio=0.5, window_size=64, kernel_size=5),
+        "sdpa",
     ),
     # kvpress's adaptive press closest to ReFreeKV: SimLayerKV decides per
     # layer, from the last query's attention, whether the layer keeps only its
@@ -130,9 +141,19 @@ class Library:
         while decoding (refreekv's patch serves the compressed cache)."""
         patch_args, make_press, _ = ALIGNED[method]
         if self.name == "refreekv":
-            context = self.module.patch(model, patch_args[0], **patch_args[1]) if patch_args else None
+            options = {} if patch_args is None else dict(patch_args[1])
+            streaming = options.get("prefill") == "streaming"
+            if streaming:
+                options["max_cache_tokens"] = round(options["budget"] * ids.shape[1])
+            context = self.module.patch(model, patch_args[0], **options) if patch_args else None
             handle = context.__enter__() if context else None
-            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            if not streaming:
+                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            else:
+                cache = handle.new_cache(prompt_length=ids.shape[1])
+                for start in range(0, ids.shape[1], STREAM_CHUNK):
+                    piece = ids[:, start : start + STREAM_CHUNK]
+                    out = model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
             budget = handle.stats.budget if handle else 1.0
             return context, out.past_key_values, out.logits, budget
         press = make_press(self.module)
