@@ -221,8 +221,8 @@ class CompressedLayer(GrowingLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.recompressing:
             raise NotImplementedError(
-                "beam search is not supported with decode-time compression (recompress_every); "
-                "use greedy or sampling, or recompress_every=None"
+                "beam search is not supported with decode-time compression (recompress_every) or after a streaming "
+                "prefill (prefill='streaming'); use greedy or sampling, or recompress_every=None and prefill='exact'"
             )
         super().reorder_cache(beam_idx)
         if self.prompt_valid is not None:
