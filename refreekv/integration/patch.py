@@ -40,7 +40,9 @@ from refreekv.integration import compat
 from refreekv.integration.cache import CompressedLayer, compress_layer, whole_layer
 from refreekv.integration.forwards import patched_forward_began, patched_forward_ended
 from refreekv.integration.paged import DEFAULT_BLOCK_ROWS, PagedLayer, paged_block_rows
-from refreekv.integration.pieces import EXACT, STREAMING, PromptFill, check_prefill_mode, declare_prompt, declared_length
+from refreekv.integration.pieces import (
+    EXACT, STREAMING, PromptFill, check_prefill_mode, declare_prompt, declared_length, newest_queries,
+)
 from refreekv.integration.recompress import DecodeCompression, Timeline, recompress_layer
 from refreekv.integration.stats import CompressionStats
 
@@ -139,12 +141,7 @@ class _Decoding:
             self.events_done = self.generated // every
 
     def keep_queries(self, layer_idx: int, query: torch.Tensor, rows: int) -> None:
-        query = query.detach()
-        held = self.queries.get(layer_idx)
-        if held is not None and rows > query.shape[2]:
-            query = torch.cat([held, query], dim=2)
-        # A copy when slicing, so a long chunk's queries are not kept alive whole.
-        self.queries[layer_idx] = query if query.shape[2] <= rows else query[:, :, -rows:].clone()
+        self.queries[layer_idx] = newest_queries(self.queries.get(layer_idx), query, rows)
 
 
 @dataclass

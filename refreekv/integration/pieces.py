@@ -27,7 +27,10 @@ import torch.nn.functional as F
 from refreekv.compression import CompressionMethod, LayerInputs
 from refreekv.compression.checks import is_integer
 
-__all__ = ["EXACT", "PREFILL_MODES", "STREAMING", "PromptFill", "check_prefill_mode", "declare_prompt", "declared_length"]
+__all__ = [
+    "EXACT", "PREFILL_MODES", "STREAMING", "PromptFill", "check_prefill_mode", "declare_prompt", "declared_length",
+    "newest_queries",
+]  # fmt: skip
 
 EXACT, STREAMING = "exact", "streaming"
 PREFILL_MODES = (EXACT, STREAMING)
@@ -55,6 +58,16 @@ def declare_prompt(cache, length) -> None:
 
 def declared_length(cache) -> Optional[int]:
     return getattr(cache, "_refreekv_prompt_length", None)
+
+
+def newest_queries(held: Optional[torch.Tensor], query: torch.Tensor, rows: int) -> torch.Tensor:
+    """The newest `rows` queries [b, H, <= rows, d] of those `held` from
+    earlier forwards (or None) followed by this forward's `query`."""
+    query = query.detach()
+    if held is not None and rows > query.shape[2]:
+        query = torch.cat([held, query], dim=2)
+    # A copy when slicing, so that a long forward's queries are not kept alive whole.
+    return query if query.shape[2] <= rows else query[:, :, -rows:].clone()
 
 
 class PromptFill:
@@ -159,12 +172,7 @@ class PromptFill:
         (`inputs`: its queries over those rows): its newest queries and,
         for a method that sums every query, their attention sums."""
         rows = method.prefill_query_rows(self.length)
-        query = inputs.query.detach()
-        held = self._queries.get(inputs.layer_idx)
-        if held is not None and rows > query.shape[2]:
-            query = torch.cat([held, query], dim=2)
-        # A copy when slicing, so that a long piece's queries are not kept alive whole.
-        self._queries[inputs.layer_idx] = query if query.shape[2] <= rows else query[:, :, -rows:].clone()
+        self._queries[inputs.layer_idx] = newest_queries(self._queries.get(inputs.layer_idx), inputs.query, rows)
         if method.sums_every_query:
             piece = inputs.importance(inputs.query_rows, normalize=False, group_reduce="mean")
             summed = self._summed.get(inputs.layer_idx)
