@@ -40,6 +40,7 @@ from refreekv.eval.report import summarize, write_quality_report
 from refreekv.eval.report.figures import study_figure
 from refreekv.eval.report.tables import family_table, study_table
 from refreekv.eval.rundir import read_records
+from refreekv.eval.ruler import STUDIED_TASKS
 from refreekv.eval.sweep import SweepRequest, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +54,8 @@ def run_stage(output: Path, grids: list[Path], lengths: list[int], samples: int,
     start = time.perf_counter()
     report = run_sweep(SweepRequest(
         model="bundled:smollm2", suite="ruler", grid=points, lengths=lengths, samples=samples,
-        batch_size=batch_size, seed=seed, output_dir=str(output),
+        # the study's eight families: the later held-out ones (refreekv.eval.ruler) stay unseen
+        tasks=list(STUDIED_TASKS), batch_size=batch_size, seed=seed, output_dir=str(output),
     ))  # fmt: skip
     return {"lengths": lengths, "samples_per_cell": samples, "points": len(points),
             "sample_points_done": report["done_now"], "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip

@@ -53,6 +53,20 @@ def test_a_per_head_cut_is_judged_again_at_the_memory_it_holds():
     assert judged["on_frontier_at_held"] is False and judged["held_budget"] == 0.9
 
 
+def test_at_the_held_budget_baselines_are_placed_at_what_they_hold():
+    """Equal memory, not equal fractions: a baseline that holds more than
+    it keeps (block rounding, padding) is interpolated on its held curve."""
+    overall = cell("p", "coverage", "overall", 49.0, 0.6)
+    overall["held_budget"] = 0.7
+    summary = summary_with([cell("p", "coverage", "a", 79.0, 0.6), cell("p", "coverage", "b", 19.0, 0.6), overall])
+    for snap in summary["cells"]:
+        if snap["method"] == "snapkv":
+            snap["held_budget"] = snap["kept_budget"] + 0.2  # holds 0.7 and 0.95
+    judged = judge_point(summary, "p", 1024)
+    assert judged["baselines_at_held"]["snapkv"] == pytest.approx(30.0)  # its 0.5 point holds 0.7
+    assert judged["baselines"]["snapkv"] == pytest.approx(38.0)  # kept axis unchanged: 0.6 kept
+
+
 def test_below_the_frontier_and_incomplete_cells():
     below = summary_with([cell("p", "coverage", "a", 40.0, 0.7), cell("p", "coverage", "b", 10.0, 0.7),
                           cell("p", "coverage", "overall", 25.0, 0.7)])  # fmt: skip

@@ -14,7 +14,9 @@ from refreekv.eval.data import Sample, read_samples
 from refreekv.eval.prompting import build_input, format_prompt
 from refreekv.eval.ruler import (
     DEFAULT_DEPTHS,
+    HELD_OUT_TASKS,
     NEEDLE_TASKS,
+    STUDIED_TASKS,
     generate_samples,
     generate_suite,
     load_tokenizer,
@@ -59,7 +61,10 @@ def input_tokens(tokenizer, record) -> int:
 class TestRegistry:
     def test_tasks_are_registered_and_resolvable(self):
         assert RULER_TASKS == ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
-                               "variable_tracking", "common_words", "frequent_words", "qa_planted")  # fmt: skip
+                               "variable_tracking", "common_words", "frequent_words", "qa_planted",
+                               "multi_hop", "two_place")  # fmt: skip
+        assert STUDIED_TASKS == RULER_TASKS[:8] and HELD_OUT_TASKS == ("multi_hop", "two_place")
+        assert STUDIED_TASKS + HELD_OUT_TASKS == RULER_TASKS and set(HELD_OUT_TASKS) <= NEEDLE_TASKS
         assert resolve_tasks(",".join(RULER_TASKS)) == list(RULER_TASKS)
         assert all(TASKS[name].answer_prefix and TASKS[name].language == "en" for name in RULER_TASKS)
         assert all(TASKS[name] is ruler.TASKS[name] for name in RULER_TASKS) and ruler.RULER_TASKS == RULER_TASKS
@@ -227,6 +232,55 @@ class TestPlantedValues:
             assert counts[0][1] > counts[1][1] > counts[2][1] > counts[3][1]
             assert 0.98 * 8192 <= record["fitted_tokens"] <= 8192
 
+    def test_multi_hop(self, records):
+        """Pairs "<A> is the secret number for <B>" and "<B> is <value>": the
+        asked key A and every value occur once, every named key B twice (its
+        link and its fact), and the answer is the value the asked link leads
+        to, never a distractor's."""
+        link = re.compile(r"The secret number for (\S+) is the secret number for (\S+)\.")
+        fact = re.compile(r"The secret number for (\S+) is (\d{7})\.")
+        for record in of_task(records, "multi_hop"):
+            context, needles = record["context"], record["needles"]
+            assert len(needles) == 6
+            pairs = [(link.fullmatch(a).groups(), fact.fullmatch(b).groups())
+                     for a, b in zip(needles[::2], needles[1::2])]  # fmt: skip
+            assert all(named == fact_key for (_, named), (fact_key, _) in pairs)
+            asked_keys, named_keys = [asked for (asked, _), _ in pairs], [named for (_, named), _ in pairs]
+            values = [value for _, (_, value) in pairs]
+            assert len(set(asked_keys + named_keys)) == 6 and len(set(values)) == 3
+            for needle in needles:
+                assert context.count(needle) == 1
+            for key in asked_keys:
+                assert context.lower().count(key) == 1, key
+            for key in named_keys:
+                assert context.lower().count(key) == 2, key
+            for value in values:
+                assert context.count(value) == 1, value
+            assert record["query"] == asked_keys[0] and record["answers"] == values[:1] and record["answer_count"] == 1
+            assert record["input"] == f"What is the secret number for {asked_keys[0]} in the text above?"
+            assert record["answer_prefix"] == f"The secret number for {asked_keys[0]} is"
+
+    def test_two_place(self, records):
+        """Each key's two halves: every half occurs once, every key twice,
+        and the answer is both halves of the asked key."""
+        half = re.compile(r"The (first|second) half of the access code for (\S+) is (\d{4})\.")
+        for record in of_task(records, "two_place"):
+            context, needles = record["context"], record["needles"]
+            parsed = [half.fullmatch(needle).groups() for needle in needles]
+            assert [which for which, _, _ in parsed] == ["first", "second"] * 3
+            keys = [key for _, key, _ in parsed]
+            assert keys[::2] == keys[1::2] and len(set(keys)) == 3
+            halves = [value for _, _, value in parsed]
+            assert len(set(halves)) == 6
+            for needle in needles:
+                assert context.count(needle) == 1
+            for key in set(keys):
+                assert context.lower().count(key) == 2, key
+            for value in halves:
+                assert context.count(value) == 1, value
+            assert record["query"] == keys[0] and record["answers"] == halves[:2] and record["answer_count"] == 2
+            assert record["answer_prefix"] == f"The two halves of the access code for {keys[0]} are"
+
     def test_qa_answer_occurs_once(self, records):
         for record in of_task(records, "qa_planted"):
             (answer,) = record["answers"]
@@ -251,6 +305,34 @@ def strip_needles(context: str, needles: list[str]) -> tuple[str, int]:
     return remove(text, needles[0]), position
 
 
+def needle_positions(context: str, needles: list[str]) -> tuple[int, list[int]]:
+    """The length of the haystack without its needles, and where each needle
+    starts in the haystack with only that needle planted."""
+    haystack, _ = strip_needles(context, needles)
+    positions = []
+    for k, needle in enumerate(needles):
+        others = needles[:k] + needles[k + 1 :]
+        positions.append(strip_needles(context, [needle] + others)[1])
+    return len(haystack), positions
+
+
+# The second needle's least distance from the first, in haystack characters.
+APART = {"multi_hop": 0.25, "two_place": 0.4}
+
+
+def assert_apart(records):
+    """The second needle of multi_hop and two_place (the fact the asked link
+    names, the second half) is far enough from the first, and on both sides
+    of it over the records."""
+    for task, apart in APART.items():
+        sides = set()
+        for record in (r for r in records if r["dataset"] == task):
+            length, (first, second, *_) = needle_positions(record["context"], record["needles"])
+            assert abs(second - first) >= apart * length, (task, record["depth"], (second - first) / length)
+            sides.add(second > first)
+        assert sides == {True, False}, task
+
+
 class TestDepth:
     def test_first_needle_at_the_nearest_sentence_boundary(self, records):
         """Depth is measured in characters of the haystack (the essays without
@@ -266,6 +348,12 @@ class TestDepth:
                 assert abs(position - target) == min(abs(b - target) for b in boundaries), task
                 gaps = max(b - a for a, b in zip(boundaries, boundaries[1:]))
                 assert abs(position / len(haystack) - record["depth"]) <= gaps / 2 / len(haystack) + 1e-9
+
+    def test_second_needle_apart(self, records, tokenizer):
+        assert_apart([record for group in records.values() for record in group])
+        # At the middle depth, before and after it both have room: each is drawn.
+        middle = [record for task in APART for record in generate_samples(task, tokenizer, 1024, 10, depths=(0.5,))]
+        assert_apart(middle)
 
     def test_depths_cycle_and_are_configurable(self, records, tokenizer):
         for (_, task), group in records.items():
@@ -306,6 +394,24 @@ def test_lengths_with_the_real_tokenizer():
             for record in generate_samples(task, tokenizer, length, 2, seed=0):
                 tokens = input_tokens(tokenizer, record)
                 assert tokens == record["fitted_tokens"] and 0.98 * length <= tokens <= length, (task, length, tokens)
+
+
+@pytest.mark.slow
+def test_held_out_tasks_with_the_real_tokenizer():
+    """multi_hop and two_place with SmolLM2's tokenizer at 1024, 2048 and
+    4096 tokens: within 2% of the target, the second needle far enough from
+    the first, and the same records again from the same seed."""
+    tokenizer = load_tokenizer("bundled:smollm2")
+    for length in (1024, 2048, 4096):
+        records = []
+        for task in HELD_OUT_TASKS:
+            group = generate_samples(task, tokenizer, length, SAMPLES, seed=0)
+            assert group == generate_samples(task, tokenizer, length, SAMPLES, seed=0)
+            for record in group:
+                tokens = input_tokens(tokenizer, record)
+                assert tokens == record["fitted_tokens"] and 0.98 * length <= tokens <= length, (task, length, tokens)
+            records += group
+        assert_apart(records)
 
 
 def test_score_and_compare_find_ruler_tasks_in_a_run_directory(tmp_path):

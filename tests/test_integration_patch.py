@@ -17,6 +17,8 @@ METHODS = {
     "coverage": {"tolerance": 0.2},
     "coverage-layer-position": {"method": "coverage", "ranking": "position", "granularity": "layer", "tolerance": 0.3},
     "coverage-output": {"method": "coverage", "stop": "output", "tolerance": 0.2},
+    "coverage-value-model": {"method": "coverage", "signal": "value", "allocation": "model", "tolerance": 0.6},
+    "coverage-expected-floor": {"method": "coverage", "signal": "expected", "head_floor": 0.2, "tolerance": 0.3},
     "fullkv": {},
     "streamingllm": {"budget": 0.5},
     "h2o-window": {"method": "h2o", "budget": 0.5},
@@ -91,7 +93,9 @@ def test_patch_remove_round_trip_is_bitwise(model, batch, unpatched):
     assert torch.equal(tokens, unpatched[0]) and torch.equal(logits, unpatched[1])
 
 
-@pytest.mark.parametrize("case", ["refreekv", "coverage", "coverage-output", "snapkv", "streamingllm"])
+@pytest.mark.parametrize(
+    "case", ["refreekv", "coverage", "coverage-output", "coverage-value-model", "coverage-expected-floor", "snapkv", "streamingllm"]
+)
 def test_batching_is_transparent(model, batch, case):
     assert_batch_equals_each_alone(model, batch, *method_args(case))
 

@@ -15,14 +15,18 @@ import torch
 import torch.nn.functional as F
 
 from refreekv.compression.base import CompressionMethod, KeepPlan, LayerInputs, keep_top, split_ends
-from refreekv.compression.checks import check_choice, check_kernel, check_num_sinks, check_tolerance, check_window
+from refreekv.compression.checks import (
+    check_choice, check_kernel, check_num_sinks, check_real, check_tolerance, check_window,
+)  # fmt: skip
 from refreekv.ops import adaptive_keep_count, mass_keep_count
 
-__all__ = ["Coverage"]
+__all__ = ["Coverage", "expected_attention"]
 
 STOPS = ("mass", "norm", "output")
 RANKINGS = ("score", "position")
 GRANULARITIES = ("head", "layer")
+SIGNALS = ("attention", "value", "expected")
+ALLOCATIONS = ("layer", "model")
 
 
 class Coverage(CompressionMethod):
@@ -48,6 +52,24 @@ class Coverage(CompressionMethod):
             storage holds each at its own, padded storage pads to the
             largest and masks) or "layer" (every head keeps the largest
             count).
+        signal: what each key is worth before pooling (docs/coverage.md C.2):
+            "attention": the window's attention a_g[j];
+            "value": a_g[j] * ||v_j||, what dropping the key can move the
+            head's output by (the output-error rule's bound, per key);
+            "expected": the mean of a_g and the attention that a query
+            drawn from the window queries' Gaussian (mean and covariance
+            per query head) pays in expectation, so keys that later
+            queries are likely to read count although the window's own
+            queries passed them by.
+        allocation: how `tolerance` is spent across layers:
+            "layer": every compressed layer may lose `tolerance`;
+            "model": `tolerance` is the whole model's share, compounded
+            layer by layer, prod_l (1 - delta_l) = 1 - tolerance, and
+            split by depth (delta_l grows with the layer's rank among the
+            compressed layers: an early layer's loss passes through every
+            later one).
+        head_floor: share of its candidates every KV head keeps at least,
+            in [0, 1) (0: none).
         window: query rows of the signal, and recent tokens always kept.
         kernel: odd max-pooling width along the keys (1: no pooling), so
             the neighbours of an attended token rank with it.
@@ -64,6 +86,9 @@ class Coverage(CompressionMethod):
         stop: str = "mass",
         ranking: str = "position",
         granularity: str = "head",
+        signal: str = "attention",
+        allocation: str = "layer",
+        head_floor: float = 0.0,
         window: int = 32,
         kernel: int = 7,
         num_sinks: int = 4,
@@ -74,6 +99,9 @@ class Coverage(CompressionMethod):
         self.stop = check_choice("stop", stop, STOPS)
         self.ranking = check_choice("ranking", ranking, RANKINGS)
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
+        self.signal = check_choice("signal", signal, SIGNALS)
+        self.allocation = check_choice("allocation", allocation, ALLOCATIONS)
+        self.head_floor = check_real("head_floor", head_floor, minimum=0.0, below=1.0)
         self.window = check_window(window)
         self.kernel = check_kernel(kernel)
         self.num_sinks = check_num_sinks(num_sinks)
@@ -89,13 +117,11 @@ class Coverage(CompressionMethod):
         return self.granularity == "head"
 
     def plan(self, inputs: LayerInputs) -> KeepPlan:
-        if self.stop == "output" and inputs.value is None:
-            raise ValueError("coverage with stop='output' needs the layer's values (LayerInputs.value)")
-        rows = min(self.window, inputs.prompt_len)
-        signal = inputs.importance(rows, group_reduce="mean")
-        if self.kernel > 1:
-            signal = F.max_pool1d(signal, self.kernel, stride=1, padding=self.kernel // 2)
-            signal = signal.masked_fill(~inputs.prompt_valid[:, None, :], 0.0)  # pooling spills into padding
+        if inputs.value is None:
+            for option, value in (("stop", "output"), ("signal", "value")):
+                if getattr(self, option) == value:
+                    raise ValueError(f"coverage with {option}={value!r} needs the layer's values (LayerInputs.value)")
+        signal = self._signal(inputs)
         forced, candidates = split_ends(inputs, num_sinks=self.num_sinks, window=self.window)
         if self.ranking == "score":
             rank_key = signal
@@ -103,26 +129,51 @@ class Coverage(CompressionMethod):
             rank_key = inputs.positions()[None, :].to(signal.dtype).expand_as(signal)
         order = rank_key.masked_fill(~candidates[:, None, :], float("-inf")).sort(dim=-1, descending=True, stable=True).indices
         valid_len = candidates.sum(-1)
-        counts = self._counts(signal, order, valid_len, inputs)  # [b, Hkv]
+        counts = self._counts(signal, order, valid_len, inputs, self.layer_tolerance(inputs.layer_idx, inputs.num_layers))
+        if self.head_floor > 0:
+            floor = torch.ceil(valid_len.double() * self.head_floor).long()
+            counts = torch.minimum(torch.maximum(counts, floor[:, None]), valid_len[:, None])
         if self.granularity == "layer":
             counts = counts.amax(dim=1)
         return keep_top(rank_key, counts, candidates, forced)
 
-    def _counts(self, signal: torch.Tensor, order: torch.Tensor, valid_len: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+    def layer_tolerance(self, layer_idx: int, num_layers: int) -> float:
+        """delta_l, the share layer `layer_idx` may lose (see `allocation`)."""
+        if self.allocation == "layer":
+            return self.tolerance
+        compressed = [i for i in range(num_layers) if not self.is_protected(i, num_layers)]
+        weight = compressed.index(layer_idx) + 1  # the layer's depth rank, 1 for the first compressed layer
+        total = len(compressed) * (len(compressed) + 1) / 2
+        return 1.0 - (1.0 - self.tolerance) ** (weight / total)
+
+    def _signal(self, inputs: LayerInputs) -> torch.Tensor:
+        """[b, Hkv, n] float32 worth of each key, pooled, zero on padding."""
+        rows = min(self.window, inputs.prompt_len)
+        signal = inputs.importance(rows, group_reduce="mean")
+        if self.signal == "value":
+            signal = signal * inputs.value.float().norm(dim=-1)
+        elif self.signal == "expected":
+            signal = 0.5 * (signal + expected_attention(inputs, rows))
+        if self.kernel > 1:
+            signal = F.max_pool1d(signal, self.kernel, stride=1, padding=self.kernel // 2)
+        return signal.masked_fill(~inputs.prompt_valid[:, None, :], 0.0)  # pooling spills into padding
+
+    def _counts(self, signal: torch.Tensor, order: torch.Tensor, valid_len: torch.Tensor, inputs: LayerInputs,
+                tolerance: float) -> torch.Tensor:  # fmt: skip
         """[b, Hkv] candidates each head keeps under the stopping rule."""
         ranked = signal.gather(-1, order)
         in_range = torch.arange(ranked.shape[-1], device=ranked.device) < valid_len[:, None, None]
         ranked = ranked.masked_fill(~in_range, 0.0)
         if self.stop == "mass":
-            return mass_keep_count(ranked, self.tolerance, valid_len=valid_len)
+            return mass_keep_count(ranked, tolerance, valid_len=valid_len)
         batch, kv_heads, n = ranked.shape
         if self.stop == "norm":
             # One head per row: the paper's norm ratio, measured per KV head.
             per_head = adaptive_keep_count(
-                ranked.reshape(batch * kv_heads, 1, n), self.tolerance, valid_len=valid_len.repeat_interleave(kv_heads)
+                ranked.reshape(batch * kv_heads, 1, n), tolerance, valid_len=valid_len.repeat_interleave(kv_heads)
             )
             return per_head.view(batch, kv_heads)
-        return _output_keep_count(signal, order, ranked, valid_len, inputs, self.tolerance)
+        return _output_keep_count(signal, order, ranked, valid_len, inputs, tolerance)
 
 
 def _output_keep_count(signal, order, ranked, valid_len, inputs: LayerInputs, tolerance: float) -> torch.Tensor:
@@ -145,3 +196,39 @@ def _output_keep_count(signal, order, ranked, valid_len, inputs: LayerInputs, to
     first = torch.where(meets, ranks, ranked.shape[-1]).amin(dim=-1) + 1
     counts = torch.minimum(first, valid_len[:, None])
     return torch.where(output > 0, counts, valid_len[:, None].expand_as(counts))
+
+
+def expected_attention(inputs: LayerInputs, rows: int) -> torch.Tensor:
+    """[b, Hkv, n] float32: per KV head, the mean over its query heads of
+    the attention a query q ~ N(mu, Sigma) pays each key in expectation,
+    with mu and Sigma the mean and covariance of the newest `rows` real
+    queries of each query head. The expected unnormalized weight of key k
+    is E[exp(s q.k)] = exp(s mu.k + s^2 k^T Sigma k / 2) (the Gaussian's
+    moment generating function); these are normalized over the real keys
+    (and the layer's sink logit, which takes its share). Soft-capping is
+    applied to the expected logit, an approximation where it is set."""
+    rows = min(rows, inputs.query_rows)
+    query = inputs.query[:, :, inputs.query_rows - rows :].float()  # [b, H, r, d]
+    key = inputs.key.float()
+    batch, heads, _, dim = query.shape
+    kv_heads, n = key.shape[1], key.shape[2]
+    positions = torch.arange(inputs.prompt_len - rows, inputs.prompt_len, device=query.device)
+    real_rows = (positions[None, :] >= inputs.first_real[:, None]).to(query.dtype)  # [b, r]
+    count = real_rows.sum(-1).clamp(min=1)[:, None, None]  # [b, 1, 1]
+    weights = real_rows[:, None, :, None]
+    mean = (query * weights).sum(2) / count  # [b, H, d]
+    centred = (query - mean[:, :, None]) * weights
+    covariance = centred.transpose(-1, -2) @ centred / count[..., None]  # [b, H, d, d]
+    key = key.repeat_interleave(heads // kv_heads, dim=1)  # [b, H, n, d]
+    scale = inputs.scaling
+    logits = scale * torch.einsum("bhd,bhnd->bhn", mean, key)
+    logits = logits + 0.5 * scale**2 * torch.einsum("bhnd,bhde,bhne->bhn", key, covariance, key)
+    if inputs.softcap:
+        logits = inputs.softcap * torch.tanh(logits / inputs.softcap)
+    logits = logits.masked_fill(~inputs.prompt_valid[:, None, :], float("-inf"))
+    if inputs.sinks is not None:
+        sink = inputs.sinks.float().to(logits.device)[None, :, None].expand(batch, heads, 1)
+        probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :n]
+    else:
+        probs = logits.softmax(dim=-1)
+    return probs.view(batch, kv_heads, heads // kv_heads, n).mean(2)

@@ -31,6 +31,20 @@ generation lengths are defined here (TASKS), and the task registry
   whose counts are always strictly above the rest.
 * qa_planted: a made-up fact (refreekv.haystack's templates) planted in the
   essays, and the question it answers.
+* multi_hop: the asked key's number is given only through another key:
+  "The secret number for <A> is the secret number for <B>." and, at least a
+  quarter of the haystack before or after it, "The secret number for <B> is
+  <value>."; 2 distractor pairs of the same shape hold other numbers. The
+  answer is the value, reached in two hops that need not come in reading
+  order.
+* two_place: an access code in two halves, "The first half of the access
+  code for <key> is <v1>." and "The second half ... is <v2>.", at least 0.4
+  of the haystack apart; 2 distractor keys have halves of their own. The
+  answer is both halves, so both far-apart places must be kept.
+
+The first 8 tasks (STUDIED_TASKS) are the families a compression setting is
+chosen on; multi_hop and two_place (HELD_OUT_TASKS) are held out from that
+choice, to report the chosen setting on families it was not tuned on.
 
 Planted values, keys and variable names never occur in the haystack text
 (they are re-drawn when they do), and no planted string contains another,
@@ -41,15 +55,21 @@ words all have one length: each list or coded word occurs in the model's
 input only as its own entries, so neither echoing the instructions nor
 naming another word matches an answer.
 
-Depth (needle tasks: niah_*, variable_tracking, qa_planted). Sample i has
-`depth` = depths[i % len(depths)]; its first needle (the asked one) starts
-at the sentence boundary of the haystack nearest to that fraction of the
-haystack's characters (measured on the essay text, without the needles;
-the boundaries are the haystack's sentence starts and its end). The other
-needles go to random depths, each snapped the same way; the later links of
-the asked variable chain go to random depths after the first, in order,
-and distractor chains in order anywhere. The `needles` field lists the
-planted sentences, the asked one first.
+Depth (needle tasks: niah_*, variable_tracking, qa_planted, multi_hop,
+two_place). Sample i has `depth` = depths[i % len(depths)]; its first
+needle (the asked one) starts at the sentence boundary of the haystack
+nearest to that fraction of the haystack's characters (measured on the
+essay text, without the needles; the boundaries are the haystack's sentence
+starts and its end). The other needles go to random depths, each snapped
+the same way; the later links of the asked variable chain go to random
+depths after the first, in order, and distractor chains in order anywhere.
+In multi_hop and two_place the second needle (the fact the asked link
+names; the second half) goes to the boundary nearest a random point of the
+haystack at least a given share of its characters (0.25; 0.4) before or
+after the first needle, among the boundaries that far from it, so the
+distance holds in the fitted context, after snapping. The `needles` field
+lists the planted sentences, the asked one first (in multi_hop and
+two_place, its second needle next).
 
 Length. `target_tokens` counts the model's tokens of the whole input as
 `prompting.build_input(tokenizer, task, sample, huge, chat_template=True)`
@@ -96,8 +116,10 @@ from refreekv.haystack import FACT_TEMPLATES, essay_words, fact_values
 
 __all__ = [
     "DEFAULT_DEPTHS",
+    "HELD_OUT_TASKS",
     "NEEDLE_TASKS",
     "RULER_TASKS",
+    "STUDIED_TASKS",
     "TASKS",
     "generate_samples",
     "generate_suite",
@@ -146,6 +168,18 @@ _SPECS = [
      "Read the text below and answer the question after it. The answer is stated in the text.\n\n{context}\n\n"
      "Question: {input} Answer in a few words.",
      "Answer:"),
+    # Held out (HELD_OUT_TASKS). multi_hop's answer is one 7-digit number (8
+    # tokens), with room to name the key it goes through first.
+    ("multi_hop", 32, "string_match_all", "RULER multi-hop QA",
+     "Some secret numbers are hidden in the long text below, each given for a key. Some are given only as the "
+     "secret number for another key: follow that to its number. Remember them: after the text you will be asked "
+     "for one of them.\n\n{context}\n\nQuestion: {input} Reply with the number only.",
+     "The secret number for {query} is"),
+    ("two_place", 24, "string_match_all", "RULER two-place retrieval",
+     "Some access codes are hidden in the long text below, each split in two halves that are given in different "
+     "places. Remember them: after the text you will be asked for both halves of one code.\n\n{context}\n\n"
+     "Question: {input} Reply with the two halves only.",
+     "The two halves of the access code for {query} are"),
 ]  # fmt: skip
 
 TASKS: dict[str, Task] = {
@@ -155,10 +189,14 @@ TASKS: dict[str, Task] = {
 }  # fmt: skip
 # In RULER's order of families.
 RULER_TASKS: tuple[str, ...] = tuple(TASKS)
+# A setting (e.g. a stopping rule's) is chosen on the studied families and
+# reported on the held-out ones too, which its choice never saw.
+HELD_OUT_TASKS: tuple[str, ...] = ("multi_hop", "two_place")
+STUDIED_TASKS: tuple[str, ...] = tuple(name for name in RULER_TASKS if name not in HELD_OUT_TASKS)
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 NEEDLE_TASKS = frozenset({"niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
-                          "variable_tracking", "qa_planted"})  # fmt: skip
+                          "variable_tracking", "qa_planted", "multi_hop", "two_place"})  # fmt: skip
 
 VALUE_KINDS = ("number", "word", "uuid")
 MULTIKEY_DISTRACTORS = 3
@@ -169,6 +207,10 @@ COMMON_WORDS = 5
 COMMON_SHARE = 0.3  # of the list's entries
 _COMMON_QUESTION = f"Which {COMMON_WORDS} words appear most often in the list above?"
 FREQUENT_WORDS = 3
+HOP_DISTRACTORS = 2  # multi_hop's pairs for other keys
+HOP_APART = 0.25  # of the haystack's characters, at least, between the asked link and the fact it names
+TWO_PLACE_DISTRACTORS = 2  # two_place's other keys
+TWO_PLACE_APART = 0.4  # between the asked code's halves
 _ZETA_2 = math.pi**2 / 6  # the sum of 1 / k^2: normalizes frequent_words' Zipf shares
 
 # Keys are "<adjective>-<animal>"; word values are objects, so no value is
@@ -249,6 +291,27 @@ class _Haystack:
         index = bisect.bisect_left(self.start_offsets, target, 0, count)
         candidates += [self.sentence_starts[k] for k in (index - 1, index) if 0 <= k < count]
         return min(candidates, key=lambda j: (abs(self.offsets[j] - target), j))
+
+    def away(self, words: int, depth: float, apart: float, draw: float) -> float:
+        """A depth whose boundary is at least `apart` of the first `words`
+        words' characters before or after `depth`'s boundary: the allowed
+        boundary nearest to the point `draw` (in [0, 1)) of the way through
+        the characters that far from it. It is the chosen boundary's own
+        fraction (past 1 for the end), so `boundary` snaps it back there.
+        `apart` is at most 0.5: the start or the end is always that far."""
+        length = max(0, self.offsets[words] - 1)
+        if not length:
+            return 0.0
+        first, gap = self.offsets[self.boundary(words, depth)], apart * length
+        count = bisect.bisect_left(self.sentence_starts, words)
+        # The start and the end are boundaries, and one of them is at least half the text away.
+        allowed = [j for j in (*self.sentence_starts[:count], words) if abs(self.offsets[j] - first) >= gap]
+        before, after = max(0.0, first - gap), max(0.0, length - first - gap)
+        point = draw * (before + after)
+        if point >= before:  # after the first needle: past the stretch within `gap` of it
+            point = first + gap + (point - before)
+        chosen = min(allowed, key=lambda j: (abs(self.offsets[j] - point), j))
+        return self.offsets[chosen] / length
 
     def context(self, words: int, planted: Sequence[tuple[float, str]]) -> str:
         """The first `words` words with each (depth, needle) planted; needles
@@ -368,6 +431,21 @@ def _niah(rng: random.Random, depth: float, max_words: int, kind: str, keys: int
     return _essay_draft(haystack, question, answers, planted, fields)
 
 
+def _apart_draft(rng: random.Random, haystack: _Haystack, question: str, answers: list[str], needles: list[str],
+                 depth: float, apart: float, fields: dict[str, Any]) -> _Draft:  # fmt: skip
+    """needles[0] at `depth`, needles[1] at least `apart` of the haystack
+    away from it (before or after, see _Haystack.away), the rest at random
+    depths."""
+    draw = rng.random()
+    others = [(rng.random(), needle) for needle in needles[2:]]
+
+    def context(words: int) -> str:
+        second = haystack.away(words, depth, apart, draw)
+        return haystack.context(words, [(depth, needles[0]), (second, needles[1]), *others])
+
+    return _Draft(question, answers, context, len(haystack.words), fields, list(needles))
+
+
 def niah_single(rng, index, depth, max_words) -> _Draft:
     return _niah(rng, depth, max_words, VALUE_KINDS[index % len(VALUE_KINDS)], 1, 1, 1)
 
@@ -414,6 +492,38 @@ def qa_planted(rng, index, depth, max_words) -> _Draft:
     else:
         raise RuntimeError("every drawn answer occurs in the haystack")
     return _essay_draft(haystack, fact.question, [fact.answer], [(depth, fact.statement)], {})
+
+
+def multi_hop(rng, index, depth, max_words) -> _Draft:
+    """Pairs "<A> is the secret number for <B>" and "<B> is <value>"; the
+    first pair's A is asked."""
+    haystack = _Haystack(rng, max_words)
+    pairs = 1 + HOP_DISTRACTORS
+    keys = _distinct(rng, _key, 2 * pairs, haystack)
+    values = _distinct(rng, _value_drawer("number"), pairs, haystack, taken=keys)
+    needles = []
+    for pair in range(pairs):
+        asked, named = keys[2 * pair : 2 * pair + 2]
+        needles += [f"The secret number for {asked} is the secret number for {named}.",
+                    f"The secret number for {named} is {values[pair]}."]  # fmt: skip
+    question = f"What is the secret number for {keys[0]} in the text above?"
+    fields = {"query": keys[0], "answer_count": 1}
+    return _apart_draft(rng, haystack, question, values[:1], needles, depth, HOP_APART, fields)
+
+
+def two_place(rng, index, depth, max_words) -> _Draft:
+    """Access codes in two halves; the first key's two halves are asked."""
+    haystack = _Haystack(rng, max_words)
+    codes = 1 + TWO_PLACE_DISTRACTORS
+    keys = _distinct(rng, _key, codes, haystack)
+    halves = _distinct(rng, lambda r: str(r.randint(1000, 9999)), 2 * codes, haystack, taken=keys)
+    needles = []
+    for code, key in enumerate(keys):
+        needles += [f"The first half of the access code for {key} is {halves[2 * code]}.",
+                    f"The second half of the access code for {key} is {halves[2 * code + 1]}."]  # fmt: skip
+    question = f"What are the first and the second half of the access code for {keys[0]} in the text above?"
+    fields = {"query": keys[0], "answer_count": 2}
+    return _apart_draft(rng, haystack, question, halves[:2], needles, depth, TWO_PLACE_APART, fields)
 
 
 def common_words(rng, index, depth, max_entries) -> _Draft:
@@ -489,6 +599,8 @@ _MAKERS: dict[str, Callable[[random.Random, int, float, int], _Draft]] = {
     "common_words": common_words,
     "frequent_words": frequent_words,
     "qa_planted": qa_planted,
+    "multi_hop": multi_hop,
+    "two_place": two_place,
 }
 
 
@@ -615,7 +727,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--lengths", type=comma_separated(int), default=[1024, 2048], help="input tokens, e.g. 1024,2048")
     parser.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tasks", default=",".join(RULER_TASKS), help="comma-separated (default: all 8)")
+    parser.add_argument("--tasks", default=",".join(RULER_TASKS),
+                        help=f"comma-separated (default: all {len(RULER_TASKS)}: the {len(STUDIED_TASKS)} studied "
+                        f"and the {len(HELD_OUT_TASKS)} held-out, {', '.join(HELD_OUT_TASKS)})")  # fmt: skip
     parser.add_argument("--depths", type=comma_separated(float), default=list(DEFAULT_DEPTHS),
                         help="needle depths, cycled over the samples (default 0,0.25,0.5,0.75,1)")  # fmt: skip
     parser.add_argument("--model", default=BUNDLED_MODEL, help="whose tokenizer counts the tokens: "

@@ -57,9 +57,10 @@ def judge_point(summary: dict[str, Any], point: str, length: int) -> Optional[di
     worst = max(families, key=lambda task: families[task]["drop"])
     held = overall.get("held_budget")
     baselines = _baselines_at(summary, length, overall["kept_budget"], reference[OVERALL])
-    # A per-head cut holds more rows than it attends to: judged again at the
-    # memory it holds, against baselines that hold what they attend to.
-    held_baselines = None if held is None else _baselines_at(summary, length, held, reference[OVERALL])
+    # A cut may hold more rows than it attends to (padding, blocks): judged
+    # again at the memory it holds, against each baseline's curve of the
+    # memory it holds, i.e. at equal bytes rather than equal fractions.
+    held_baselines = None if held is None else _baselines_at(summary, length, held, reference[OVERALL], "held_budget")
     return {
         "point": point,
         "length": length,
@@ -78,13 +79,16 @@ def judge_point(summary: dict[str, Any], point: str, length: int) -> Optional[di
     }
 
 
-def _baselines_at(summary: dict[str, Any], length: int, budget: float, full_score: float) -> dict[str, Optional[float]]:
-    """Each fixed-budget method's overall score interpolated at `budget`
-    (its one-forward points: another prefill mode is another method)."""
+def _baselines_at(summary: dict[str, Any], length: int, budget: float, full_score: float,
+                  axis: str = "kept_budget") -> dict[str, Optional[float]]:  # fmt: skip
+    """Each fixed-budget method's overall score interpolated at `budget` on
+    its curve of `axis` ("kept_budget", or "held_budget": rows held in
+    memory, the kept budget where a cell does not record it), from its
+    one-forward points (another prefill mode is another method)."""
     baselines = {}
     for method in FIXED_BUDGET_METHODS:
         curve = [
-            (c["kept_budget"], c["score"])
+            (c["kept_budget"] if c.get(axis) is None else c[axis], c["score"])
             for c in summary["cells"]
             if (c["method"], c["length"], c["task"]) == (method, length, OVERALL) and c["complete"]
             # the baselines' one-forward curves (cells of older summaries name no mode)

@@ -158,14 +158,18 @@ def write_comparison_csv(path: Path, labels: Sequence[str], rows: list[tuple[str
 # -- the stopping-rule study -------------------------------------------------
 
 
-def study_table(rows: list[dict[str, Any]], baselines: Sequence[str]) -> str:
+def study_table(rows: list[dict[str, Any]], baselines: Sequence[str], *, at_held: bool = False) -> str:
     """One line per judged point and length (`refreekv.eval.report.frontier.judge_point`
-    rows), by length then budget, with the score of each of `baselines` there."""
+    rows), by length then budget, with the score of each of `baselines` at
+    the point's kept budget, or with `at_held` at the rows it holds (equal
+    memory)."""
+    where = "held" if at_held else "budget"
     header = ["point", "length", "kept %", "held %", "score", "full", "worst family (drop)", "lossless",
-              *[f"{m} @ budget" for m in baselines], "on frontier", "at held"]  # fmt: skip
+              *[f"{m} @ {where}" for m in baselines], "on frontier", "at held"]  # fmt: skip
     body = []
     for r in sorted(rows, key=lambda r: (r["length"], r["budget"])):
-        at_budget = [("-" if r["baselines"].get(m) is None else f"{r['baselines'][m]:.1f}") for m in baselines]
+        compared = (r["baselines_at_held"] or {}) if at_held else r["baselines"]
+        at_budget = [("-" if compared.get(m) is None else f"{compared[m]:.1f}") for m in baselines]
         frontier, at_held = ("-" if v is None else ("yes" if v else "no") for v in (r["on_frontier"], r["on_frontier_at_held"]))
         body.append([
             r["point"], str(r["length"]), f"{100 * r['budget']:.1f}",
