@@ -11,7 +11,7 @@ PEERS_PY   := $(PEERS_VENV)/bin/python
 PEERS_DEPS := $(PEERS_VENV)/.deps-installed
 NATIVE_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
 
-.PHONY: setup build test demo bench bench-decode bench-ops bench-paged bench-long-prompts bench-peers needle-sweep quality quality-prefill stopping-rules cuda-build clean
+.PHONY: setup build test demo bench bench-decode bench-ops bench-paged bench-long-prompts bench-peers needle-sweep quality quality-prefill stopping-rules coverage-axes cuda-build clean
 
 setup: $(DEPS)
 
@@ -112,6 +112,16 @@ quality-prefill: build
 # for stage 1, 19 for stage 2).
 stopping-rules: build
 	$(PY) benchmarks/stopping_rules.py $(STUDY_ARGS)
+
+# Coverage's new axes (docs/coverage.md C.9), chosen on one part of the data
+# and reported on another: the tuning part (suite seed 0, the 8 studied
+# families, 2k and 4k tokens, 5 samples; sweeps/coverage_axes_tune.toml),
+# the choice by the rule fixed in the script, then the report part (seed 1,
+# all 10 families, the 2 held-out ones included, 1k to 4k tokens, 10
+# samples; sweeps/coverage_axes_report.toml plus the choice). Tables in
+# benchmarks/results/coverage_axes/. About 2 hours on 2 cores from nothing.
+coverage-axes: build
+	$(PY) benchmarks/coverage_axes.py $(AXES_ARGS)
 
 # CUDA build check, on any machine with nvcc (no GPU needed): a second venv
 # with torch built for CUDA 13.0, the extension compiled out of tree with the

@@ -7,6 +7,7 @@ prefill; `refreekv.methods()` lists the methods and their options.
 
 from typing import Any
 
+from refreekv import compression  # the methods (torch only): refreekv.compression.fixed_budget_methods() etc.
 from refreekv._native import built_with_cuda
 from refreekv.ops import (
     adaptive_keep_count,

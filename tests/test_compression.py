@@ -1,5 +1,8 @@
 """Compression methods on hand-made layer inputs (no model)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -195,3 +198,15 @@ def test_methods_listing():
 
 def test_fixed_budget_methods_are_read_from_the_methods_in_listing_order():
     assert fixed_budget_methods() == ("streamingllm", "h2o", "snapkv", "pyramidkv", "adakv")
+
+
+def test_the_methods_are_reachable_after_a_plain_import_without_transformers():
+    """`refreekv.patch`'s docstring sends users to
+    `refreekv.compression.fixed_budget_methods()`; it must work right after
+    `import refreekv`, which leaves transformers unloaded."""
+    code = (
+        "import sys, refreekv; print(refreekv.compression.fixed_budget_methods()); "
+        "print('transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == [str(fixed_budget_methods()), "False"]
