@@ -1,15 +1,17 @@
-"""The README's layout section draws the tree as it is: every file of the
-package is on a line of its own, and every path drawn exists."""
+"""The layout section of the development page (docs/development.md, linked
+from the README) draws the tree as it is: every file of the package is on a
+line of its own, and every path drawn exists."""
 
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+LAYOUT_PAGE = ROOT / "docs" / "development.md"
 
 
 def layout_paths() -> list[str]:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    page = LAYOUT_PAGE.read_text(encoding="utf-8")
+    section = page.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
     block = section.split("```", 2)[1]
     return [line.split()[0] for line in block.splitlines() if line.strip()]
 
