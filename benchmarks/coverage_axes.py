@@ -23,11 +23,15 @@ default, SnapKV, PyramidKV and AdaKV at three budgets) plus the choice.
 Baselines are compared at equal memory: each interpolated on its curve of
 rows held at the rows the setting holds (`refreekv.eval.report.frontier`).
 
+Then the cost: prefill time of the choice and of the previous default
+against unpatched at 1k, 4k and 8k tokens (median of 5, the three timed in
+turn, in this process), the target being <= 1.03.
+
 Writes benchmarks/results/coverage_axes/: study.md (the tables, each naming
 its part), study.json, run.json and each part's quality report. It
 measures; it asserts nothing.
 
-    python benchmarks/coverage_axes.py [--tune-samples 5] [--report-samples 10] [--report-only]
+    python benchmarks/coverage_axes.py [--tune-samples 5] [--report-samples 10] [--report-only] [--overhead-only]
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from typing import Any, Optional, Sequence
 from refreekv.eval.grid import GridPoint, load_grid
 from refreekv.eval.report import summarize, write_quality_report
 from refreekv.eval.report.frontier import FIXED_BUDGET_METHODS, judge_point
-from refreekv.eval.report.tables import family_table, study_table
+from refreekv.eval.report.tables import family_table, markdown_table, study_table
 from refreekv.eval.rundir import read_records
 from refreekv.eval.ruler import HELD_OUT_TASKS, RULER_TASKS, STUDIED_TASKS
 from refreekv.eval.sweep import SweepRequest, run_sweep
@@ -98,12 +102,15 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"point": best, "lossless_everywhere": bool(lossless), "mean_held": held[best], "worst_drop": worst[best]}
 
 
-def report_points(choice: str, tune_points: list[GridPoint]) -> list[GridPoint]:
+def report_points(choice: str, tune_points: list[GridPoint]) -> tuple[list[GridPoint], GridPoint]:
+    """The report grid with the choice added (unless a point of it has the
+    same options already), and the report's point of the choice."""
     points = load_grid(PARTS["report"]["grid"])
     chosen = next(p for p in tune_points if p.label == choice)
-    if chosen.label not in {p.label for p in points}:
+    same = [p for p in points if (p.method, p.all_options) == (chosen.method, chosen.all_options)]
+    if not same:
         points.append(chosen)
-    return points
+    return points, (same or [chosen])[0]
 
 
 def family_split_table(report_dir: Path) -> str:
@@ -116,6 +123,32 @@ def family_split_table(report_dir: Path) -> str:
     return "\n\n".join(lines)
 
 
+def prefill_overhead(settings: dict[str, dict[str, Any]], sizes: Sequence[int], repeats: int) -> dict[str, Any]:
+    """Per prompt size, each setting's prefill time / unpatched, timed in turn."""
+    import bench_e2e  # benchmarks/ is on the path when this file runs as a script
+    from refreekv.assets import load_bundled_model
+
+    model, tokenizer = load_bundled_model()
+    results = {}
+    for tokens in sizes:
+        ids = bench_e2e.prompt_ids(tokenizer, tokens)
+        bench_e2e.prefill(model, ids[:, :64])
+        base = bench_e2e.time_prefill(model, ids, repeats)
+        row = {"unpatched_s": round(base, 4)}
+        for name, options in settings.items():
+            seconds = bench_e2e.time_prefill(model, ids, repeats, "coverage", **options)
+            row[name] = {"seconds": round(seconds, 4), "ratio": round(seconds / base, 4)}
+        results[str(tokens)] = row
+        print(f"prefill overhead at {tokens} tokens: " + ", ".join(f"{n} {row[n]['ratio']:.3f}" for n in settings))
+    return results
+
+
+def overhead_table(overhead: dict[str, Any]) -> str:
+    names = [k for k in next(iter(overhead.values())) if k != "unpatched_s"]
+    rows = [[name, *[f"{overhead[size][name]['ratio']:.3f}" for size in overhead]] for name in names]
+    return markdown_table(["setting", *[f"{size} tokens" for size in overhead]], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tune-samples", type=int, default=5)
@@ -124,25 +157,33 @@ def main() -> None:
     parser.add_argument("--work-dir", default=str(ROOT / "build" / "coverage_axes"))
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the sweeps in --work-dir")
+    parser.add_argument("--overhead-only", action="store_true", help="measure the prefill overhead again, keep the sweeps' results")
+    parser.add_argument("--overhead-repeats", type=int, default=5)
     args = parser.parse_args()
     work, output = Path(args.work_dir), Path(args.output)
     tune_dir, report_dir = work / "tune", work / "report"
     started = time.perf_counter()
     tune_points = load_grid(PARTS["tune"]["grid"])
 
-    stages = {}
-    if args.report_only and (output / "run.json").exists():  # the timings stay those of the runs
-        stages = json.loads((output / "run.json").read_text(encoding="utf-8"))["stages"]
-    if not args.report_only:
+    stages, overhead = {}, None
+    reuse = args.report_only or args.overhead_only
+    if reuse and (output / "run.json").exists():  # the timings stay those of the runs
+        previous = json.loads((output / "run.json").read_text(encoding="utf-8"))
+        stages, overhead = previous["stages"], previous.get("prefill_overhead")
+    if not reuse:
         stages["tune"] = run_part(tune_dir, tune_points, PARTS["tune"], args.tune_samples, args.batch_size)
     tune_summary = part_summary(tune_dir)
     tune_rows = coverage_rows(tune_summary)
     choice = choose(tune_rows)
-    points = report_points(choice["point"], tune_points)
-    if not args.report_only:
+    points, chosen = report_points(choice["point"], tune_points)
+    if not reuse:
         stages["report"] = run_part(report_dir, points, PARTS["report"], args.report_samples, args.batch_size)
     report_summary = part_summary(report_dir)
     report_rows = coverage_rows(report_summary)
+    if not args.report_only:
+        settings = {"choice": dict(chosen.options)}
+        settings.update({"previous default": dict(p.options) for p in points if p.method == "coverage" and p is not chosen})
+        overhead = prefill_overhead(settings, [1024, 4096, 8192], args.overhead_repeats)
 
     output.mkdir(parents=True, exist_ok=True)
     write_quality_report(tune_summary, output / "tune", title=f"Coverage axes, {PARTS['tune']['title']}")
@@ -162,14 +203,19 @@ def main() -> None:
         f"## Report part ({PARTS['report']['title']}, {args.report_samples} samples per cell)",
         study_table(report_rows, COMPARED, at_held=True),
         family_split_table(report_dir),
-        f"Per task family, report part, `{choice['point']}`:",
-        family_table(report_rows, choice["point"]),
+        f"Per task family, report part, `{chosen.label}`:",
+        family_table(report_rows, chosen.label),
+        *([] if overhead is None else [
+            f"Prefill time / unpatched (median of {args.overhead_repeats}, timed in turn; target <= 1.03):",
+            overhead_table(overhead),
+        ]),
     ])  # fmt: skip
     (output / "study.md").write_text(markdown + "\n", encoding="utf-8")
     run = {
         "command": "make coverage-axes",
         "stages": stages,
         "choice": choice,
+        "prefill_overhead": overhead,
         "total_seconds": round(time.perf_counter() - started, 1),
         "environment": json.loads((tune_dir / "sweep.json").read_text(encoding="utf-8"))["environment"],
     }
