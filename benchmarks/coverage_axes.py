@@ -181,8 +181,7 @@ def main() -> None:
     report_summary = part_summary(report_dir)
     report_rows = coverage_rows(report_summary)
     if not args.report_only:
-        settings = {"choice": dict(chosen.options)}
-        settings.update({"previous default": dict(p.options) for p in points if p.method == "coverage" and p is not chosen})
+        settings = {p.label: dict(p.options) for p in points if p.method == "coverage"}
         overhead = prefill_overhead(settings, [1024, 4096, 8192], args.overhead_repeats)
 
     output.mkdir(parents=True, exist_ok=True)
