@@ -59,7 +59,7 @@ def mass_count(masses, tolerance):
 @pytest.mark.parametrize("window,kernel", [(8, 7), (1, 1), (5, 3)])
 def test_mass_rule_per_head_by_score(window, kernel):
     inputs = layer_inputs([60, 41], n=60, heads=6, kv_heads=2)
-    method = Coverage(tolerance=0.1, ranking="score", window=window, kernel=kernel, num_sinks=3)
+    method = Coverage(tolerance=0.1, allocation="layer", ranking="score", window=window, kernel=kernel, num_sinks=3)
     plan = method.plan(inputs)
     signal = signal_of(inputs, window, kernel).double()
     assert plan.head_len is not None and plan.head_len.shape == (2, 2)
@@ -77,7 +77,7 @@ def test_mass_rule_per_head_by_score(window, kernel):
 
 def test_position_ranking_at_layer_granularity_keeps_sinks_and_the_newest():
     inputs = layer_inputs([50, 37], n=50)
-    plan = Coverage(tolerance=0.2, ranking="position", granularity="layer", window=4, kernel=1).plan(inputs)
+    plan = Coverage(tolerance=0.2, allocation="layer", ranking="position", granularity="layer", window=4, kernel=1).plan(inputs)
     signal = signal_of(inputs, 4, 1).double()
     assert plan.head_len is None
     for b in range(2):
@@ -91,7 +91,7 @@ def test_position_ranking_at_layer_granularity_keeps_sinks_and_the_newest():
 
 def test_norm_rule_is_the_papers_ratio_per_head():
     inputs = layer_inputs([45], n=45)
-    plan = Coverage(tolerance=0.05, stop="norm", ranking="score", window=1, kernel=1).plan(inputs)
+    plan = Coverage(tolerance=0.05, allocation="layer", stop="norm", ranking="score", window=1, kernel=1).plan(inputs)
     signal = signal_of(inputs, 1, 1)
     forced, candidates = forced_and_candidates(inputs, 0, 4, 1)
     for head in range(2):
@@ -103,7 +103,7 @@ def test_norm_rule_is_the_papers_ratio_per_head():
 def test_output_rule_bounds_the_dropped_share_of_the_output():
     inputs = with_values(layer_inputs([40, 29], n=40))
     tolerance = 0.1
-    plan = Coverage(tolerance=tolerance, stop="output", ranking="score", window=4, kernel=1).plan(inputs)
+    plan = Coverage(tolerance=tolerance, allocation="layer", stop="output", ranking="score", window=4, kernel=1).plan(inputs)
     signal = signal_of(inputs, 4, 1).double()
     value = inputs.value.double()
     for b in range(2):
@@ -129,14 +129,15 @@ def test_zero_tolerance_keeps_every_real_token():
         assert plan.keeps_everything(inputs.real_len)
 
 
-def test_defaults_are_the_studys_choice():
+def test_defaults_are_the_studies_choice():
     """docs/coverage.md: mass rule, positional ranking, a budget per KV head,
-    the last 32 queries' attention max-pooled with kernel 7, 4 sinks,
-    delta = 5% in every layer, no floor per head."""
+    the last 32 queries' attention max-pooled with kernel 7, 4 sinks (C.8),
+    delta = 60% for the whole model, compounded over the layers, no floor
+    per head (C.9)."""
     method = Coverage()
     assert method.options() == {
-        "tolerance": 0.05, "stop": "mass", "ranking": "position", "granularity": "head", "signal": "attention",
-        "allocation": "layer", "head_floor": 0.0, "window": 32, "kernel": 7, "num_sinks": 4, "protected_layers": (),
+        "tolerance": 0.6, "stop": "mass", "ranking": "position", "granularity": "head", "signal": "attention",
+        "allocation": "model", "head_floor": 0.0, "window": 32, "kernel": 7, "num_sinks": 4, "protected_layers": (),
     }  # fmt: skip
 
 
@@ -201,7 +202,7 @@ def test_expected_attention_matches_sampled_queries():
 @pytest.mark.parametrize("ranking", ["score", "position"])
 def test_value_signal_weighs_attention_by_the_value_norm(ranking):
     inputs = with_values(layer_inputs([60, 41], n=60, heads=6, kv_heads=2))
-    plan = Coverage(tolerance=0.1, signal="value", ranking=ranking, window=8, kernel=3).plan(inputs)
+    plan = Coverage(tolerance=0.1, allocation="layer", signal="value", ranking=ranking, window=8, kernel=3).plan(inputs)
     signal = signal_of(inputs, 8, 3, weight=inputs.value.norm(dim=-1)).double()
     for b in range(2):
         forced, candidates = forced_and_candidates(inputs, b, 4, 8)
@@ -217,7 +218,7 @@ def test_value_signal_weighs_attention_by_the_value_norm(ranking):
 
 def test_expected_signal_is_the_mean_of_window_and_expected_attention():
     inputs = layer_inputs([60, 41], n=60, heads=6, kv_heads=2)
-    plan = Coverage(tolerance=0.1, signal="expected", ranking="score", window=8, kernel=1).plan(inputs)
+    plan = Coverage(tolerance=0.1, allocation="layer", signal="expected", ranking="score", window=8, kernel=1).plan(inputs)
     signal = 0.5 * (signal_of(inputs, 8, 1).double() + expected_attention_reference(inputs, 8))
     for b in range(2):
         forced, candidates = forced_and_candidates(inputs, b, 4, 8)
@@ -244,7 +245,7 @@ def test_model_allocation_compounds_to_the_tolerance_and_grows_with_depth(protec
     assert deltas == sorted(deltas) and deltas[0] < deltas[-1]
     # rank r of L compressed layers gets share r / (L (L + 1) / 2) of the log-kept budget
     assert deltas[0] == pytest.approx(1 - 0.4 ** (2 / (len(layers) * (len(layers) + 1))))
-    assert Coverage(tolerance=0.6).layer_tolerance(5, 12) == 0.6
+    assert Coverage(tolerance=0.6, allocation="layer").layer_tolerance(5, 12) == 0.6
 
 
 @pytest.mark.parametrize("layer_idx", [0, 3, 5])
@@ -252,7 +253,7 @@ def test_model_allocation_cuts_each_layer_at_its_share(layer_idx):
     inputs = layer_inputs([60, 41], n=60, layer_idx=layer_idx, num_layers=6)
     method = Coverage(tolerance=0.7, allocation="model", ranking="score", window=4)
     delta = method.layer_tolerance(layer_idx, 6)
-    same = Coverage(tolerance=delta, ranking="score", window=4).plan(inputs)
+    same = Coverage(tolerance=delta, allocation="layer", ranking="score", window=4).plan(inputs)
     plan = method.plan(inputs)
     assert torch.equal(plan.head_len, same.head_len) and torch.equal(plan.keep_index, same.keep_index)
 
@@ -260,7 +261,7 @@ def test_model_allocation_cuts_each_layer_at_its_share(layer_idx):
 @pytest.mark.parametrize("granularity", ["head", "layer"])
 def test_head_floor_keeps_a_share_of_every_heads_candidates(granularity):
     inputs = layer_inputs([80, 51], n=80)
-    options = dict(tolerance=0.5, ranking="score", window=4, kernel=1, granularity=granularity)
+    options = dict(tolerance=0.5, allocation="layer", ranking="score", window=4, kernel=1, granularity=granularity)
     bare = Coverage(**{**options, "granularity": "head"}).plan(inputs)
     plan = Coverage(head_floor=0.4, **options).plan(inputs)
     bound = False
@@ -274,6 +275,37 @@ def test_head_floor_keeps_a_share_of_every_heads_candidates(granularity):
         else:
             assert plan.head_len[b].tolist() == [len(forced) + c for c in counts]
     assert bound, "the test needs a head below the floor"
+
+
+def test_default_positional_cut_keeps_the_newest_per_head():
+    """At its defaults the layer's share of the model's tolerance (C.9)
+    decides the count of each head, newest first."""
+    inputs = layer_inputs([90, 70], n=90)
+    method = Coverage()
+    delta = method.layer_tolerance(inputs.layer_idx, inputs.num_layers)
+    plan = method.plan(inputs)
+    signal = signal_of(inputs, 32, 7).double()
+    for b in range(2):
+        forced, candidates = forced_and_candidates(inputs, b, 4, 32)
+        newest_first = candidates[::-1]
+        for head in range(2):
+            count = mass_count([float(signal[b, head, p]) for p in newest_first], delta)
+            assert kept_positions(plan, b, head)[: int(plan.head_len[b, head])] == sorted(forced + newest_first[:count])
+
+
+def test_per_head_cut_is_padded_and_masked_in_the_cache():
+    inputs = layer_inputs([64, 50], n=64, heads=4, kv_heads=2)
+    method = Coverage(tolerance=0.3, allocation="layer", ranking="score")
+    value = torch.randn_like(inputs.key)
+    plan = method.plan(inputs)
+    assert not torch.equal(plan.head_len[:, 0], plan.head_len[:, 1]), "the test needs heads that differ"
+    layer = compress_layer(method, inputs, value)
+    assert layer.keys.shape[2] == int(plan.keep_len.max())
+    assert torch.equal(layer.prompt_valid.sum(-1), plan.head_len)
+    assert torch.allclose(layer.kept_per_sequence(), plan.head_len.double().mean(1))
+    assert torch.equal(layer.held_per_sequence(), plan.keep_len), "memory holds the largest head's rows"
+    masked = compress_layer(method, inputs, value, evict=False)
+    assert torch.equal(masked.prompt_valid.sum(-1), plan.head_len)
 
 
 BAD = [

@@ -321,19 +321,20 @@ def test_compare_refuses_sweeps_mixed_with_runs(tmp_path, capsys):
 # -- the stopping-rule study's table and figure ---------------------------------
 
 
-def judged_row(point, length, budget, score, lossless, baselines, on_frontier, held_budget=None):
+def judged_row(point, length, budget, score, lossless, baselines, on_frontier, held_budget=None, at_held=None):
     """A `judge_point` row with two task families."""
     return {
         "point": point, "length": length, "budget": budget, "held_budget": held_budget, "score": score,
         "full_score": 60.0, "worst_family": "a", "worst_drop": 60.0 - score, "lossless": lossless,
         "baselines": baselines, "on_frontier": on_frontier, "on_frontier_at_held": None if held_budget is None else False,
+        "baselines_at_held": at_held,
         "families": {"a": {"score": score, "budget": budget, "drop": 60.0 - score},
                      "b": {"score": score + 1, "budget": budget + 0.1, "drop": 59.0 - score}},
     }  # fmt: skip
 
 
 STUDY_ROWS = [
-    judged_row("coverage(mass=0.9)", 2048, 0.7, 59.0, True, {"snapkv": 55.0}, True, held_budget=0.8),
+    judged_row("coverage(mass=0.9)", 2048, 0.7, 59.0, True, {"snapkv": 55.0}, True, held_budget=0.8, at_held={"snapkv": 59.5}),
     judged_row("coverage(mass=0.9)", 1024, 0.6, 58.5, True, {"snapkv": 50.0, "h2o": None}, True),
     judged_row("refreekv(threshold=0.01)", 1024, 0.3, 20.0, False, {}, None),
 ]
@@ -350,6 +351,13 @@ def test_study_table_orders_by_length_then_budget_and_shows_each_baseline():
     assert body[1][2:] == ["60.0", "-", "58.5", "60.0", "a (+1.5)", "yes", "-", "50.0", "yes", "-"]
     assert body[2][2:] == ["70.0", "80.0", "59.0", "60.0", "a (+1.0)", "yes", "-", "55.0", "yes", "no"]
     assert body[0][8:] == ["-", "-", "-", "-"]  # nothing measured low enough, nothing judged
+
+
+def test_study_table_at_held_shows_the_baselines_at_the_rows_held():
+    lines = study_table(STUDY_ROWS, ["snapkv"], at_held=True).splitlines()
+    assert lines[0].split("|")[9] == " snapkv @ held "
+    body = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    assert [row[8] for row in body] == ["-", "-", "59.5"]  # nothing judged at held where nothing is held apart
 
 
 def test_family_table_gives_budget_and_drop_per_length():

@@ -29,7 +29,7 @@ CASES = [(family, attention) for family, spec in ALL_FAMILIES.items() for attent
 METHODS = {
     "refreekv": ("refreekv", {"threshold": 0.05}),
     "snapkv": ("snapkv", {"budget": 0.4}),
-    "coverage": ("coverage", {"tolerance": 0.2}),
+    "coverage": ("coverage", {"tolerance": 0.2, "allocation": "layer"}),
 }
 
 

@@ -24,9 +24,9 @@ METHODS = {
     "snapkv": ("snapkv", {"budget": 0.5}),
     "pyramidkv": ("pyramidkv", {"budget": 0.5}),
     "refreekv": ("refreekv", {}),
-    "coverage": ("coverage", {"tolerance": 0.2, "window": 8}),
+    "coverage": ("coverage", {"tolerance": 0.2, "allocation": "layer", "window": 8}),
     # Paged storage in small blocks: many reservations, close to the cap.
-    "coverage-blocks-4": ("coverage", {"tolerance": 0.2, "window": 8, "block_rows": 4}),
+    "coverage-blocks-4": ("coverage", {"tolerance": 0.2, "allocation": "layer", "window": 8, "block_rows": 4}),
 }
 # Options each method needs to re-cut while decoding: a cap for the fixed
 # budgets, one count per layer for Coverage.

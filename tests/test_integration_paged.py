@@ -23,7 +23,7 @@ from test_integration_recompress import CASES as DECODE_CASES, NEW_TOKENS
 # Small blocks, so that prompts and decoding cross many block boundaries.
 BLOCK_ROWS = 4
 # Coverage with a count per KV head, and a window short enough to cut 30-token prompts.
-PER_HEAD = {"tolerance": 0.3, "window": 4}
+PER_HEAD = {"tolerance": 0.3, "allocation": "layer", "window": 4}
 
 
 @pytest.fixture(scope="module", params=[(f, a) for f in FAMILIES for a in ATTENTION], ids=lambda p: f"{p[0]}-{p[1]}")

@@ -169,7 +169,7 @@ def test_a_chunk_as_long_as_the_prompt_is_one_forward(model, pieces_batch):
 
 
 def test_decode_time_compression_continues_a_chunked_prefill(model, pieces_batch):
-    with refreekv.patch(model, "coverage", tolerance=0.2, window=8, recompress_every=8) as kv:
+    with refreekv.patch(model, "coverage", tolerance=0.2, allocation="layer", window=8, recompress_every=8) as kv:
         one_tokens, _ = generate(model, pieces_batch, new_tokens=12)
         one_events = kv.timeline.rows()
         tokens, _ = generate(model, pieces_batch, new_tokens=12, prefill_chunk_size=16)
@@ -246,8 +246,8 @@ def test_a_chunked_prefill_into_a_filled_cache_is_refused(model):
 # -- streaming mode --------------------------------------------------------------
 
 STREAMING = {
-    "coverage": ("coverage", {"tolerance": 0.2}),
-    "coverage-padded": ("coverage", {"tolerance": 0.2, "storage": "padded"}),
+    "coverage": ("coverage", {"tolerance": 0.2, "allocation": "layer"}),
+    "coverage-padded": ("coverage", {"tolerance": 0.2, "allocation": "layer", "storage": "padded"}),
     "refreekv": ("refreekv", {"threshold": 0.05}),
     "snapkv": ("snapkv", {"budget": 0.4, "max_cache_tokens": 24}),
     "h2o-all": ("h2o", {"budget": 20, "observation": "all", "max_cache_tokens": 20}),
@@ -358,7 +358,7 @@ def test_questions_from_copies_of_a_context_equal_each_after_its_own_compression
     context_ids, context_mask = prompts([60, 45], seed=11)
     questions = [torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
     options = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
-    with refreekv.patch(model, "coverage", tolerance=0.2, prefill=prefill) as kv:
+    with refreekv.patch(model, "coverage", tolerance=0.2, allocation="layer", prefill=prefill) as kv:
         context = kv.compress_context(context_ids, context_mask, chunk_size=16)
         shared = [(layer.keys.clone(), layer.values.clone()) for layer in context._cache.layers]
         answers = [context.generate(question, **options) for question in questions]
@@ -375,7 +375,7 @@ def test_a_padded_context_answers_as_the_same_context_alone(model):
     context_ids, context_mask = prompts([60, 45], seed=11)
     question = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(1))
     options = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
-    with refreekv.patch(model, "coverage", tolerance=0.2) as kv:
+    with refreekv.patch(model, "coverage", tolerance=0.2, allocation="layer") as kv:
         answers = kv.compress_context(context_ids, context_mask, chunk_size=16).generate(question, **options)
         real = context_mask[1].bool()
         alone = kv.compress_context(context_ids[1:, real], chunk_size=16).generate(question[1:], **options)

@@ -22,8 +22,8 @@ CASES = {
     "streamingllm": ("streamingllm", {"budget": 0.5, "recompress_every": 3, "max_cache_tokens": 20}),
     "h2o-all": ("h2o", {"budget": 0.5, "observation": "all", "recompress_every": 6, "max_cache_tokens": 28}),
     "pyramidkv": ("pyramidkv", {"budget": 0.5, "window": 4, "recompress_every": 4, "max_cache_tokens": 24}),
-    "coverage-layer": ("coverage", {"tolerance": 0.2, "granularity": "layer", "window": 4, "recompress_every": 4}),
-    "coverage-head": ("coverage", {"tolerance": 0.2, "window": 4, "recompress_every": 4}),
+    "coverage-layer": ("coverage", {"tolerance": 0.2, "allocation": "layer", "granularity": "layer", "window": 4, "recompress_every": 4}),
+    "coverage-head": ("coverage", {"tolerance": 0.2, "allocation": "layer", "window": 4, "recompress_every": 4}),
 }
 
 

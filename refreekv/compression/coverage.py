@@ -2,9 +2,11 @@
 
 A threshold-free method in the paper's sense (one tolerance, chosen once,
 budgets that adapt to each layer, head and input), built from the axes the
-stopping-rule study (benchmarks/stopping_rules.py, docs/coverage.md)
-compares. Its defaults are the study's choice; the other values of each
-option exist to reproduce the study.
+stopping-rule study (benchmarks/stopping_rules.py) and the axes study
+(benchmarks/coverage_axes.py) compare (docs/coverage.md). Its defaults are
+those studies' choices: one 60% tolerance for the whole model, compounded
+over its layers (C.9); the other values of each option exist to reproduce
+the studies.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class Coverage(CompressionMethod):
     others are candidates.
 
     Options:
-        tolerance: delta in [0, 1), the share the cut may lose.
+        tolerance: delta in [0, 1), the share the cut may lose: in each
+            layer, or in the whole model (see `allocation`).
         stop: what the share is measured on, over the candidates:
             "mass": the signal's sum (attention probability);
             "norm": the signal's L2 norm (the paper's quantity, per head);
@@ -82,12 +85,12 @@ class Coverage(CompressionMethod):
     def __init__(
         self,
         *,
-        tolerance: float = 0.05,
+        tolerance: float = 0.6,
         stop: str = "mass",
         ranking: str = "position",
         granularity: str = "head",
         signal: str = "attention",
-        allocation: str = "layer",
+        allocation: str = "model",
         head_floor: float = 0.0,
         window: int = 32,
         kernel: int = 7,

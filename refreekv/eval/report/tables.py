@@ -168,13 +168,15 @@ def study_table(rows: list[dict[str, Any]], baselines: Sequence[str], *, at_held
               *[f"{m} @ {where}" for m in baselines], "on frontier", "at held"]  # fmt: skip
     body = []
     for r in sorted(rows, key=lambda r: (r["length"], r["budget"])):
-        compared = (r["baselines_at_held"] or {}) if at_held else r["baselines"]
+        compared = (r.get("baselines_at_held") or {}) if at_held else r["baselines"]
         at_budget = [("-" if compared.get(m) is None else f"{compared[m]:.1f}") for m in baselines]
-        frontier, at_held = ("-" if v is None else ("yes" if v else "no") for v in (r["on_frontier"], r["on_frontier_at_held"]))
+        frontier, frontier_at_held = (
+            "-" if v is None else ("yes" if v else "no") for v in (r["on_frontier"], r["on_frontier_at_held"])
+        )
         body.append([
             r["point"], str(r["length"]), f"{100 * r['budget']:.1f}",
             "-" if r["held_budget"] is None else f"{100 * r['held_budget']:.1f}", f"{r['score']:.1f}", f"{r['full_score']:.1f}",
-            f"{r['worst_family']} ({r['worst_drop']:+.1f})", "yes" if r["lossless"] else "no", *at_budget, frontier, at_held,
+            f"{r['worst_family']} ({r['worst_drop']:+.1f})", "yes" if r["lossless"] else "no", *at_budget, frontier, frontier_at_held,
         ])  # fmt: skip
     return markdown_table(header, body)
 
