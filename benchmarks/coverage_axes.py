@@ -149,6 +149,32 @@ def overhead_table(overhead: dict[str, Any]) -> str:
     return markdown_table(["setting", *[f"{size} tokens" for size in overhead]], rows)
 
 
+def shared_samples_table(report_dir: Path, length: int) -> Optional[str]:
+    """A length whose cells are not all complete (a study cut short),
+    judged on the samples every point has finished: the families done so
+    far, each on the samples all points share. None when every cell is
+    complete or no family is shared."""
+    sweep = json.loads((report_dir / "sweep.json").read_text(encoding="utf-8"))
+    records = [r for r in read_records(report_dir)[0] if r["length"] == length]
+    labels = sorted({r["point"] for r in records})
+    done: dict[tuple[str, str], set] = {}
+    for record in records:
+        done.setdefault((record["point"], record["task"]), set()).add(record["_id"])
+    tasks = sorted({r["task"] for r in records})
+    shared = {t: set.intersection(*[done.get((p, t), set()) for p in labels]) for t in tasks}
+    shared = {t: ids for t, ids in shared.items() if ids}
+    sizes = {len(ids) for ids in done.values()}
+    finished = len(sizes) == 1 and all((p, t) in done for p in labels for t in RULER_TASKS)
+    if finished or not shared:
+        return None
+    kept = [r for r in records if r["_id"] in shared.get(r["task"], ())]
+    summary = summarize(kept, [p for p in sweep["points"] if p["label"] in labels])
+    rows = [row for row in coverage_rows(summary) if row["length"] == length]
+    counts = ", ".join(f"{t} {len(ids)}" for t, ids in sorted(shared.items()))
+    return (f"{length} tokens, cut short: only the families every point finished, on the samples they share "
+            f"({counts}):\n\n" + study_table(rows, COMPARED, at_held=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tune-samples", type=int, default=5)
@@ -202,6 +228,7 @@ def main() -> None:
         f"## Report part ({PARTS['report']['title']}, {args.report_samples} samples per cell)",
         study_table(report_rows, COMPARED, at_held=True),
         family_split_table(report_dir),
+        *[table for n in PARTS["report"]["lengths"] if (table := shared_samples_table(report_dir, n)) is not None],
         f"Per task family, report part, `{chosen.label}`:",
         family_table(report_rows, chosen.label),
         *([] if overhead is None else [
