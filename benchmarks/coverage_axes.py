@@ -82,9 +82,11 @@ def part_summary(output: Path, tasks: Optional[Sequence[str]] = None) -> dict[st
     return summarize(records, sweep["points"])
 
 
-def coverage_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+def coverage_rows(summary: dict[str, Any], tasks: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
+    """The Coverage points judged at every length where each of `tasks`
+    (None: any) has its cells (a length cut short has only some)."""
     rows = [judge_point(summary, p["label"], n) for p in summary["points"] if p["method"] == "coverage" for n in summary["lengths"]]
-    return [row for row in rows if row is not None]
+    return [row for row in rows if row is not None and (tasks is None or set(tasks) <= set(row["families"]))]
 
 
 def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -119,7 +121,7 @@ def family_split_table(report_dir: Path) -> str:
     lines = []
     for name, tasks in (("studied families", STUDIED_TASKS), ("held-out families", HELD_OUT_TASKS)):
         summary = part_summary(report_dir, tasks)
-        lines.append(f"Report part, {name} only ({', '.join(tasks)}):\n\n" + study_table(coverage_rows(summary), COMPARED, at_held=True))
+        lines.append(f"Report part, {name} only ({', '.join(tasks)}):\n\n" + study_table(coverage_rows(summary, tasks), COMPARED, at_held=True))
     return "\n\n".join(lines)
 
 
@@ -199,13 +201,13 @@ def main() -> None:
     if not reuse:
         stages["tune"] = run_part(tune_dir, tune_points, PARTS["tune"], args.tune_samples, args.batch_size)
     tune_summary = part_summary(tune_dir)
-    tune_rows = coverage_rows(tune_summary)
+    tune_rows = coverage_rows(tune_summary, PARTS["tune"]["tasks"])
     choice = choose(tune_rows)
     points, chosen = report_points(choice["point"], tune_points)
     if not reuse:
         stages["report"] = run_part(report_dir, points, PARTS["report"], args.report_samples, args.batch_size)
     report_summary = part_summary(report_dir)
-    report_rows = coverage_rows(report_summary)
+    report_rows = coverage_rows(report_summary, PARTS["report"]["tasks"])
     if not args.report_only:
         settings = {p.label: dict(p.options) for p in points if p.method == "coverage"}
         overhead = prefill_overhead(settings, [1024, 4096, 8192], args.overhead_repeats)
