@@ -158,7 +158,11 @@ def shared_samples_table(report_dir: Path, length: int) -> Optional[str]:
     complete or no family is shared."""
     sweep = json.loads((report_dir / "sweep.json").read_text(encoding="utf-8"))
     records = [r for r in read_records(report_dir)[0] if r["length"] == length]
-    labels = sorted({r["point"] for r in records})
+    per_point: dict[str, int] = {}
+    for record in records:
+        per_point[record["point"]] = per_point.get(record["point"], 0) + 1
+    # points left out of a resumed run (fewer records than the rest) would narrow the shared families to theirs
+    labels = sorted(p for p, count in per_point.items() if count == max(per_point.values()))
     done: dict[tuple[str, str], set] = {}
     for record in records:
         done.setdefault((record["point"], record["task"]), set()).add(record["_id"])
