@@ -30,7 +30,8 @@ Resuming: a restarted sweep skips every (point, length, task, sample) with
 a record; a last line cut short by a crash is removed first. Points,
 lengths, tasks and samples may be added; what changes the records (model,
 dtype, attention, chat template, suite seed, input cut, a point's options
-under the same label) may not. The batch size may change: a sequence's
+under the same label) may not, nor may a recorded point come back under
+another label. The batch size may change: a sequence's
 tokens do not depend on its batch (SPEC 5). The suite is regenerated from
 its seed with the model's tokenizer, so a resumed sweep should run with the
 same transformers version (sweep.json records the versions).
@@ -55,7 +56,7 @@ from refreekv.eval.errors import UsageError, usage_errors
 from refreekv.eval.generation import Decoder, decode_groups, left_pad, sample_record, until_end
 from refreekv.eval.grid import GridPoint, load_grid
 from refreekv.eval.models import ModelSettings
-from refreekv.eval.prefill import PREFILL_KEY, QUESTION_AFTER
+from refreekv.eval.prefill import ONE_FORWARD, PREFILL_KEY, QUESTION_AFTER
 from refreekv.eval.prompting import build_input, split_input, split_refusal
 from refreekv.eval.rundir import SWEEP, SWEEP_FILE, environment, read_records, write_record
 from refreekv.eval.runner import Plan, check_layers, load, plan, read_task
@@ -154,6 +155,19 @@ def _check_request(request: SweepRequest) -> Plan:
         if point.label in before and before[point.label]["options"] != point.all_options:
             raise checked.run_dir.mismatch(
                 f"the point {point.label}", {"options": before[point.label]["options"]}, {"options": point.all_options}
+            )
+    # ...and a recorded point renamed in the grid (an option spelled out that
+    # was the default) would run again, beside its records, under the new label.
+    def identity(point: dict[str, Any]) -> str:
+        return json.dumps([point["method"], point["options"], point.get(PREFILL_KEY, ONE_FORWARD)], sort_keys=True)
+
+    recorded = {identity(p): label for label, p in before.items()}
+    for point in points:
+        twin = recorded.get(identity(point.to_json()))
+        if point.label not in before and twin is not None:
+            raise UsageError(
+                f"{checked.run_dir.path} holds the point {twin} with the options of the point {point.label}: "
+                f"records are keyed by label, so it would run again; label it {twin!r} (or use another --output-dir)"
             )
     return checked
 
