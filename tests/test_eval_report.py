@@ -261,13 +261,16 @@ def test_report_without_needles_or_layer_data_leaves_those_figures_out(tmp_path)
 def test_points_that_hold_more_than_they_keep_get_a_held_frontier(tmp_path):
     """A per-head method in padded storage holds more rows than it keeps:
     frontier_held.png plots the score against what memory holds."""
-    records = records_for("fullkv", 512, "hotpotqa", [True], budget=1.0, held_budget=1.0)
+    records = records_for("fullkv", 512, "hotpotqa", [True, True], budget=1.0, held_budget=1.0)
     records += records_for("coverage", 512, "hotpotqa", [True, False], budget=0.6, held_budget=0.8)
     summary = summarize(records)
     cell = find(summary["cells"], point="coverage", task="hotpotqa")
     assert (cell["kept_budget"], cell["held_budget"]) == (0.6, 0.8)
     files = write_quality_report(summary, tmp_path)
     assert "frontier_held.png" in [path.name for path in files]
+    scores, _ = markdown_tables((tmp_path / "quality.md").read_text())
+    assert scores["rows"]["coverage"][0] == "50.00 (60.0%, held 80.0%)"
+    assert scores["rows"]["fullkv"][0] == "100.00 (100.0%)"  # holds what it keeps: one figure
     assert (tmp_path / "frontier_held.png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -65,7 +65,8 @@ def quality_markdown(summary: dict[str, Any], title: Optional[str] = None) -> st
     parts = [
         f"# {title or 'Quality map'}",
         "Score (x100, each task's metric) per grid point and context length; `overall` is the mean over the tasks "
-        "(each weighted equally) with the measured mean kept fraction of the prompt KV cache in brackets. "
+        "(each weighted equally) with the measured mean kept fraction of the prompt KV cache in brackets, and the "
+        "fraction of its rows held in memory where that is more (a per-head budget held in blocks). "
         "`*`: incomplete (fewer samples than another point at the same length and task, or tasks missing).",
         markdown_table(header, score_rows),
         "## Safe budget",
@@ -95,7 +96,10 @@ def _score_text(cell: Optional[dict[str, Any]]) -> str:
         return "-"
     text = f"{cell['score']:.2f}"
     if cell["task"] == OVERALL and cell["kept_budget"] is not None:
-        text += f" ({100 * cell['kept_budget']:.1f}%)"
+        kept, held = f"{100 * cell['kept_budget']:.1f}", cell.get("held_budget")
+        # memory is what holds, not what attends: a point that holds more than it keeps says so
+        held = None if held is None or f"{100 * held:.1f}" == kept else f"{100 * held:.1f}"
+        text += f" ({kept}%)" if held is None else f" ({kept}%, held {held}%)"
     return text if cell["complete"] else text + "*"
 
 
