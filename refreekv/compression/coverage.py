@@ -213,7 +213,7 @@ def expected_attention(inputs: LayerInputs, rows: int) -> torch.Tensor:
     rows = min(rows, inputs.query_rows)
     query = inputs.query[:, :, inputs.query_rows - rows :].float()  # [b, H, r, d]
     key = inputs.key.float()
-    batch, heads, _, dim = query.shape
+    batch, heads = query.shape[:2]
     kv_heads, n = key.shape[1], key.shape[2]
     positions = torch.arange(inputs.prompt_len - rows, inputs.prompt_len, device=query.device)
     real_rows = (positions[None, :] >= inputs.first_real[:, None]).to(query.dtype)  # [b, r]
