@@ -20,8 +20,9 @@ stage's quality report. It measures; it asserts nothing.
     python benchmarks/stopping_rules.py [--samples 10] [--long-samples 5]
         [--reuse build/quality/sweep]
 
-`--reuse` starts stage 1 from a finished `make quality` sweep (same model,
-seed and samples), which then only adds the study's points.
+`--reuse` starts stage 1 from a finished quality-map sweep of the same
+model, seed and samples (`benchmarks/quality_map.py --seed 0`: `make
+quality` runs seed 1), which then only adds the study's points.
 """
 
 from __future__ import annotations
