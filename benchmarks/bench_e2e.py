@@ -82,21 +82,43 @@ def time_prefill(model, ids, repeats: int, method=None, **options) -> float:
         return median_seconds(lambda: prefill(model, ids), repeats)
 
 
+def paired_prefill(model, ids, repeats: int, settings: dict[str, tuple[str, dict]]) -> dict:
+    """Prefill seconds of the unpatched model and of each named setting
+    ({name: (method, options)}), timed in rounds: every round times the
+    unpatched model, then each setting once. A 2-core machine that slows
+    down or speeds up during the run then weighs on all of them alike;
+    timing each one's repeats in a block let that drift pass for overhead
+    (ratios from 0.94 to 1.10 for settings that do the same extra work).
+    Returns unpatched_s (median seconds) and, per setting, its median
+    seconds and the median of its per-round ratios to unpatched."""
+    base, times = [], {name: [] for name in settings}
+    for _ in range(repeats):
+        base.append(median_seconds(lambda: prefill(model, ids), 1))
+        for name, (method, options) in settings.items():
+            with refreekv.patch(model, method, **options):
+                times[name].append(median_seconds(lambda: prefill(model, ids), 1))
+    result = {"unpatched_s": statistics.median(base)}
+    for name, seconds in times.items():
+        ratios = [s / b for s, b in zip(seconds, base)]
+        result[name] = {"seconds": statistics.median(seconds), "ratio": statistics.median(ratios)}
+    return result
+
+
 def measure_prefill_overhead(model, tokenizer, sizes: list[int], repeats: int) -> dict:
     """Per prompt size, prefill time patched with ReFreeKV and with Coverage
-    (their defaults) against unpatched, the three timed in turn."""
-    print("prefill_overhead: patched / unpatched prefill time (median of %d)" % repeats)
+    (their defaults) against unpatched, timed in rounds (`paired_prefill`)."""
+    print("prefill_overhead: patched / unpatched prefill time (median of %d rounds)" % repeats)
     results = {}
     for tokens in sizes:
         ids = prompt_ids(tokenizer, tokens)
         prefill(model, ids[:, :64])
-        base = time_prefill(model, ids, repeats)
-        ours = time_prefill(model, ids, repeats, "refreekv")
-        coverage = time_prefill(model, ids, repeats, "coverage")
-        results[str(tokens)] = {"unpatched_s": base, "refreekv_s": ours, "ratio": ours / base,
-                                "coverage_s": coverage, "coverage_ratio": coverage / base}  # fmt: skip
-        print(f"  {tokens:>6} tokens  unpatched {base:7.2f} s  refreekv {ours:7.2f} s  ratio {ours / base:.3f}  "
-              f"coverage {coverage:7.2f} s  ratio {coverage / base:.3f}")
+        timed = paired_prefill(model, ids, repeats, {"refreekv": ("refreekv", {}), "coverage": ("coverage", {})})
+        base, ours, coverage = timed["unpatched_s"], timed["refreekv"]["seconds"], timed["coverage"]["seconds"]
+        results[str(tokens)] = {"unpatched_s": base, "refreekv_s": ours, "ratio": timed["refreekv"]["ratio"],
+                                "coverage_s": coverage, "coverage_ratio": timed["coverage"]["ratio"]}  # fmt: skip
+        row = results[str(tokens)]
+        print(f"  {tokens:>6} tokens  unpatched {base:7.2f} s  refreekv {ours:7.2f} s  ratio {row['ratio']:.3f}  "
+              f"coverage {coverage:7.2f} s  ratio {row['coverage_ratio']:.3f}")
     return results
 
 
