@@ -85,17 +85,27 @@ def time_prefill(model, ids, repeats: int, method=None, **options) -> float:
 def paired_prefill(model, ids, repeats: int, settings: dict[str, tuple[str, dict]]) -> dict:
     """Prefill seconds of the unpatched model and of each named setting
     ({name: (method, options)}), timed in rounds: every round times the
-    unpatched model, then each setting once. A 2-core machine that slows
+    unpatched model and each setting once. A 2-core machine that slows
     down or speeds up during the run then weighs on all of them alike;
     timing each one's repeats in a block let that drift pass for overhead
     (ratios from 0.94 to 1.10 for settings that do the same extra work).
-    Returns unpatched_s (median seconds) and, per setting, its median
-    seconds and the median of its per-round ratios to unpatched."""
+    The order turns by one place every round, so no setting is always
+    timed first or last; each timing follows a 64-token prefill under the
+    same patch (or none). Returns unpatched_s (median seconds) and, per
+    setting, its median seconds and the median of its per-round ratios to
+    unpatched (not the ratio of the medians)."""
+    order = [None, *settings]
     base, times = [], {name: [] for name in settings}
-    for _ in range(repeats):
-        base.append(median_seconds(lambda: prefill(model, ids), 1))
-        for name, (method, options) in settings.items():
+    for round_index in range(repeats):
+        shift = round_index % len(order)
+        for name in order[shift:] + order[:shift]:
+            if name is None:
+                prefill(model, ids[:, :64])
+                base.append(median_seconds(lambda: prefill(model, ids), 1))
+                continue
+            method, options = settings[name]
             with refreekv.patch(model, method, **options):
+                prefill(model, ids[:, :64])
                 times[name].append(median_seconds(lambda: prefill(model, ids), 1))
     result = {"unpatched_s": statistics.median(base)}
     for name, seconds in times.items():
