@@ -82,7 +82,7 @@ bench-long-prompts: build
 needle-sweep: build
 	$(PY) benchmarks/needle_sweep.py
 
-# The quality map (~45 min on 2 cores): the full cache, ReFreeKV at three
+# The quality map (~36 min on 2 cores): the full cache, ReFreeKV at three
 # thresholds, Coverage at its default and every fixed-budget baseline at three
 # budgets on the RULER-style suite's ten families at 1k and 2k tokens, suite
 # seed 1 (the report part: no setting was chosen on it; sweeps/quality.toml), then the
@@ -95,7 +95,7 @@ quality: build
 # Coverage and SnapKV at 50%, each in one forward, with the question fed after
 # a question-agnostic cut of the context, and streaming in pieces of 512 and
 # 1024 tokens (sweeps/prefill_modes.toml), on the RULER-style suite at 2k
-# tokens. Not part of `make quality` (already ~30 min on 2 cores): these modes
+# tokens. Not part of `make quality` (already ~36 min on 2 cores): these modes
 # run plainly, one sequence per call. Sweeps run in build/quality-prefill;
 # tables and figures go to benchmarks/results/quality_prefill/.
 # PREFILL_SAMPLES sets the samples per task (default 3).
@@ -108,10 +108,12 @@ quality-prefill: build
 # with the quality grid at 1k and 2k tokens (sweeps/stopping_rules.toml), then
 # the chosen settings with the baselines at 4k (sweeps/stopping_rules_long.toml);
 # tables and frontier in benchmarks/results/stopping_rules/. About 70 minutes
-# on 2 cores from nothing; STUDY_ARGS="--reuse build/quality/sweep" starts from
-# a finished quality map of the study's seed 0 (`benchmarks/quality_map.py
-# --seed 0`; `make quality` now runs seed 1) and only adds the study's points
-# (measured: 25 min for stage 1, 19 for stage 2).
+# on 2 cores from nothing. STUDY_ARGS="--reuse build/quality-seed0/sweep" starts
+# from a finished quality map of the study's seed 0, made without touching
+# `make quality`'s (seed 1) with `benchmarks/quality_map.py --seed 0
+# --work-dir build/quality-seed0 --output build/quality-seed0/out
+# --speed-samples 0`, and only adds the study's points (measured when the map
+# had 16 points and 8 families: 25 min for stage 1, 19 for stage 2).
 stopping-rules: build
 	$(PY) benchmarks/stopping_rules.py $(STUDY_ARGS)
 

@@ -20,8 +20,9 @@ measures; it asserts nothing.
 full cache, Coverage and SnapKV at 50%, each with the whole prompt in one
 forward, the question after a question-agnostic context cut, and a
 streaming prefill in pieces of 512 and 1024 tokens; SPEC 11), at 2k
-tokens, into benchmarks/results/quality_prefill/, without the harness-speed
-slice (`--speed-samples 0`): its modes run plainly, never branched.
+tokens, suite seed 0 (`--seed 0`, the seed of its committed results), into
+benchmarks/results/quality_prefill/, without the harness-speed slice
+(`--speed-samples 0`): its modes run plainly, never branched.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def main() -> None:
             shutil.copy2(path, output / path.name)
     sweep = json.loads((work / "sweep" / "sweep.json").read_text(encoding="utf-8"))
     run = {
-        "command": "make quality" if Path(args.grid).resolve() == DEFAULT_GRID else " ".join(["benchmarks/quality_map.py", *sys.argv[1:]]),
+        "command": "make quality" if Path(args.grid).resolve() == DEFAULT_GRID and args.seed == 1 else " ".join(["benchmarks/quality_map.py", *sys.argv[1:]]),
         "grid": str(args.grid),
         "model": sweep["model"],
         "lengths": lengths,

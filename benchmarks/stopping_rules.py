@@ -18,11 +18,14 @@ study.md (the tables), study.json, frontier.png, run.json, and each
 stage's quality report. It measures; it asserts nothing.
 
     python benchmarks/stopping_rules.py [--samples 10] [--long-samples 5]
-        [--reuse build/quality/sweep]
+        [--reuse build/quality-seed0/sweep]
 
 `--reuse` starts stage 1 from a finished quality-map sweep of the same
-model, seed and samples (`benchmarks/quality_map.py --seed 0`: `make
-quality` runs seed 1), which then only adds the study's points.
+model, seed and samples, which then only adds the study's points. `make
+quality` runs seed 1; a seed-0 map that leaves it alone:
+`benchmarks/quality_map.py --seed 0 --work-dir build/quality-seed0 --output
+build/quality-seed0/out --speed-samples 0`, then `--reuse
+build/quality-seed0/sweep`.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def main() -> None:
     parser.add_argument("--long-samples", type=int, default=5, help="samples per task at 4k tokens")
     parser.add_argument("--batch-size", type=int, default=40, help="the four needle tasks (10 samples each) decode as one batch")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reuse", help="a finished `make quality` sweep directory to start stage 1 from")
+    parser.add_argument("--reuse", help="a finished quality-map sweep directory of seed 0 to start stage 1 from (see above)")
     parser.add_argument("--work-dir", default=str(ROOT / "build" / "stopping_rules"))
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--skip-long", action="store_true", help="stage 1 only")

@@ -187,8 +187,11 @@ def test_a_sweep_may_grow_but_not_change_its_configuration(assets, branched, tmp
     # a recorded point under a new label (an option spelled out that was the default)
     renamed = parse_grid({"fullkv": {}, "snapkv": [{"budget": 0.5, "window": 8}]})
     renamed_label = next(p.label for p in renamed if p.method == "snapkv")
+    records_before = (branched / "records.jsonl").read_text()
     with pytest.raises(UsageError, match=rf"holds the point snapkv\(budget=0.5\) with the options of the point {re.escape(renamed_label)}"):
         run_sweep(request(assets, branched, grid=renamed))
+    assert (branched / "records.jsonl").read_text() == records_before
+    assert json.loads(sweep_file.read_text()) == stored
     grown = tmp_path / "grown"
     run_sweep(request(assets, grown, tasks=TASKS[:1], lengths=LENGTHS[:1], grid=parse_grid({"fullkv": {}})))
     report = run_sweep(request(assets, grown, tasks=TASKS[:1], lengths=LENGTHS[:1], grid=parse_grid({"fullkv": {}, "snapkv": {"budget": 0.5}})))

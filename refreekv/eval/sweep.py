@@ -167,7 +167,9 @@ def _check_request(request: SweepRequest) -> Plan:
         if point.label not in before and twin is not None:
             raise UsageError(
                 f"{checked.run_dir.path} holds the point {twin} with the options of the point {point.label}: "
-                f"records are keyed by label, so it would run again; label it {twin!r} (or use another --output-dir)"
+                "records are keyed by label, so it would run again beside them; write the grid so that its label "
+                f"is {twin!r}, or relabel the point in sweep.json and records.jsonl (its options are recorded in full), "
+                "or use another --output-dir"
             )
     return checked
 

@@ -98,7 +98,7 @@ def _score_text(cell: Optional[dict[str, Any]]) -> str:
     if cell["task"] == OVERALL and cell["kept_budget"] is not None:
         kept, held = f"{100 * cell['kept_budget']:.1f}", cell.get("held_budget")
         # memory is what holds, not what attends: a point that holds more than it keeps says so
-        held = None if held is None or f"{100 * held:.1f}" == kept else f"{100 * held:.1f}"
+        held = None if held is None or held <= cell["kept_budget"] or f"{100 * held:.1f}" == kept else f"{100 * held:.1f}"
         text += f" ({kept}%)" if held is None else f" ({kept}%, held {held}%)"
     return text if cell["complete"] else text + "*"
 
