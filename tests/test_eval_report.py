@@ -271,6 +271,7 @@ def test_points_that_hold_more_than_they_keep_get_a_held_frontier(tmp_path):
     scores, _ = markdown_tables((tmp_path / "quality.md").read_text())
     assert scores["rows"]["coverage"][0] == "50.00 (60.0%, held 80.0%)"
     assert scores["rows"]["fullkv"][0] == "100.00 (100.0%)"  # holds what it keeps: one figure
+    assert (tmp_path / "frontier_held.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.parametrize("held", [None, 0.6004, 0.5])  # not recorded; rounds to kept; less than kept
@@ -279,7 +280,6 @@ def test_a_point_holding_no_more_than_it_keeps_shows_one_figure(tmp_path, held):
     write_quality_report(summarize(records), tmp_path)
     scores, _ = markdown_tables((tmp_path / "quality.md").read_text())
     assert scores["rows"]["coverage"][0] == "50.00 (60.0%)"
-    assert (tmp_path / "frontier_held.png").read_bytes().startswith(b"\x89PNG")
 
 
 # -- compare on sweep directories ----------------------------------------------
