@@ -25,8 +25,8 @@ rows held at the rows the setting holds (`refreekv.eval.report.frontier`).
 
 Then the cost: prefill time of the choice and of the previous default
 against unpatched at 1k, 4k and 8k tokens (median of 5 rounds, each timing
-the unpatched model and then every setting once, in this process), the
-target being <= 1.03.
+the unpatched model and every setting once, in an order that turns every
+round, in this process), the target being <= 1.03.
 
 Writes benchmarks/results/coverage_axes/: study.md (the tables, each naming
 its part), study.json, run.json and each part's quality report. It
@@ -238,7 +238,7 @@ def main() -> None:
         f"Per task family, report part, `{chosen.label}`:",
         family_table(report_rows, chosen.label),
         *([] if overhead is None else [
-            f"Prefill time / unpatched (median of {args.overhead_repeats} rounds, each timing unpatched then every setting; target <= 1.03):",
+            f"Prefill time / unpatched (median of {args.overhead_repeats} rounds, each timing unpatched and every setting once, the order turning every round; target <= 1.03):",
             overhead_table(overhead),
         ]),
     ])  # fmt: skip
